@@ -1,0 +1,51 @@
+"""Typed arguments of the voxserve Serve application (no Ray imports: usable by validators).
+
+A Serve config's ``applications[].args`` is validated into ``AppArgs``; unknown keys are errors.
+``DEPLOYMENTS`` names every deployment the app builds, so config checks can reject typos that
+Ray's own schema would silently ignore.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.asr import ASRConfig
+from services.llm import LLMConfig
+from services.tts import TTSConfig
+from services.vad import VADConfig
+
+#: Deployment names, as they appear in a Serve config's ``deployments:`` list.
+VAD, ASR, LLM, TTS, GATEWAY = "VAD", "ASR", "LLM", "TTS", "Gateway"
+DEPLOYMENTS: tuple[str, ...] = (VAD, ASR, LLM, TTS, GATEWAY)
+#: Import path of the app builder, for ``applications[].import_path``.
+IMPORT_PATH = "deployments.app:build_app"
+#: gRPC servicer registration function the Serve proxy must import.
+GRPC_SERVICER = "protos.voxserve.v1.voice_pb2_grpc.add_VoiceAssistantServicer_to_server"
+
+
+class GatewayConfig(BaseModel):
+    """Session limits and conversation behaviour of the gateway."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_sessions: int = Field(32, ge=1, description="Concurrent Converse streams per gateway replica; more get RESOURCE_EXHAUSTED.")
+    max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest single client message (audio chunk) accepted.")
+    max_stream_s: float = Field(3600.0, gt=0, description="Longest input audio per stream, in seconds of audio.")
+    max_text_chars: int = Field(2000, ge=1, description="Longest text turn accepted.")
+    first_message_timeout_s: float = Field(10.0, gt=0, description="Time allowed for the SessionConfig to arrive.")
+    vad_in_gateway: bool = Field(True, description="Run the (cheap) VAD inside the gateway instead of calling the VAD deployment.")
+    speech_native: bool = Field(False, description="Default response mode is speech-native (audio LLM) instead of cascade.")
+    output_chunk_ms: int = Field(100, ge=20, le=1000, description="Answer audio is sent in chunks of about this length.")
+    history_turns: int = Field(8, ge=0, description="User+assistant turn pairs kept as LLM context.")
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``deployments.app:build_app``: one engine config per stage plus the gateway."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vad: VADConfig = Field(default_factory=VADConfig, description="VAD engine settings.")
+    asr: ASRConfig = Field(default_factory=ASRConfig, description="ASR engine settings.")
+    llm: LLMConfig = Field(default_factory=LLMConfig, description="LLM engine settings.")
+    tts: TTSConfig = Field(default_factory=TTSConfig, description="TTS engine settings.")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Gateway settings.")

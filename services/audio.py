@@ -1,0 +1,135 @@
+"""Audio utilities: PCM16 <-> float32, resampling, WAV io, validation with clear errors."""
+
+from __future__ import annotations
+
+import io
+import wave
+from dataclasses import dataclass
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+
+from services.errors import InvalidArgument, OutOfRange
+
+#: Rates a client may send or ask for. Engines run at 16 kHz (VAD/ASR) and the voice's rate (TTS).
+SUPPORTED_RATES: tuple[int, ...] = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+#: Internal rate of the listening side (silero VAD, Whisper).
+MODEL_RATE = 16000
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """Encoding of a client's audio stream."""
+
+    sample_rate: int = MODEL_RATE
+    """Samples per second, one of SUPPORTED_RATES."""
+    channels: int = 1
+    """Interleaved channels; only mono is accepted."""
+
+
+def check_rate(sample_rate: int) -> int:
+    """Return ``sample_rate`` if supported, else raise OutOfRange naming the supported rates."""
+    if sample_rate not in SUPPORTED_RATES:
+        raise OutOfRange(
+            f"unsupported sample rate {sample_rate} Hz; supported: "
+            + ", ".join(str(r) for r in SUPPORTED_RATES)
+        )
+    return sample_rate
+
+
+def pcm16_to_float(data: bytes) -> np.ndarray:
+    """Little-endian signed 16-bit PCM bytes -> float32 in [-1, 1)."""
+    if len(data) % 2:
+        raise InvalidArgument(
+            f"PCM16 audio must have an even number of bytes (2 per sample); got {len(data)}"
+        )
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def float_to_pcm16(samples: np.ndarray) -> bytes:
+    """float samples in [-1, 1] -> little-endian PCM16 bytes (clipped, not wrapped)."""
+    x = np.asarray(samples, dtype=np.float32)
+    if x.ndim != 1:
+        raise InvalidArgument(f"expected mono audio (1-D array); got shape {x.shape}")
+    return (np.clip(x, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
+
+
+def resample(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Band-limited polyphase resampling of mono float audio."""
+    if src_rate <= 0 or dst_rate <= 0:
+        raise OutOfRange(f"sample rates must be positive; got {src_rate} -> {dst_rate}")
+    x = np.asarray(samples, dtype=np.float32)
+    if src_rate == dst_rate or x.size == 0:
+        return x
+    from scipy.signal import resample_poly
+
+    g = gcd(src_rate, dst_rate)
+    return resample_poly(x, dst_rate // g, src_rate // g).astype(np.float32)
+
+
+class StreamResampler:
+    """Resamples a stream chunk by chunk without clicks at chunk borders.
+
+    Keeps a little history of the input so each chunk is filtered with its left context; the
+    output length tracks ``total_in * dst / src`` exactly over the stream.
+    """
+
+    def __init__(self, src_rate: int, dst_rate: int, context: int = 64) -> None:
+        self.src_rate, self.dst_rate, self.context = src_rate, dst_rate, context
+        self._history = np.zeros(0, dtype=np.float32)
+        self._in_total = 0
+        self._out_total = 0
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        x = np.asarray(samples, dtype=np.float32)
+        if self.src_rate == self.dst_rate:
+            return x
+        self._in_total += x.size
+        joined = np.concatenate([self._history, x])
+        y = resample(joined, self.src_rate, self.dst_rate)
+        skip = round(self._history.size * self.dst_rate / self.src_rate)
+        want = round(self._in_total * self.dst_rate / self.src_rate) - self._out_total
+        out = y[skip : skip + want]
+        self._out_total += out.size
+        self._history = joined[-self.context :]
+        return out
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """Read a WAV file as mono float32 and its rate; stereo is averaged to mono."""
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgument(f"no such audio file: {p}")
+    try:
+        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+    except RuntimeError as exc:  # soundfile raises LibsndfileError (a RuntimeError)
+        raise InvalidArgument(f"cannot read {p} as audio: {exc}") from exc
+    return data.mean(axis=1).astype(np.float32), int(rate)
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
+    """Mono float audio -> a complete PCM16 WAV file in memory."""
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(float_to_pcm16(samples))
+    return buf.getvalue()
+
+
+def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> Path:
+    """Write mono float audio as a PCM16 WAV file (parents created)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(wav_bytes(samples, sample_rate))
+    return p
+
+
+def load_audio(path: str | Path, sample_rate: int = MODEL_RATE) -> np.ndarray:
+    """Read any WAV/FLAC file and resample it to ``sample_rate`` (mono float32)."""
+    x, rate = read_wav(path)
+    return resample(x, rate, sample_rate)

