@@ -1,0 +1,299 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIO_ENCODING_UNSPECIFIED: _ClassVar[AudioEncoding]
+    PCM16: _ClassVar[AudioEncoding]
+    FLOAT32: _ClassVar[AudioEncoding]
+
+class ResponseMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESPONSE_MODE_UNSPECIFIED: _ClassVar[ResponseMode]
+    CASCADE: _ClassVar[ResponseMode]
+    SPEECH_NATIVE: _ClassVar[ResponseMode]
+AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
+PCM16: AudioEncoding
+FLOAT32: AudioEncoding
+RESPONSE_MODE_UNSPECIFIED: ResponseMode
+CASCADE: ResponseMode
+SPEECH_NATIVE: ResponseMode
+
+class VADSettings(_message.Message):
+    __slots__ = ("threshold", "min_silence_ms", "min_speech_ms", "pre_roll_ms")
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MIN_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SPEECH_MS_FIELD_NUMBER: _ClassVar[int]
+    PRE_ROLL_MS_FIELD_NUMBER: _ClassVar[int]
+    threshold: float
+    min_silence_ms: int
+    min_speech_ms: int
+    pre_roll_ms: int
+    def __init__(self, threshold: _Optional[float] = ..., min_silence_ms: _Optional[int] = ..., min_speech_ms: _Optional[int] = ..., pre_roll_ms: _Optional[int] = ...) -> None: ...
+
+class SessionConfig(_message.Message):
+    __slots__ = ("input_encoding", "input_sample_rate", "language", "system_prompt", "voice", "vad", "response_mode", "output_sample_rate", "partial_transcripts", "max_response_tokens", "barge_in", "disable_barge_in")
+    INPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FIELD_NUMBER: _ClassVar[int]
+    VAD_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_MODE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_TRANSCRIPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESPONSE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BARGE_IN_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_BARGE_IN_FIELD_NUMBER: _ClassVar[int]
+    input_encoding: AudioEncoding
+    input_sample_rate: int
+    language: str
+    system_prompt: str
+    voice: str
+    vad: VADSettings
+    response_mode: ResponseMode
+    output_sample_rate: int
+    partial_transcripts: bool
+    max_response_tokens: int
+    barge_in: bool
+    disable_barge_in: bool
+    def __init__(self, input_encoding: _Optional[_Union[AudioEncoding, str]] = ..., input_sample_rate: _Optional[int] = ..., language: _Optional[str] = ..., system_prompt: _Optional[str] = ..., voice: _Optional[str] = ..., vad: _Optional[_Union[VADSettings, _Mapping]] = ..., response_mode: _Optional[_Union[ResponseMode, str]] = ..., output_sample_rate: _Optional[int] = ..., partial_transcripts: _Optional[bool] = ..., max_response_tokens: _Optional[int] = ..., barge_in: _Optional[bool] = ..., disable_barge_in: _Optional[bool] = ...) -> None: ...
+
+class AudioInput(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class TextInput(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class PlaybackPosition(_message.Message):
+    __slots__ = ("response_id", "played_ms")
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAYED_MS_FIELD_NUMBER: _ClassVar[int]
+    response_id: int
+    played_ms: int
+    def __init__(self, response_id: _Optional[int] = ..., played_ms: _Optional[int] = ...) -> None: ...
+
+class EndOfInput(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClientMessage(_message.Message):
+    __slots__ = ("config", "audio", "text", "playback", "end_of_input")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    PLAYBACK_FIELD_NUMBER: _ClassVar[int]
+    END_OF_INPUT_FIELD_NUMBER: _ClassVar[int]
+    config: SessionConfig
+    audio: AudioInput
+    text: TextInput
+    playback: PlaybackPosition
+    end_of_input: EndOfInput
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioInput, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ..., playback: _Optional[_Union[PlaybackPosition, _Mapping]] = ..., end_of_input: _Optional[_Union[EndOfInput, _Mapping]] = ...) -> None: ...
+
+class SessionStarted(_message.Message):
+    __slots__ = ("session_id", "output_sample_rate", "response_mode", "llm_model", "asr_model")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_MODE_FIELD_NUMBER: _ClassVar[int]
+    LLM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ASR_MODEL_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    output_sample_rate: int
+    response_mode: ResponseMode
+    llm_model: str
+    asr_model: str
+    def __init__(self, session_id: _Optional[str] = ..., output_sample_rate: _Optional[int] = ..., response_mode: _Optional[_Union[ResponseMode, str]] = ..., llm_model: _Optional[str] = ..., asr_model: _Optional[str] = ...) -> None: ...
+
+class SpeechStarted(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SpeechStopped(_message.Message):
+    __slots__ = ("utterance_ms",)
+    UTTERANCE_MS_FIELD_NUMBER: _ClassVar[int]
+    utterance_ms: int
+    def __init__(self, utterance_ms: _Optional[int] = ...) -> None: ...
+
+class PartialTranscript(_message.Message):
+    __slots__ = ("text",)
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    def __init__(self, text: _Optional[str] = ...) -> None: ...
+
+class FinalTranscript(_message.Message):
+    __slots__ = ("text", "language", "utterance_ms")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_MS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    language: str
+    utterance_ms: int
+    def __init__(self, text: _Optional[str] = ..., language: _Optional[str] = ..., utterance_ms: _Optional[int] = ...) -> None: ...
+
+class ResponseStarted(_message.Message):
+    __slots__ = ("response_id",)
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    response_id: int
+    def __init__(self, response_id: _Optional[int] = ...) -> None: ...
+
+class ResponseTextDelta(_message.Message):
+    __slots__ = ("response_id", "text")
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    response_id: int
+    text: str
+    def __init__(self, response_id: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class AudioChunk(_message.Message):
+    __slots__ = ("data", "sample_rate", "response_id", "offset_ms", "text")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_MS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    sample_rate: int
+    response_id: int
+    offset_ms: int
+    text: str
+    def __init__(self, data: _Optional[bytes] = ..., sample_rate: _Optional[int] = ..., response_id: _Optional[int] = ..., offset_ms: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class TurnLatency(_message.Message):
+    __slots__ = ("vad_end_delay_ms", "asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_ms", "voice_to_voice_ms", "total_ms", "llm_tokens", "llm_tokens_per_s")
+    VAD_END_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    ASR_MS_FIELD_NUMBER: _ClassVar[int]
+    LLM_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    TTS_FIRST_AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    VOICE_TO_VOICE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    LLM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LLM_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    vad_end_delay_ms: float
+    asr_ms: float
+    llm_first_token_ms: float
+    tts_first_audio_ms: float
+    first_audio_ms: float
+    voice_to_voice_ms: float
+    total_ms: float
+    llm_tokens: int
+    llm_tokens_per_s: float
+    def __init__(self, vad_end_delay_ms: _Optional[float] = ..., asr_ms: _Optional[float] = ..., llm_first_token_ms: _Optional[float] = ..., tts_first_audio_ms: _Optional[float] = ..., first_audio_ms: _Optional[float] = ..., voice_to_voice_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., llm_tokens: _Optional[int] = ..., llm_tokens_per_s: _Optional[float] = ...) -> None: ...
+
+class ResponseDone(_message.Message):
+    __slots__ = ("response_id", "text", "audio_ms", "latency")
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_FIELD_NUMBER: _ClassVar[int]
+    response_id: int
+    text: str
+    audio_ms: int
+    latency: TurnLatency
+    def __init__(self, response_id: _Optional[int] = ..., text: _Optional[str] = ..., audio_ms: _Optional[int] = ..., latency: _Optional[_Union[TurnLatency, _Mapping]] = ...) -> None: ...
+
+class ResponseInterrupted(_message.Message):
+    __slots__ = ("response_id", "heard_text", "heard_ms", "generated_text")
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARD_TEXT_FIELD_NUMBER: _ClassVar[int]
+    HEARD_MS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
+    response_id: int
+    heard_text: str
+    heard_ms: int
+    generated_text: str
+    def __init__(self, response_id: _Optional[int] = ..., heard_text: _Optional[str] = ..., heard_ms: _Optional[int] = ..., generated_text: _Optional[str] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ServerEvent(_message.Message):
+    __slots__ = ("server_time_ms", "audio_time_ms", "session_started", "speech_started", "speech_stopped", "partial_transcript", "final_transcript", "response_started", "text_delta", "audio", "response_done", "response_interrupted", "error")
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_STARTED_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_STARTED_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_STARTED_FIELD_NUMBER: _ClassVar[int]
+    TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_DONE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    server_time_ms: int
+    audio_time_ms: int
+    session_started: SessionStarted
+    speech_started: SpeechStarted
+    speech_stopped: SpeechStopped
+    partial_transcript: PartialTranscript
+    final_transcript: FinalTranscript
+    response_started: ResponseStarted
+    text_delta: ResponseTextDelta
+    audio: AudioChunk
+    response_done: ResponseDone
+    response_interrupted: ResponseInterrupted
+    error: Error
+    def __init__(self, server_time_ms: _Optional[int] = ..., audio_time_ms: _Optional[int] = ..., session_started: _Optional[_Union[SessionStarted, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., partial_transcript: _Optional[_Union[PartialTranscript, _Mapping]] = ..., final_transcript: _Optional[_Union[FinalTranscript, _Mapping]] = ..., response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., text_delta: _Optional[_Union[ResponseTextDelta, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., response_done: _Optional[_Union[ResponseDone, _Mapping]] = ..., response_interrupted: _Optional[_Union[ResponseInterrupted, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class TranscribeConfig(_message.Message):
+    __slots__ = ("encoding", "sample_rate", "language", "partial_transcripts")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_TRANSCRIPTS_FIELD_NUMBER: _ClassVar[int]
+    encoding: AudioEncoding
+    sample_rate: int
+    language: str
+    partial_transcripts: bool
+    def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate: _Optional[int] = ..., language: _Optional[str] = ..., partial_transcripts: _Optional[bool] = ...) -> None: ...
+
+class TranscribeRequest(_message.Message):
+    __slots__ = ("config", "audio")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    config: TranscribeConfig
+    audio: AudioInput
+    def __init__(self, config: _Optional[_Union[TranscribeConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioInput, _Mapping]] = ...) -> None: ...
+
+class TranscriptEvent(_message.Message):
+    __slots__ = ("text", "is_final", "language", "start_ms", "end_ms")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    IS_FINAL_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    is_final: bool
+    language: str
+    start_ms: int
+    end_ms: int
+    def __init__(self, text: _Optional[str] = ..., is_final: _Optional[bool] = ..., language: _Optional[str] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ...) -> None: ...
+
+class SynthesizeRequest(_message.Message):
+    __slots__ = ("text", "voice", "sample_rate")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    voice: str
+    sample_rate: int
+    def __init__(self, text: _Optional[str] = ..., voice: _Optional[str] = ..., sample_rate: _Optional[int] = ...) -> None: ...

