@@ -34,7 +34,7 @@ from services.audio import MODEL_RATE, StreamResampler
 from services.chunking import ChunkerConfig, TextChunker
 from services.errors import VoxError, client_message, status_name
 from services.history import ChatHistory
-from services.vad import SpeechEnd, SpeechStart, VADConfig, VADSegmenter
+from services.vad import WINDOW, SpeechEnd, SpeechStart, VADConfig, VADSegmenter, VADState
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ CASCADE, SPEECH_NATIVE = "cascade", "speech_native"
 class Stages(Protocol):
     """What a conversation needs from the four stages (local engines or remote deployments)."""
 
-    async def vad_probs(self, audio16k: np.ndarray, state: Any) -> tuple[np.ndarray, Any]:
+    async def vad_probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
         """Speech probability per 512-sample window, and the carried detector state."""
         ...
 
@@ -178,7 +178,7 @@ class Conversation:
         self._out = _Outbox(settings.send_queue)
         self._resampler = StreamResampler(settings.input_sample_rate, MODEL_RATE)
         self._segmenter = VADSegmenter(settings.vad)
-        self._vad_state: Any = None
+        self._vad_state = VADState()
         self._in_ms = 0.0  # input audio received, ms
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)  # (audio ms, wall)
         self._speech_buf: list[np.ndarray] = []  # audio since speech start (partials)
@@ -222,8 +222,10 @@ class Conversation:
         self._arrivals.append((self._in_ms, time.monotonic()))
         if x.size == 0:
             return
+        lead = self._vad_state.leftover
         probs, self._vad_state = await self.stages.vad_probs(x, self._vad_state)
-        for event in self._segmenter.push(probs, x):
+        scored = np.concatenate([lead, x]) if lead.size else x
+        for event in self._segmenter.feed(probs, scored[: probs.size * WINDOW]):
             await self._on_vad(event)
         if self.state is State.USER_SPEAKING:
             self._speech_buf.append(x)
@@ -316,12 +318,12 @@ class Conversation:
         self.barge_ins += 1
         played = self._played_ms(turn)
         heard = heard_text(turn.segments, played)
-        if heard or turn.audio_ms > 0:
-            self.history.add_assistant(heard, interrupted=True)
-        else:  # no audio reached the user: as if the turn had not been answered
-            self.history.drop_last_user()
-            if turn.utterance is not None:
-                self._carry = turn.utterance
+        if turn.audio_ms > 0:
+            if turn.user_text:  # speech-native turns whose transcript is not back are dropped
+                self.history.add_user(turn.user_text)
+                self.history.add_assistant(heard, interrupted=True)
+        elif turn.utterance is not None:  # no audio reached the user: not answered at all
+            self._carry = turn.utterance
         await self.emit(ev.ResponseInterrupted(
             response_id=turn.response_id, heard_text=heard, heard_ms=int(played),
             generated_text=turn.generated,
@@ -371,8 +373,6 @@ class Conversation:
         except Exception as exc:  # a failed turn is reported; the conversation goes on
             if not isinstance(exc, VoxError):
                 log.exception("response %s failed", turn.response_id)
-            if turn.started:
-                self.history.drop_last_user()
             await self.emit(ev.ErrorEvent(code=status_name(exc), message=client_message(exc)))
         finally:
             if self.state in (State.THINKING, State.SPEAKING):
@@ -402,11 +402,13 @@ class Conversation:
                     return  # noise, cough, breath: nothing to answer
         else:
             asr_task = None
-        # Speech-native: the current turn's text is a placeholder until its transcript lands.
-        self.history.add_user(turn.user_text or "")
+        # The turn enters the history only once answered (or heard in part, on barge-in).
+        messages = self.history.messages(max(1, 2 * s.history_turns))
+        if not s.history_turns:
+            messages = [m for m in messages if m["role"] == "system"]
+        messages.append({"role": "user", "content": turn.user_text or ""})
         turn.started = True
         await self.emit(ev.ResponseStarted(response_id=turn.response_id))
-        messages = self.history.messages(s.history_turns)
         text_q: asyncio.Queue[str | None] = asyncio.Queue(maxsize=16)
         speaker = asyncio.create_task(self._speak(turn, text_q))
         try:
@@ -439,7 +441,9 @@ class Conversation:
                     await speaker
             if asr_task is not None and not asr_task.done():
                 asr_task.cancel()
-        self.history.add_assistant(turn.generated.strip())
+        if turn.user_text:
+            self.history.add_user(turn.user_text)
+            self.history.add_assistant(turn.generated.strip())
         lat.total_ms = 1000 * (t_now() - turn.t_turn_end)
         await self.emit(ev.ResponseDone(
             response_id=turn.response_id, text=turn.generated.strip(),
@@ -448,7 +452,6 @@ class Conversation:
     async def _finish_native_transcript(self, turn: _Turn, asr_task: asyncio.Task[Any]) -> None:
         result = await asr_task
         turn.user_text = result.text.strip()
-        self.history.set_last_user(turn.user_text)
         await self.emit(ev.FinalTranscript(
             text=turn.user_text, language=result.language or "",
             utterance_ms=int(1000 * (turn.utterance.size if turn.utterance is not None else 0)

@@ -1,0 +1,98 @@
+"""Run the voxserve app on a local Ray cluster (``voxserve serve``, the demo and the tests)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from deployments.config import GRPC_SERVICER
+
+#: Environment every local Ray process needs (token auth off: loopback-only local cluster).
+LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalServer:
+    """Handle to a running local deployment."""
+
+    grpc_address: str
+    http_port: int
+    app_name: str
+
+    def stop(self) -> None:
+        from ray import serve
+        import ray
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+def start_local(serve_config: dict[str, Any], *, grpc_port: int | None = None, http_port: int | None = None,
+                num_cpus: int | None = None, object_store_mb: int = 256, app_overrides: dict[str, Any] | None = None,
+                timeout_s: float = 600.0) -> LocalServer:
+    """Start Ray + Serve in this machine and deploy the app described by a Serve config dict.
+
+    ``app_overrides`` is merged into the app's ``args`` (e.g. {"gateway": {"max_sessions": 4}}).
+    Ray's logical CPUs default to at least 8 so that replicas of every stage fit on a small machine:
+    stages are mostly idle between turns, and the OS shares the real cores.
+    """
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions, HTTPOptions
+
+    from deployments.app import build_app
+
+    config = copy.deepcopy(serve_config)
+    app = config["applications"][0]
+    args = _merge(app.get("args", {}), app_overrides or {})
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
+    grpc_port = grpc_port or int(config.get("grpc_options", {}).get("port", 9000))
+    http_port = http_port or free_port()
+
+    ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 2), include_dashboard=False,
+             object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=False,
+             runtime_env={"env_vars": dict(LOCAL_ENV)}, ignore_reinit_error=True)
+    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+    t0 = time.monotonic()
+    serve.run(build_app(args, options), name=app.get("name", "voxserve"), route_prefix=None,
+              blocking=False, _local_testing_mode=False)
+    _wait_healthy(app.get("name", "voxserve"), timeout_s - (time.monotonic() - t0))
+    return LocalServer(f"127.0.0.1:{grpc_port}", http_port, app.get("name", "voxserve"))
+
+
+def _wait_healthy(app_name: str, timeout_s: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        if status is not None and status.status == ApplicationStatus.RUNNING:
+            return
+        if status is not None and status.status == ApplicationStatus.DEPLOY_FAILED:
+            raise RuntimeError(f"voxserve failed to deploy: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"voxserve was not healthy after {timeout_s:.0f} s")
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
