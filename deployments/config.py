@@ -28,14 +28,19 @@ class GatewayConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_sessions: int = Field(32, ge=1, description="Concurrent Converse streams per gateway replica; more get RESOURCE_EXHAUSTED.")
-    max_message_bytes: int = Field(256 * 1024, ge=1024, description="Largest single client message (audio chunk) accepted.")
+    max_sessions: int = Field(32, ge=1,
+        description="Concurrent Converse streams per gateway replica; more get RESOURCE_EXHAUSTED.")
+    max_message_bytes: int = Field(256 * 1024, ge=1024,
+        description="Largest single client message (audio chunk) accepted.")
     max_stream_s: float = Field(3600.0, gt=0, description="Longest input audio per stream, in seconds of audio.")
     max_text_chars: int = Field(2000, ge=1, description="Longest text turn accepted.")
     first_message_timeout_s: float = Field(10.0, gt=0, description="Time allowed for the SessionConfig to arrive.")
-    vad_in_gateway: bool = Field(True, description="Run the (cheap) VAD inside the gateway instead of calling the VAD deployment.")
-    speech_native: bool = Field(False, description="Default response mode is speech-native (audio LLM) instead of cascade.")
-    output_chunk_ms: int = Field(100, ge=20, le=1000, description="Answer audio is sent in chunks of about this length.")
+    vad_in_gateway: bool = Field(True,
+        description="Run the (cheap) VAD inside the gateway instead of calling the VAD deployment.")
+    speech_native: bool = Field(False,
+        description="Default response mode is speech-native (audio LLM) instead of cascade.")
+    output_chunk_ms: int = Field(100, ge=20, le=1000,
+        description="Answer audio is sent in chunks of about this length.")
     history_turns: int = Field(8, ge=0, description="User+assistant turn pairs kept as LLM context.")
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import numpy as np
-
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 from ray.serve.handle import DeploymentHandle
@@ -45,6 +45,7 @@ from services.session import Conversation, SessionSettings
 from services.vad import WINDOW, SileroModel, SpeechEnd, VADSegmenter, VADState
 
 log = logging.getLogger("ray.serve")
+RECENT_SESSIONS = 64
 
 
 def _abort(context: RayServegRPCContext | None, exc: VoxError) -> NoReturn:
@@ -67,6 +68,8 @@ class Gateway:
         self._info: dict[str, Any] | None = None
         self.active = 0
         self.conversations: set[Conversation] = set()
+        # Histories of recently ended sessions, for operators and tests (bounded).
+        self._recent: OrderedDict[str, list[dict[str, str]]] = OrderedDict()
 
     async def _stage_info(self) -> dict[str, Any]:
         if self._info is None:
@@ -89,6 +92,22 @@ class Gateway:
             raise InvalidArgument(f"the stream ended before its {kind}; send a {kind} first") from None
         except TimeoutError:
             raise DeadlineExceeded(f"no {kind} within {self.args.gateway.first_message_timeout_s:.0f} s") from None
+
+    def _remember(self, conv: Conversation) -> None:
+        self._recent[conv.session_id] = conv.history.messages()
+        while len(self._recent) > RECENT_SESSIONS:
+            self._recent.popitem(last=False)
+
+    async def session_history(self, session_id: str) -> list[dict[str, str]] | None:
+        """The chat history (as the LLM would see it) of a live or recently ended session."""
+        for conv in self.conversations:
+            if conv.session_id == session_id:
+                return conv.history.messages()
+        return self._recent.get(session_id)
+
+    async def stats(self) -> dict[str, int]:
+        return {"active_sessions": self.active,
+                "barge_ins": sum(c.barge_ins for c in self.conversations)}
 
     # --- Converse -----------------------------------------------------------------------------
 
@@ -124,6 +143,7 @@ class Gateway:
             if conv is not None:
                 await conv.aclose()
                 self.conversations.discard(conv)
+                self._remember(conv)
             self.active -= 1
 
     async def _read(self, stream: gRPCInputStream, conv: Conversation, settings: SessionSettings) -> None:

@@ -89,7 +89,7 @@ def settings_from_config(cfg: pb.SessionConfig, args: AppArgs, *, voice_rate: in
         partial_interval_ms=args.asr.partial_interval_ms,
         max_response_tokens=cfg.max_response_tokens or None,
         barge_in=not cfg.disable_barge_in, history_turns=args.gateway.history_turns,
-        output_chunk_ms=args.gateway.output_chunk_ms,
+        output_chunk_ms=args.gateway.output_chunk_ms, chunker=args.tts.chunker,
     )
 
 

@@ -30,8 +30,8 @@ class LocalServer:
     app_name: str
 
     def stop(self) -> None:
-        from ray import serve
         import ray
+        from ray import serve
 
         serve.shutdown()
         ray.shutdown()
@@ -50,7 +50,7 @@ def start_local(serve_config: dict[str, Any], *, grpc_port: int | None = None, h
         os.environ.setdefault(key, value)
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions, HTTPOptions
+    from ray.serve.config import HTTPOptions, gRPCOptions
 
     from deployments.app import build_app
 
@@ -67,8 +67,8 @@ def start_local(serve_config: dict[str, Any], *, grpc_port: int | None = None, h
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
     t0 = time.monotonic()
-    serve.run(build_app(args, options), name=app.get("name", "voxserve"), route_prefix=None,
-              blocking=False, _local_testing_mode=False)
+    serve.run(build_app(args, options), name=app.get("name", "voxserve"),
+              route_prefix=app.get("route_prefix", "/"), blocking=False)
     _wait_healthy(app.get("name", "voxserve"), timeout_s - (time.monotonic() - t0))
     return LocalServer(f"127.0.0.1:{grpc_port}", http_port, app.get("name", "voxserve"))
 

@@ -47,9 +47,9 @@ class ASRDeployment:
 
 @serve.deployment(name="LLM", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
 class LLMDeployment:
-    def __init__(self, config: dict[str, Any] | None = None) -> None:
+    async def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = LLMConfig.model_validate(config or {})
-        self.engine = LLMEngine.create(self.config)
+        self.engine = await LLMEngine.create(self.config)  # vLLM starts in a thread (~15 s on CPU)
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int | None = None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:
@@ -87,8 +87,5 @@ class TTSDeployment:
 
     async def sample_rate(self) -> int:
         return self.tts.sample_rate
-
-    async def idle(self) -> bool:
-        return await self.tts.wait_idle(timeout=0.0) if self.tts.active_syntheses else True
 
 

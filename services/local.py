@@ -27,7 +27,7 @@ class LocalStages:
     def load(cls, vad: VADConfig | None = None, asr: ASRConfig | None = None,
              llm: LLMConfig | None = None, tts: TTSConfig | None = None) -> LocalStages:
         return cls(SileroModel.load(vad or VADConfig()), WhisperASR.load(asr or ASRConfig()),
-                   LLMEngine.create(llm or LLMConfig()), PiperTTS.load(tts or TTSConfig()))
+                   LLMEngine.create_sync(llm or LLMConfig()), PiperTTS.load(tts or TTSConfig()))
 
     async def vad_probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
         return self.vad.probs(audio16k, state)

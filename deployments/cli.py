@@ -1,0 +1,246 @@
+"""The ``voxserve`` command line: models, serve, talk, demo, proto."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_QUESTION = "What is the capital of France?"
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from services import models
+    from services.errors import VoxError
+
+    if args.cache:
+        os.environ[models.CACHE_ENV] = args.cache
+    if args.action == "list":
+        print(f"cache: {models.cache_dir()}")
+        for name, state, path in models.status():
+            print(f"  {name:4} {state:16} {path}")
+        return 0
+    try:
+        results = models.prepare(args.only.split(",") if args.only else None, progress=not args.quiet)
+    except VoxError as exc:
+        print(f"voxserve models prepare: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        took = f" in {r.seconds:.1f} s" if r.seconds else ""
+        print(f"  {r.name:4} {r.action}{took}: {r.path}")
+    if all(r.action != "prepared" for r in results):
+        print("all default models already prepared; nothing to do")
+    return 0
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+def _serve_config(args: argparse.Namespace) -> dict[str, Any]:
+    from deployments.profiles import load_serve_config
+
+    return load_serve_config(args.profile)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deployments.server import start_local
+
+    config = _serve_config(args)
+    print(f"voxserve: starting the {args.profile} profile (first start loads models: ~30-60 s) ...", flush=True)
+    t0 = time.monotonic()
+    server = start_local(config, grpc_port=args.grpc_port, num_cpus=args.num_cpus)
+    print(f"voxserve: ready in {time.monotonic() - t0:.0f} s; gRPC at {server.grpc_address} "
+          f"(service voxserve.v1.VoiceAssistant). Ctrl-C or SIGTERM stops it.", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("voxserve: shutting down ...", flush=True)
+    server.stop()
+    return 0
+
+
+# --- talk -------------------------------------------------------------------------------------
+
+
+def _load_turns(args: argparse.Namespace, rate: int) -> list[Any]:
+    from clients.voice_client import UserTurn
+    from services.audio import load_audio
+
+    turns = [UserTurn(audio=load_audio(w, rate), label=Path(w).stem) for w in args.wav or []]
+    turns += [UserTurn(text=t, label="text") for t in args.text or []]
+    if not turns:
+        raise SystemExit("voxserve talk: give --wav FILE (repeatable) and/or --text TEXT")
+    return turns
+
+
+def _print_event(event: Any) -> None:
+    kind = event.WhichOneof("event")
+    t = f"[{event.server_time_ms / 1000:7.2f}s]"
+    if kind == "speech_started":
+        print(f"{t} speech started", flush=True)
+    elif kind == "speech_stopped":
+        print(f"{t} speech stopped ({event.speech_stopped.utterance_ms} ms)", flush=True)
+    elif kind == "partial_transcript":
+        print(f"{t} partial: {event.partial_transcript.text}", flush=True)
+    elif kind == "final_transcript":
+        print(f"{t} you said: {event.final_transcript.text!r}", flush=True)
+    elif kind == "response_started":
+        print(f"{t} assistant: ", end="", flush=True)
+    elif kind == "text_delta":
+        print(event.text_delta.text, end="", flush=True)
+    elif kind == "response_done":
+        print(flush=True)
+    elif kind == "response_interrupted":
+        print(f"\n{t} interrupted; heard: {event.response_interrupted.heard_text!r}", flush=True)
+    elif kind == "error":
+        print(f"{t} error {event.error.code}: {event.error.message}", flush=True)
+
+
+def print_turn_latency(results: Any) -> None:
+    for turn in results.turns:
+        v2v = f"{turn.voice_to_voice_ms:.0f}" if turn.voice_to_voice_ms is not None else "-"
+        s = turn.server_latency
+        print(f"  {turn.label}: voice-to-voice {v2v} ms (client) | server: vad-end {s.get('vad_end_delay_ms', 0):.0f}"
+              f" + asr {s.get('asr_ms', 0):.0f} + llm-ttft {s.get('llm_first_token_ms', 0):.0f}"
+              f" + tts-first {s.get('tts_first_audio_ms', 0):.0f} -> first audio {s.get('first_audio_ms', 0):.0f} ms"
+              f" | {s.get('llm_tokens', 0):.0f} tokens @ {s.get('llm_tokens_per_s', 0):.1f}/s"
+              f" | audio {turn.audio_ms / 1000:.1f} s, underruns {turn.underruns}")
+
+
+async def _talk(args: argparse.Namespace) -> int:
+    from clients.voice_client import VoiceClient
+    from protos.voxserve.v1 import voice_pb2 as pb
+    from services.audio import write_wav
+
+    rate = args.rate
+    turns = _load_turns(args, rate)
+    config = pb.SessionConfig(input_encoding=pb.PCM16, input_sample_rate=rate, language=args.language,
+                              system_prompt=args.system_prompt, partial_transcripts=args.partials,
+                              response_mode=pb.SPEECH_NATIVE if args.speech_native else pb.CASCADE)
+    client = VoiceClient(args.address)
+    try:
+        result = await client.converse(turns, config, realtime=not args.fast,
+                                       on_event=None if args.quiet else _print_event)
+    finally:
+        await client.close()
+    if result.status != "OK":
+        print(f"voxserve talk: stream ended with {result.status}: {result.details}", file=sys.stderr)
+        return 1
+    if args.out and result.audio:
+        path = write_wav(args.out, result.answer_audio(), result.output_sample_rate)
+        print(f"answer audio: {path} ({sum(t.audio_ms for t in result.turns) / 1000:.1f} s)")
+    print("latency per turn:")
+    print_turn_latency(result)
+    if args.json:
+        with open(args.json, "w") as f:  # noqa: ASYNC230 - one small file at the end
+            json.dump(result.to_dict(), f, indent=1)
+    return 0 if all(t.response_text and not t.error for t in result.turns) else 1
+
+
+def cmd_talk(args: argparse.Namespace) -> int:
+    return asyncio.run(_talk(args))
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start the app, speak a question to it over gRPC, save the spoken answer."""
+    from deployments.profiles import load_serve_config
+    from deployments.server import free_port, start_local
+    from services.audio import write_wav
+    from services.tts import PiperTTS
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tts = PiperTTS.load()
+    question = np.concatenate(list(tts.synthesize_blocking(args.question)))
+    question_wav = write_wav(out / "question.wav", question, tts.sample_rate)
+    print(f"demo: question {args.question!r} spoken by Piper -> {question_wav}", flush=True)
+    print("demo: starting the Ray Serve app (VAD, ASR, LLM, TTS, Gateway) ...", flush=True)
+    t0 = time.monotonic()
+    server = start_local(load_serve_config("cpu"), grpc_port=args.grpc_port or free_port())
+    print(f"demo: app ready in {time.monotonic() - t0:.0f} s at {server.grpc_address}", flush=True)
+    try:
+        talk = argparse.Namespace(address=server.grpc_address, wav=[str(question_wav)], text=None, rate=16000,
+                                  language="en", system_prompt="", partials=True, speech_native=False,
+                                  fast=False, quiet=False, out=str(out / "answer.wav"),
+                                  json=str(out / "demo.json"))
+        return cmd_talk(talk)
+    finally:
+        server.stop()
+
+
+def cmd_proto(args: argparse.Namespace) -> int:
+    root = Path(__file__).resolve().parent.parent
+    script = str(root / "scripts" / "gen_proto.sh")
+    return subprocess.call(["bash", script], env={**os.environ, "PYTHON": sys.executable})
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="voxserve", description="Real-time voice assistant serving on Ray Serve.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="prepare or list the embedded default models")
+    m.add_argument("action", choices=["prepare", "list"])
+    m.add_argument("--cache", help="cache folder (default: $VOXSERVE_CACHE or ~/.cache/voxserve)")
+    m.add_argument("--only", help="comma-separated subset of vad,asr,llm,tts")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("serve", help="run the voice pipeline on a local Ray cluster until Ctrl-C/SIGTERM")
+    s.add_argument("--profile", default="cpu", help="cpu, gpu, or a Serve config YAML path (default: cpu)")
+    s.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default: 9000)")
+    s.add_argument("--num-cpus", type=int, default=None, help="Ray logical CPUs (default: max(8, cores))")
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("talk", help="reference client: speak WAV files (or text) to a server, print events")
+    t.add_argument("--address", default="127.0.0.1:9000", help="server gRPC address (default: 127.0.0.1:9000)")
+    t.add_argument("--wav", action="append", help="a spoken turn (WAV/FLAC, any rate); repeat for more turns")
+    t.add_argument("--text", action="append", help="a typed turn; repeat for more")
+    t.add_argument("--rate", type=int, default=16000, help="sample rate to stream at (default: 16000)")
+    t.add_argument("--language", default="", help="ISO 639-1 language hint (default: detect)")
+    t.add_argument("--system-prompt", default="", help="system prompt (default: the server's)")
+    t.add_argument("--partials", action="store_true", help="ask for partial transcripts")
+    t.add_argument("--speech-native", action="store_true", help="ask for speech-native mode")
+    t.add_argument("--fast", action="store_true", help="send audio as fast as possible, not at real-time pace")
+    t.add_argument("--quiet", action="store_true", help="print only the latency summary")
+    t.add_argument("--out", default="answer.wav", help="write the answer audio here (default: answer.wav)")
+    t.add_argument("--json", help="write per-turn results as JSON here")
+    t.set_defaults(func=cmd_talk)
+
+    d = sub.add_parser("demo", help="start the app, ask it a spoken question over gRPC, save the answer")
+    d.add_argument("--question", default=DEFAULT_QUESTION, help=f"question to speak (default: {DEFAULT_QUESTION!r})")
+    d.add_argument("--out", default="out", help="folder for question.wav, answer.wav, demo.json (default: out)")
+    d.add_argument("--grpc-port", type=int, default=0, help="gRPC port (default: a free one)")
+    d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("proto", help="regenerate the gRPC Python code from protos/voxserve/v1/voice.proto")
+    g.set_defaults(func=cmd_proto)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Shared test helpers: environment for local Ray/vLLM runs, Piper speech, word error rate."""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+_CACHE = ROOT / ".cache"
+# Everything the engines and Ray write lands in the project's .cache (ignored by git).
+for key, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+    os.environ.setdefault(key, str(_CACHE / sub))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@lru_cache(maxsize=1)
+def _voice():  # type: ignore[no-untyped-def]
+    from services.tts import PiperTTS
+
+    return PiperTTS.load()
+
+
+@lru_cache(maxsize=64)
+def _say(text: str, rate: int) -> np.ndarray:
+    from services.audio import resample
+
+    voice = _voice()
+    audio = np.concatenate(list(voice.synthesize_blocking(text)))
+    return resample(audio, voice.sample_rate, rate)
+
+
+def say(text: str, rate: int = 16000) -> np.ndarray:
+    """``text`` spoken by the embedded Piper voice, float32 mono at ``rate`` (cached)."""
+    return _say(text, rate).copy()
+
+
+_NUM = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five", "6": "six",
+        "7": "seven", "8": "eight", "9": "nine", "10": "ten"}
+
+
+def normalize(text: str) -> list[str]:
+    words = re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+    return [_NUM.get(w, w) for w in words]
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate after lowercasing, dropping punctuation and spelling out small numbers."""
+    ref, hyp = normalize(reference), normalize(hypothesis)
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[len(hyp)] / max(1, len(ref))
