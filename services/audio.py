@@ -69,31 +69,69 @@ def resample(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
 
 
 class StreamResampler:
-    """Resamples a stream chunk by chunk without clicks at chunk borders.
+    """Resamples a stream chunk by chunk; the concatenated output equals one-shot ``resample``.
 
-    Keeps a little history of the input so each chunk is filtered with its left context; the
-    output length tracks ``total_in * dst / src`` exactly over the stream.
+    The polyphase filter is non-causal, so each output sample needs input on both sides: the
+    resampler keeps a left history and holds back the last few outputs (about
+    ``10 * max(up, down) / up`` input samples, 1-2 ms) until the input that follows them has
+    arrived; ``flush()`` returns them at end of stream. The history always starts on an input
+    sample that falls exactly on the output grid, so there is no phase jitter between chunks.
     """
 
-    def __init__(self, src_rate: int, dst_rate: int, context: int = 64) -> None:
-        self.src_rate, self.dst_rate, self.context = src_rate, dst_rate, context
-        self._history = np.zeros(0, dtype=np.float32)
+    def __init__(self, src_rate: int, dst_rate: int) -> None:
+        if src_rate <= 0 or dst_rate <= 0:
+            raise OutOfRange(f"sample rates must be positive; got {src_rate} -> {dst_rate}")
+        self.src_rate, self.dst_rate = src_rate, dst_rate
+        g = gcd(src_rate, dst_rate)
+        self._up, self._down = dst_rate // g, src_rate // g
+        # same filter resample_poly designs by default, built once instead of per chunk
+        from scipy.signal import firwin
+
+        half = 10 * max(self._up, self._down)
+        self._fir = (
+            firwin(2 * half + 1, 1.0 / max(self._up, self._down), window=("kaiser", 5.0))
+            if self._up != self._down else np.ones(1)
+        )
+        # input samples the filter reaches on either side of an output sample
+        self._reach = -(-half // self._up) + 1
+        self._buf = np.zeros(0, dtype=np.float32)
+        self._buf_start = 0  # input index of _buf[0]; always a multiple of _down
         self._in_total = 0
-        self._out_total = 0
+        self._out_next = 0  # index of the next output sample to emit
+
+    def _emit(self, out_end: int) -> np.ndarray:
+        if out_end <= self._out_next or self._buf.size == 0:
+            return np.zeros(0, dtype=np.float32)
+        from scipy.signal import resample_poly
+
+        y = resample_poly(self._buf, self._up, self._down, window=self._fir)
+        first = self._out_next - self._buf_start // self._down * self._up
+        out = y[first : first + out_end - self._out_next].astype(np.float32)
+        self._out_next += out.size
+        # keep input from the grid-aligned index at or before what the next output reaches back to
+        keep = (self._out_next * self._down) // self._up - self._reach
+        keep = max(keep // self._down * self._down, self._buf_start)
+        self._buf = self._buf[keep - self._buf_start :]
+        self._buf_start = keep
+        return out
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         x = np.asarray(samples, dtype=np.float32)
-        if self.src_rate == self.dst_rate:
+        if self._up == self._down:
             return x
+        if x.ndim != 1:
+            raise InvalidArgument(f"expected mono audio (1-D array); got shape {x.shape}")
+        self._buf = np.concatenate([self._buf, x])
         self._in_total += x.size
-        joined = np.concatenate([self._history, x])
-        y = resample(joined, self.src_rate, self.dst_rate)
-        skip = round(self._history.size * self.dst_rate / self.src_rate)
-        want = round(self._in_total * self.dst_rate / self.src_rate) - self._out_total
-        out = y[skip : skip + want]
-        self._out_total += out.size
-        self._history = joined[-self.context :]
-        return out
+        # output k sits at input position k*down/up; it is final once input reaches past it
+        ready = ((self._in_total - self._reach) * self._up) // self._down
+        return self._emit(max(ready, 0))
+
+    def flush(self) -> np.ndarray:
+        """End of stream: the held-back tail (total output = ceil(total_in * dst / src))."""
+        if self._up == self._down:
+            return np.zeros(0, dtype=np.float32)
+        return self._emit(-(-self._in_total * self._up // self._down))
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:

@@ -1,8 +1,29 @@
-"""Silero VAD (ONNX) streaming detector.  (stub: the engines work fills this in)"""
+"""Silero VAD (ONNX) streaming detector.
+
+Split in two so the model can be shared: ``SileroModel`` is stateless per call (the recurrent
+state travels in a small picklable ``VADState``), so one instance, or one Ray replica, serves
+many streams; ``VADSegmenter`` is pure logic turning per-window probabilities into speech
+start/end events; ``StreamingVAD`` glues both together for one stream.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from services.audio import MODEL_RATE
+from services.errors import InvalidArgument, NotFound
+from services.models import default_vad_model, resolve
+
+#: Samples per model step at 16 kHz (32 ms); silero only accepts this size at 16 kHz.
+WINDOW = 512
+#: Samples of the previous window the model sees in front of each new one.
+CONTEXT = 64
+#: Shape of silero's recurrent state for one stream.
+STATE_SHAPE = (2, 1, 128)
 
 
 class VADConfig(BaseModel):
@@ -10,11 +31,364 @@ class VADConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("", description="Path to a silero VAD ONNX file; '' = embedded default.")
-    threshold: float = Field(0.5, ge=0.0, le=1.0, description="Speech probability that starts speech.")
-    neg_threshold: float | None = Field(None, ge=0.0, le=1.0, description="Probability below which speech ends; None = threshold - 0.15.")
-    min_silence_ms: int = Field(500, ge=0, le=10_000, description="Silence that ends an utterance.")
-    min_speech_ms: int = Field(200, ge=0, le=10_000, description="Shorter speech bursts are dropped.")
-    pre_roll_ms: int = Field(300, ge=0, le=2_000, description="Audio kept before the start trigger.")
-    max_utterance_s: float = Field(30.0, gt=0, description="An utterance is force-ended at this length.")
-    num_threads: int = Field(1, ge=1, description="onnxruntime intra-op threads.")
+    model: str = Field(
+        default="",
+        description="Path to a silero VAD ONNX file; '' = embedded default.",
+    )
+    threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0,
+        description="Speech probability that starts speech.",
+    )
+    neg_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Probability below which speech ends; None = threshold - 0.15.",
+    )
+    min_silence_ms: int = Field(
+        default=500, ge=0, le=10_000,
+        description="Silence that ends an utterance.",
+    )
+    min_speech_ms: int = Field(
+        default=200, ge=0, le=10_000,
+        description="Shorter speech bursts are dropped.",
+    )
+    pre_roll_ms: int = Field(
+        default=300, ge=0, le=2_000,
+        description="Audio kept before the start trigger.",
+    )
+    max_utterance_s: float = Field(
+        default=30.0, gt=0,
+        description="An utterance is force-ended at this length (its audio, pre-roll included, "
+                    "never exceeds it).",
+    )
+    num_threads: int = Field(default=1, ge=1, description="onnxruntime intra-op threads.")
+    post_roll_ms: int = Field(
+        default=200, ge=0, le=2_000,
+        description="Audio kept after the detected end of speech (capped by min_silence_ms); "
+                    "trailing consonants are often scored as silence.",
+    )
+
+    def effective_neg_threshold(self) -> float:
+        if self.neg_threshold is not None:
+            return min(self.neg_threshold, self.threshold)
+        return max(self.threshold - 0.15, 0.01)
+
+
+# --- model --------------------------------------------------------------------------------------
+
+
+@dataclass
+class VADState:
+    """Everything one stream carries between ``SileroModel.probs`` calls (small, picklable)."""
+
+    context: np.ndarray = field(default_factory=lambda: np.zeros(CONTEXT, np.float32))
+    rnn: np.ndarray = field(default_factory=lambda: np.zeros(STATE_SHAPE, np.float32))
+    leftover: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    """Samples (< WINDOW) not yet scored; they lead the next call's audio."""
+
+
+class SileroModel:
+    """Silero VAD on onnxruntime (CPU). Thread-safe: sessions may run concurrently."""
+
+    def __init__(self, path: str, num_threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = num_threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                path, sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own non-exported exception types
+            if "NO_SUCHFILE" in str(exc) or "does not exist" in str(exc):
+                raise NotFound(f"silero VAD model not found: {path}") from exc
+            raise InvalidArgument(f"cannot load {path} as a silero VAD ONNX model: {exc}") from exc
+        names = {i.name for i in self.session.get_inputs()}
+        if names != {"input", "state", "sr"}:
+            raise InvalidArgument(
+                f"{path} does not look like silero VAD v5/v6 (inputs {sorted(names)}, "
+                "expected input, state, sr)"
+            )
+        self.path = path
+        self._sr = np.array(MODEL_RATE, dtype=np.int64)
+
+    @classmethod
+    def load(cls, cfg: VADConfig | None = None) -> SileroModel:
+        cfg = cfg or VADConfig()
+        return cls(resolve(cfg.model, default_vad_model), cfg.num_threads)
+
+    def probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
+        """Speech probability of each whole 512-sample window of ``state.leftover + audio16k``.
+
+        Returns one probability per window and the state to pass with the next chunk; samples
+        that do not fill a window stay in the returned state's ``leftover``.
+        """
+        x = _mono_f32(audio16k)
+        joined = np.concatenate([state.leftover, x]) if state.leftover.size else x
+        n = joined.size // WINDOW
+        out = np.empty(n, np.float32)
+        context, rnn = state.context, state.rnn
+        for i in range(n):
+            frame = np.concatenate([context, joined[i * WINDOW : (i + 1) * WINDOW]])[None, :]
+            prob, rnn = self.session.run(None, {"input": frame, "state": rnn, "sr": self._sr})
+            out[i] = prob[0, 0]
+            context = frame[0, -CONTEXT:]
+        return out, VADState(context.copy(), rnn, joined[n * WINDOW :].copy())
+
+    def probs_many(
+        self, items: list[tuple[np.ndarray, VADState]]
+    ) -> list[tuple[np.ndarray, VADState]]:
+        """``probs`` for many streams at once: one batched model step per window index.
+
+        For a server that gathers chunks of many streams (e.g. with ``serve.batch``); results
+        equal separate ``probs`` calls.
+        """
+        joined = []
+        for audio, st in items:
+            x = _mono_f32(audio)
+            joined.append(np.concatenate([st.leftover, x]) if st.leftover.size else x)
+        counts = [j.size // WINDOW for j in joined]
+        outs = [np.empty(c, np.float32) for c in counts]
+        ctx = [st.context for _, st in items]
+        rnn = [st.rnn for _, st in items]
+        for step in range(max(counts, default=0)):
+            live = [k for k, c in enumerate(counts) if c > step]
+            frames = np.stack(
+                [np.concatenate([ctx[k], joined[k][step * WINDOW : (step + 1) * WINDOW]])
+                 for k in live]
+            )
+            state = np.concatenate([rnn[k] for k in live], axis=1)
+            prob, new_state = self.session.run(
+                None, {"input": frames, "state": state, "sr": self._sr}
+            )
+            for row, k in enumerate(live):
+                outs[k][step] = prob[row, 0]
+                rnn[k] = new_state[:, row : row + 1, :].copy()
+                ctx[k] = frames[row, -CONTEXT:].copy()
+        return [
+            (outs[k], VADState(ctx[k], rnn[k], joined[k][counts[k] * WINDOW :].copy()))
+            for k in range(len(items))
+        ]
+
+
+def _mono_f32(audio: np.ndarray) -> np.ndarray:
+    x = np.asarray(audio, dtype=np.float32)
+    if x.ndim != 1:
+        raise InvalidArgument(f"expected mono 16 kHz audio (1-D array); got shape {x.shape}")
+    return x
+
+
+# --- segmentation -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    """Speech was confirmed (it lasted ``min_speech_ms``); it began at ``start_ms``."""
+
+    start_ms: int
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    """An utterance ended; ``audio`` runs from pre-roll before ``start_ms`` to post-roll after
+    ``end_ms`` (times in ms of input audio since stream start)."""
+
+    start_ms: int
+    end_ms: int
+    audio: np.ndarray = field(repr=False)
+    reason: Literal["silence", "max_length", "flush"] = "silence"
+
+
+VADEvent = SpeechStart | SpeechEnd
+SpeechState = Literal["silence", "pending", "speech"]
+
+
+class VADSegmenter:
+    """Turns per-window speech probabilities (+ the matching audio) into utterances.
+
+    States: ``silence`` -> ``pending`` (prob >= threshold; not announced yet) -> ``speech``
+    (announced with SpeechStart once the burst has lasted ``min_speech_ms``). A run of windows
+    below ``neg_threshold`` lasting ``min_silence_ms`` ends it; probabilities back above
+    ``threshold`` cancel a pending end (hysteresis). A pending burst that ends before
+    ``min_speech_ms`` is dropped without any event. Memory: audio is kept only for the open
+    utterance (at most ``max_utterance_s``) plus the pre-roll.
+    """
+
+    def __init__(self, config: VADConfig | None = None, window: int = WINDOW,
+                 sample_rate: int = MODEL_RATE) -> None:
+        self.cfg = config or VADConfig()
+        self.window = window
+        self.rate = sample_rate
+        self._neg = self.cfg.effective_neg_threshold()
+        ms = sample_rate // 1000
+        self._pre = self.cfg.pre_roll_ms * ms
+        self._post = min(self.cfg.post_roll_ms, self.cfg.min_silence_ms) * ms
+        self._min_silence = self.cfg.min_silence_ms * ms
+        self._min_speech = self.cfg.min_speech_ms * ms
+        self._max_len = int(self.cfg.max_utterance_s * sample_rate)
+        self._chunks: list[np.ndarray] = []
+        self._buf_start = 0  # stream sample index of the first buffered sample
+        self._pos = 0  # samples consumed so far
+        self._state: SpeechState = "silence"
+        self._start = 0  # sample index where the open burst began
+        self._silence_from: int | None = None  # first sample of the current silence run
+
+    # -- public state --
+    @property
+    def state(self) -> SpeechState:
+        return self._state
+
+    @property
+    def in_speech(self) -> bool:
+        """True between SpeechStart and SpeechEnd."""
+        return self._state == "speech"
+
+    @property
+    def position_ms(self) -> int:
+        return self._ms(self._pos)
+
+    def current_audio(self) -> np.ndarray | None:
+        """Audio of the open (announced) utterance so far, pre-roll included; for partials."""
+        if self._state != "speech":
+            return None
+        return self._slice(self._start - self._pre, self._pos)
+
+    # -- feeding --
+    def feed(self, probs: np.ndarray, audio: np.ndarray) -> list[VADEvent]:
+        p = np.asarray(probs, dtype=np.float32).reshape(-1)
+        a = _mono_f32(audio)
+        if a.size != p.size * self.window:
+            raise InvalidArgument(
+                f"VAD segmenter needs {self.window} samples per probability; "
+                f"got {a.size} samples for {p.size} probabilities"
+            )
+        if a.size:
+            self._chunks.append(a)
+        events: list[VADEvent] = []
+        for prob in p:
+            self._step(float(prob), events)
+        if self._state == "silence":
+            self._trim(self._pos - self._pre)
+        return events
+
+    def flush(self) -> list[VADEvent]:
+        """End of input: close an announced utterance; a pending burst too short is dropped."""
+        events: list[VADEvent] = []
+        if self._state == "speech":
+            end = self._silence_from if self._silence_from is not None else self._pos
+            events.append(self._end(end, "flush"))
+        self._state, self._silence_from = "silence", None
+        self._trim(self._pos - self._pre)
+        return events
+
+    # -- internals --
+    def _step(self, prob: float, events: list[VADEvent]) -> None:
+        w_start, self._pos = self._pos, self._pos + self.window
+        if self._state == "silence":
+            if prob >= self.cfg.threshold:
+                self._state, self._start, self._silence_from = "pending", w_start, None
+                self._confirm(events)
+            return
+        # pending or speech
+        if prob >= self.cfg.threshold:
+            self._silence_from = None
+        elif prob < self._neg and self._silence_from is None:
+            self._silence_from = w_start
+        if self._silence_from is not None and self._pos - self._silence_from >= self._min_silence:
+            if self._state == "speech":
+                events.append(self._end(self._silence_from, "silence"))
+            self._state, self._silence_from = "silence", None
+        elif self._state == "pending":
+            if self._silence_from is None:
+                self._confirm(events)
+        elif self._pos + self.window - self._utterance_from() > self._max_len:
+            # end before the next window would make the audio (pre-roll included) too long
+            events.append(self._end(self._pos, "max_length"))
+            self._state = "silence"
+
+    def _confirm(self, events: list[VADEvent]) -> None:
+        if self._pos - self._start >= max(self._min_speech, 1):
+            self._state = "speech"
+            events.append(SpeechStart(self._ms(self._start)))
+
+    def _utterance_from(self) -> int:
+        return max(self._start - self._pre, self._buf_start)
+
+    def _end(self, end: int, reason: Literal["silence", "max_length", "flush"]) -> SpeechEnd:
+        audio = self._slice(self._start - self._pre, min(end + self._post, self._pos))
+        ev = SpeechEnd(self._ms(self._start), self._ms(end), audio, reason)
+        # the closed utterance's audio must not become the next one's pre-roll
+        self._trim(end if reason != "max_length" else self._pos)
+        self._silence_from = None
+        return ev
+
+    def _slice(self, a: int, b: int) -> np.ndarray:
+        a = max(a, self._buf_start)
+        if not self._chunks or b <= a:
+            return np.zeros(0, np.float32)
+        if len(self._chunks) > 1:
+            self._chunks = [np.concatenate(self._chunks)]
+        return self._chunks[0][a - self._buf_start : b - self._buf_start].copy()
+
+    def _trim(self, keep_from: int) -> None:
+        drop = keep_from - self._buf_start
+        if drop <= 0 or not self._chunks:
+            return
+        buf = np.concatenate(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        self._chunks = [buf[drop:]] if drop < buf.size else []
+        self._buf_start += min(drop, buf.size)
+
+    def _ms(self, samples: int) -> int:
+        return samples * 1000 // self.rate
+
+
+# --- one stream ---------------------------------------------------------------------------------
+
+
+class StreamingVAD:
+    """Model + segmenter for one 16 kHz stream: push chunks of any size, get events."""
+
+    def __init__(self, model: SileroModel, config: VADConfig | None = None) -> None:
+        self.model = model
+        self.segmenter = VADSegmenter(config or VADConfig())
+        self.model_state = VADState()
+        self.last_prob = 0.0
+
+    @property
+    def in_speech(self) -> bool:
+        """True between SpeechStart and SpeechEnd."""
+        return self.segmenter.in_speech
+
+    @property
+    def speech_state(self) -> SpeechState:
+        return self.segmenter.state
+
+    @property
+    def position_ms(self) -> int:
+        """Input audio scored so far (whole windows), in ms."""
+        return self.segmenter.position_ms
+
+    def current_audio(self) -> np.ndarray | None:
+        """The open utterance so far (pre-roll included), e.g. for partial transcripts."""
+        return self.segmenter.current_audio()
+
+    def push(self, audio16k: np.ndarray) -> list[VADEvent]:
+        x = _mono_f32(audio16k)
+        lead = self.model_state.leftover
+        probs, self.model_state = self.model.probs(x, self.model_state)
+        if not probs.size:
+            return []
+        self.last_prob = float(probs[-1])
+        scored = np.concatenate([lead, x]) if lead.size else x
+        return self.segmenter.feed(probs, scored[: probs.size * WINDOW])
+
+    def flush(self) -> list[VADEvent]:
+        """End of input: score the last partial window (zero-padded) and close any utterance."""
+        events: list[VADEvent] = []
+        if self.model_state.leftover.size:
+            events += self.push(np.zeros(WINDOW - self.model_state.leftover.size, np.float32))
+        return events + self.segmenter.flush()
+
+    def reset(self) -> None:
+        self.segmenter = VADSegmenter(self.segmenter.cfg)
+        self.model_state = VADState()
