@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 _WS = re.compile(r"\s+")
 #: Closing characters that may follow the punctuation that ends a sentence or a clause.
 _CLOSERS = "\"')]}»”’"
+_OPENERS = "\"'([{«“‘"
 _SENTENCE_END = ".!?…"
 _CLAUSE_END = ",;:"
 _DASHES = ("—", "–", "-", "--")
@@ -46,7 +47,8 @@ class ChunkerConfig(BaseModel):
     )
     first_max_words: int = Field(
         default=6, ge=1, description="The first chunk is cut after this many words even without any "
-        "punctuation, so the first audio starts early."
+        "punctuation, so the first audio starts early (one word later if that word is an "
+        "abbreviation such as 'Dr.')."
     )
     next_words: int = Field(
         default=8, ge=1, description="Word budget of the second chunk: it is cut at a clause boundary "
@@ -57,7 +59,7 @@ class ChunkerConfig(BaseModel):
     )
     max_words: int = Field(
         default=40, ge=1, description="Upper bound of the budget; a chunk that reaches it without any "
-        "boundary is cut at the next space."
+        "boundary is cut at the next space (not right after an abbreviation)."
     )
     clean: bool = Field(
         default=True, description="Strip markdown symbols and emojis from chunks (see clean_for_speech)."
@@ -122,6 +124,14 @@ def _is_word(token: str) -> bool:
     return any(ch.isalnum() for ch in token)
 
 
+def _is_abbreviation(token: str) -> bool:
+    """'Mr.', 'e.g.', 'U.S.', 'J.': a dot that usually does not end the sentence."""
+    core = token.rstrip(_CLOSERS).lstrip(_OPENERS)
+    if not core.endswith("."):
+        return False
+    return core[:-1].lower() in _ABBREVIATIONS or bool(_DOTTED.match(core) or _INITIAL.match(core))
+
+
 def _boundary(token: str, gap: str, next_char: str) -> int:
     """Strength of the boundary after ``token`` (a complete word), given what follows it."""
     if "\n" in gap:
@@ -140,10 +150,8 @@ def _boundary(token: str, gap: str, next_char: str) -> int:
         return _SENTENCE
     if core.endswith(".."):  # ellipsis written with dots
         return _SENTENCE
-    stem = core[:-1].lstrip("\"'([{«“‘")
-    low = stem.lower()
-    if low in _ABBREVIATIONS or _DOTTED.match(core) or _INITIAL.match(core):
-        if low in _SENTENCE_OK_ABBR and next_char.isupper():
+    if _is_abbreviation(core):
+        if core[:-1].lstrip(_OPENERS).lower() in _SENTENCE_OK_ABBR and next_char.isupper():
             return _SENTENCE
         return _NONE
     if next_char.islower():  # "approx. five", unknown abbreviations
@@ -220,15 +228,15 @@ class TextChunker:
         cfg = self.config
         kind = _boundary(token, gap, next_char)
         if self._index == 0:
-            if self._words >= cfg.first_max_words:
+            if kind != _NONE and self._words >= cfg.first_min_words:
                 return True
-            return kind != _NONE and self._words >= cfg.first_min_words
-        if kind == _SENTENCE:
-            return True
-        budget = self._budget()
-        if kind == _CLAUSE and self._words >= budget:
-            return True
-        return self._words >= cfg.max_words
+            limit = cfg.first_max_words
+        else:
+            if kind == _SENTENCE or (kind == _CLAUSE and self._words >= self._budget()):
+                return True
+            limit = cfg.max_words
+        # A forced cut waits one word rather than separate "Dr." from "Smith".
+        return self._words >= limit and not _is_abbreviation(token)
 
     def _emit(self, raw: str, out: list[str]) -> None:
         text = clean_for_speech(raw) if self.config.clean else _WS.sub(" ", raw).strip()

@@ -101,6 +101,11 @@ def test_lowercase_after_period_is_not_a_sentence_end() -> None:
     ]
 
 
+def test_forced_cut_does_not_separate_abbreviation_from_name() -> None:
+    cfg = ChunkerConfig(first_min_words=1, first_max_words=3)
+    assert run(["I met Dr. Smith at noon today"], cfg) == ["I met Dr. Smith", "at noon today"]
+
+
 def test_later_chunks_grow_and_cut_at_sentences_and_clauses() -> None:
     cfg = ChunkerConfig(first_min_words=2, first_max_words=4, next_words=4, growth=2.0)
     text = (

@@ -251,6 +251,24 @@ async def test_stream_speaks_token_deltas_chunk_by_chunk(tts: PiperTTS, whisper:
     assert wer(normalize(ANSWER), normalize(heard)) <= 0.2, heard
 
 
+async def test_stream_synthesizes_ahead_of_the_consumer(tts: PiperTTS) -> None:
+    with count_onnx_runs(tts) as stats:
+        async with tts.stream() as stream:
+            stream.push_text("Hello there, my friend. How are you? I am fine.")
+            stream.end_input()
+            first = await anext(stream)
+            assert first.chunk_index == 0
+            # Without reading further, the next chunks get synthesized (bounded run-ahead).
+            for _ in range(3000):
+                if stats["runs"] >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert stats["runs"] == 3
+            rest = [p.text async for p in stream]
+        assert rest == ["How are you?", "I am fine."]
+    assert await threads_gone(tts)
+
+
 async def test_stream_flush_starts_new_segment(tts: PiperTTS) -> None:
     async with tts.stream() as stream:
         stream.push_text("Hello there, my good friend.")
