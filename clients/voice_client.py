@@ -129,16 +129,17 @@ class VoiceClient:
                        ) -> SessionResult:
         """Speak each turn, wait for its answer (and its playback), then the next one.
 
-        A turn with ``barge_in_after_ms`` is spoken while the previous answer is still playing.
+        A turn with ``barge_in_after_ms`` is spoken while the previous answer is still playing,
+        that long after its first audio. Answer events are matched to turns by response id.
         """
         cfg = config or pb.SessionConfig()
         rate = cfg.input_sample_rate or 16000
         results: list[TurnResult] = []
         session = SessionResult(turns=results)
-        done = asyncio.Event()  # current answer finished (done, interrupted or error)
-        first_audio = asyncio.Event()
-        player = _Player()
-        current: dict[str, Any] = {"turn": None}
+        finished: dict[int, asyncio.Event] = {}  # turn index -> its answer ended (any way)
+        by_response: dict[int, int] = {}  # response id -> turn index
+        player = _Player()  # playback of the response playing now
+        state: dict[str, int] = {"speaking": -1, "playing": 0}  # turn being spoken, response playing
         samples_per_chunk = rate * chunk_ms // 1000
         silence = np.zeros(samples_per_chunk, np.float32)
 
@@ -159,49 +160,48 @@ class VoiceClient:
                     yield pb.ClientMessage(audio=pb.AudioInput(data=float_to_pcm16(piece)))
 
             async def send_silence_until(cond: Callable[[], bool], max_s: float) -> Any:
-                nonlocal t_next
                 deadline = time.monotonic() + max_s
                 while not cond() and time.monotonic() < deadline:
                     async for msg in send_audio(silence):
                         yield msg
-                    t = current["turn"]
-                    if t is not None and t.response_id:  # tell the server what the user heard
+                    if state["playing"]:  # tell the server what the user heard
                         yield pb.ClientMessage(playback=pb.PlaybackPosition(
-                            response_id=t.response_id, played_ms=int(player.played_ms(time.monotonic()))))
+                            response_id=state["playing"], played_ms=int(player.played_ms(time.monotonic()))))
 
             for index, turn in enumerate(turns):
                 result = TurnResult(label=turn.label or f"turn{index + 1}")
                 if turn.barge_in_after_ms is not None and index > 0:
-                    # keep the microphone open (silence) until the answer has played this long
-                    def reached(point: float = turn.barge_in_after_ms) -> bool:
-                        heard = first_audio.is_set() and player.played_ms(time.monotonic()) >= point
-                        return heard or done.is_set()
+                    prev = finished[index - 1]
+
+                    def reached(point: float = turn.barge_in_after_ms, prev: asyncio.Event = prev,
+                                before: TurnResult = results[index - 1]) -> bool:
+                        playing = before.response_id != 0 and state["playing"] == before.response_id
+                        return prev.is_set() or (playing and player.played_ms(time.monotonic()) >= point)
 
                     async for msg in send_silence_until(reached, turn_timeout_s):
                         yield msg
-                    if done.is_set():
-                        result.error = "answer finished before the barge-in point"
-                done.clear()
-                first_audio.clear()
+                    if prev.is_set():
+                        result.error = "the previous answer ended before the barge-in point"
+                results.append(result)
+                finished[index] = asyncio.Event()
+                state["speaking"] = index
                 if turn.text is not None:
-                    results.append(result)
-                    current["turn"] = result
                     result.t_speech_end = time.monotonic()
                     yield pb.ClientMessage(text=pb.TextInput(text=turn.text))
                 else:
                     assert turn.audio is not None
                     async for msg in send_audio(turn.audio):
                         yield msg
-                    # the last speech sample leaves now (or, paced, at t_next)
+                    # the last speech sample leaves now (paced: at t_next)
                     result.t_speech_end = max(time.monotonic(), t_next if realtime else 0.0)
-                    results.append(result)
-                    current["turn"] = result
-                async for msg in send_silence_until(done.is_set, turn_timeout_s):
+                if index + 1 < len(turns) and turns[index + 1].barge_in_after_ms is not None:
+                    continue  # the next turn interrupts this answer
+                async for msg in send_silence_until(finished[index].is_set, turn_timeout_s):
                     yield msg
-                if wait_playback and index + 1 < len(turns) and turns[index + 1].barge_in_after_ms is None:
-                    async for msg in send_silence_until(lambda: time.monotonic() >= player.done_at(), 60):
-                        yield msg
-                if index + 1 < len(turns) and turns[index + 1].barge_in_after_ms is None:
+                if index + 1 < len(turns):
+                    if wait_playback:
+                        async for msg in send_silence_until(lambda: time.monotonic() >= player.done_at(), 60):
+                            yield msg
                     pause_until = time.monotonic() + pause_ms / 1000
                     async for msg in send_silence_until(lambda t=pause_until: time.monotonic() >= t, 60):
                         yield msg
@@ -209,62 +209,69 @@ class VoiceClient:
                 yield msg
             yield pb.ClientMessage(end_of_input=pb.EndOfInput())
 
+        def turn_of(response_id: int) -> TurnResult | None:
+            index = by_response.get(response_id)
+            return results[index] if index is not None else None
+
+        def end(turn: TurnResult) -> None:
+            turn.underrun_ms, turn.underruns = player.stall_ms, player.underruns
+            finished[results.index(turn)].set()
+
         call = self.stub.Converse(requests())
         try:
             async for event in call:
                 now = time.monotonic()
                 if on_event is not None:
                     on_event(event)
-                kind = event.WhichOneof("event")
-                session.events.append(kind or "")
-                turn = current["turn"]
-                since = 1000 * (now - turn.t_speech_end) if turn is not None else None
+                kind = event.WhichOneof("event") or ""
+                session.events.append(kind)
+                speaking = results[state["speaking"]] if state["speaking"] >= 0 else None
                 if kind == "session_started":
                     session.session_id = event.session_started.session_id
                     session.output_sample_rate = event.session_started.output_sample_rate
-                elif turn is None:
-                    continue
-                elif kind == "partial_transcript":
-                    turn.partials.append(event.partial_transcript.text)
-                elif kind == "final_transcript":
-                    turn.transcript = event.final_transcript.text
-                    if turn.first_transcript_ms is None:
-                        turn.first_transcript_ms = since
-                elif kind == "response_started":
-                    turn.response_id = event.response_started.response_id
-                    player.reset()
-                elif kind == "text_delta":
+                elif kind == "partial_transcript" and speaking is not None:
+                    speaking.partials.append(event.partial_transcript.text)
+                elif kind == "final_transcript" and speaking is not None:
+                    speaking.transcript = event.final_transcript.text
+                    if speaking.first_transcript_ms is None:
+                        speaking.first_transcript_ms = 1000 * (now - speaking.t_speech_end)
+                elif kind == "response_started" and speaking is not None:
+                    speaking.response_id = event.response_started.response_id
+                    by_response[speaking.response_id] = state["speaking"]
+                elif kind == "text_delta" and (turn := turn_of(event.text_delta.response_id)):
                     if turn.first_text_ms is None:
-                        turn.first_text_ms = since
+                        turn.first_text_ms = 1000 * (now - turn.t_speech_end)
                     turn.response_text += event.text_delta.text
-                elif kind == "audio":
+                elif kind == "audio" and (turn := turn_of(event.audio.response_id)):
                     chunk = event.audio
                     ms = 1000.0 * (len(chunk.data) // 2) / chunk.sample_rate
                     if turn.voice_to_voice_ms is None:
-                        turn.voice_to_voice_ms = since
+                        turn.voice_to_voice_ms = 1000 * (now - turn.t_speech_end)
+                    if state["playing"] != chunk.response_id:  # a new answer starts playing
+                        state["playing"] = chunk.response_id
+                        player.reset()
                     player.add(now, ms)
                     turn.audio_ms += ms
                     session.audio.append(chunk.data)
-                    first_audio.set()
-                elif kind == "response_done":
+                elif kind == "response_done" and (turn := turn_of(event.response_done.response_id)):
                     d = event.response_done
                     turn.response_text = d.text
                     turn.server_latency = {f.name: getattr(d.latency, f.name) for f in d.latency.DESCRIPTOR.fields}
-                    turn.underrun_ms, turn.underruns = player.stall_ms, player.underruns
-                    done.set()
-                elif kind == "response_interrupted":
+                    end(turn)
+                elif kind == "response_interrupted" and (turn := turn_of(event.response_interrupted.response_id)):
                     turn.interrupted = True
                     turn.heard_text = event.response_interrupted.heard_text
-                    turn.underrun_ms, turn.underruns = player.stall_ms, player.underruns
-                    done.set()
-                elif kind == "error":
-                    turn.error = f"{event.error.code}: {event.error.message}"
-                    done.set()
+                    turn.response_text = event.response_interrupted.generated_text
+                    end(turn)
+                elif kind == "error" and speaking is not None:
+                    speaking.error = f"{event.error.code}: {event.error.message}"
+                    finished[state["speaking"]].set()
         except grpc.aio.AioRpcError as exc:
             session.status = exc.code().name
             session.details = exc.details() or ""
-            done.set()
         finally:
+            for event_ in finished.values():
+                event_.set()
             with contextlib.suppress(Exception):
                 call.cancel()
         return session
