@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import numpy as np
+from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 from ray.serve.handle import DeploymentHandle
@@ -36,6 +37,7 @@ from services.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     OutOfRange,
     ResourceExhausted,
     VoxError,
@@ -45,6 +47,8 @@ from services.session import Conversation, SessionSettings
 from services.vad import WINDOW, SileroModel, SpeechEnd, VADSegmenter, VADState
 
 log = logging.getLogger("ray.serve")
+HEALTH_SERVICES = ("", "voxserve.v1.VoiceAssistant")
+HEALTH_TIMEOUT_S = 5.0
 RECENT_SESSIONS = 64
 
 
@@ -233,6 +237,19 @@ class Gateway:
             _abort(grpc_context, exc)
         finally:
             self.active -= 1
+
+    # --- gRPC health (grpc.health.v1.Health, registered beside our servicer) -------------------
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    grpc_context: RayServegRPCContext | None = None) -> health_pb2.HealthCheckResponse:
+        """SERVING once every stage deployment has answered (kubelet readiness probe)."""
+        if request.service not in HEALTH_SERVICES:
+            _abort(grpc_context, NotFound(f"unknown service {request.service!r}"))
+        try:
+            await asyncio.wait_for(self._stage_info(), HEALTH_TIMEOUT_S)
+        except (TimeoutError, Exception):  # any stage not answering yet means not ready
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     # --- Synthesize ---------------------------------------------------------------------------
 

@@ -80,6 +80,9 @@ class DeploymentOptions(BaseModel):
 
     max_ongoing_requests: int = Field(
         default=8, ge=1, description="Requests one replica handles at once; more queue in the caller.")
+    max_queued_requests: int = Field(
+        default=-1, ge=-1,
+        description="Requests that may wait for a replica (-1: no limit); more get RESOURCE_EXHAUSTED.")
     autoscaling_config: Autoscaling = Field(default_factory=Autoscaling, description="Replica autoscaling.")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources per replica.")
     graceful_shutdown_wait_loop_s: float = Field(default=2.0, gt=0, description="Poll period while draining a replica.")
@@ -120,9 +123,10 @@ class Profile(BaseModel):
 
 
 def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, gpus: float = 0.0,
-         shutdown_s: float = 20.0) -> DeploymentOptions:
+         shutdown_s: float = 20.0, max_queued: int = -1) -> DeploymentOptions:
     return DeploymentOptions(
         max_ongoing_requests=max_ongoing,
+        max_queued_requests=max_queued,
         autoscaling_config=Autoscaling(min_replicas=min_r, max_replicas=max_r,
                                        target_ongoing_requests=target),
         ray_actor_options=ActorOptions(num_cpus=cpus, num_gpus=gpus),
@@ -133,6 +137,16 @@ def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, g
 # A voice conversation is one long gRPC stream: the gateway drains longer than the stages so that
 # turns in flight can finish while a node goes away.
 GATEWAY_SHUTDOWN_S = 60.0
+# Serve lets a gateway replica take a few more streams than the gateway admits, so the surplus
+# reaches the gateway's own check and gets RESOURCE_EXHAUSTED at once instead of waiting in a
+# queue; the short queue bounds what waits while every replica is full.
+GATEWAY_HEADROOM = 8
+GATEWAY_QUEUE = 8
+
+
+def _gateway(args: AppArgs) -> DeploymentOptions:
+    return _dep(args.gateway.max_sessions + GATEWAY_HEADROOM, 1, 4, 16, cpus=0.25,
+                shutdown_s=GATEWAY_SHUTDOWN_S, max_queued=GATEWAY_QUEUE)
 
 
 def cpu_profile() -> Profile:
@@ -148,8 +162,7 @@ def cpu_profile() -> Profile:
             ASR: _dep(4, 1, 4, 1, cpus=0.5),
             LLM: _dep(8, 1, 2, 4, cpus=0.5),
             TTS: _dep(4, 1, 4, 2, cpus=0.5),
-            GATEWAY: _dep(args.gateway.max_sessions, 1, 4, 16, cpus=0.25,
-                          shutdown_s=GATEWAY_SHUTDOWN_S),
+            GATEWAY: _gateway(args),
         },
         cpu_workers=WorkerGroup(min_replicas=1, max_replicas=4, cpu="4", memory="12Gi"),
         gpu_workers=WorkerGroup(enabled=False, min_replicas=0, max_replicas=1, gpus=1),
@@ -184,8 +197,7 @@ def gpu_profile() -> Profile:
             ASR: _dep(8, 1, 2, 4, cpus=1, gpus=0.2),
             LLM: _dep(32, 1, 2, 16, cpus=2, gpus=GPU_LLM_SHARE),
             TTS: _dep(8, 1, 2, 4, cpus=1, gpus=0.1),
-            GATEWAY: _dep(args.gateway.max_sessions, 1, 4, 16, cpus=0.25,
-                          shutdown_s=GATEWAY_SHUTDOWN_S),
+            GATEWAY: _gateway(args),
         },
         cpu_workers=WorkerGroup(min_replicas=1, max_replicas=2, cpu="4", memory="8Gi"),
         gpu_workers=WorkerGroup(min_replicas=1, max_replicas=2, cpu="8", memory="48Gi", gpus=1),

@@ -65,7 +65,8 @@ def start_local(serve_config: dict[str, Any], *, grpc_port: int | None = None, h
              object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=False,
              runtime_env={"env_vars": dict(LOCAL_ENV)}, ignore_reinit_error=True)
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
-                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+                grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=config.get(
+                    "grpc_options", {}).get("grpc_servicer_functions", [GRPC_SERVICER])))
     t0 = time.monotonic()
     serve.run(build_app(args, options), name=app.get("name", "voxserve"),
               route_prefix=app.get("route_prefix", "/"), blocking=False)

@@ -6,6 +6,7 @@ override them per profile (replicas, CPUs, GPU fractions).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -82,8 +83,10 @@ class TTSDeployment:
         """PCM16 for ``text`` at ``sample_rate`` (0 = the voice's own), one piece per sentence."""
         rate = sample_rate or self.tts.sample_rate
         resampler = StreamResampler(self.tts.sample_rate, rate)
-        async for audio in self.tts.synthesize(text):
-            yield float_to_pcm16(resampler.push(audio))
+        # aclosing: a cancelled stream stops the synthesis thread now, not at garbage collection
+        async with contextlib.aclosing(self.tts.synthesize(text)) as audio_stream:
+            async for audio in audio_stream:
+                yield float_to_pcm16(resampler.push(audio))
 
     async def sample_rate(self) -> int:
         return self.tts.sample_rate

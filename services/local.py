@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -43,8 +44,9 @@ class LocalStages:
 
     async def synthesize(self, text: str, *, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
         resampler = StreamResampler(self.tts.sample_rate, sample_rate or self.tts.sample_rate)
-        async for audio in self.tts.synthesize(text):
-            yield float_to_pcm16(resampler.push(audio))
+        async with contextlib.aclosing(self.tts.synthesize(text)) as audio_stream:
+            async for audio in audio_stream:
+                yield float_to_pcm16(resampler.push(audio))
 
     def shutdown(self) -> None:
         self.llm.shutdown()
