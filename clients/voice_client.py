@@ -203,7 +203,11 @@ class VoiceClient:
                         async for msg in send_silence_until(lambda: time.monotonic() >= player.done_at(), 60):
                             yield msg
                     pause_until = time.monotonic() + pause_ms / 1000
-                    async for msg in send_silence_until(lambda t=pause_until: time.monotonic() >= t, 60):
+
+                    def paused(until: float = pause_until) -> bool:
+                        return time.monotonic() >= until
+
+                    async for msg in send_silence_until(paused, 60):
                         yield msg
             async for msg in send_audio(np.zeros(int(rate * trailing_silence_ms / 1000), np.float32)):
                 yield msg

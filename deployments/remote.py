@@ -7,17 +7,18 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from services.vad import SileroModel, VADState
 
 
-async def _stream(gen: DeploymentResponseGenerator) -> AsyncIterator[Any]:
+async def _stream(gen: DeploymentResponseGenerator | DeploymentResponse) -> AsyncIterator[Any]:
     """Iterate a streaming handle call; if the consumer stops early, cancel the remote call.
 
     Serve does not cancel the replica's generator when the awaiting task is cancelled, so the
     cancel is explicit: it reaches the replica as a CancelledError, which aborts vLLM's request.
     """
+    assert isinstance(gen, DeploymentResponseGenerator), "call with .options(stream=True)"
     finished = False
     try:
         async for item in gen:

@@ -48,7 +48,7 @@ class ASRDeployment:
 
 @serve.deployment(name="LLM", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
 class LLMDeployment:
-    async def __init__(self, config: dict[str, Any] | None = None) -> None:
+    async def __init__(self, config: dict[str, Any] | None = None) -> None:  # type: ignore[misc]
         self.config = LLMConfig.model_validate(config or {})
         self.engine = await LLMEngine.create(self.config)  # vLLM starts in a thread (~15 s on CPU)
 
@@ -87,6 +87,8 @@ class TTSDeployment:
         async with contextlib.aclosing(self.tts.synthesize(text)) as audio_stream:
             async for audio in audio_stream:
                 yield float_to_pcm16(resampler.push(audio))
+        if (tail := resampler.flush()).size:
+            yield float_to_pcm16(tail)
 
     async def sample_rate(self) -> int:
         return self.tts.sample_rate

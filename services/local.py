@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ class LocalStages:
 
     async def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:
-        kwargs = {"audio": audio} if audio is not None else {}
+        kwargs: dict[str, Any] = {"audio": audio} if audio is not None else {}
         async for delta in self.llm.stream_chat(messages, max_tokens=max_tokens, **kwargs):
             yield delta
 
@@ -47,6 +48,8 @@ class LocalStages:
         async with contextlib.aclosing(self.tts.synthesize(text)) as audio_stream:
             async for audio in audio_stream:
                 yield float_to_pcm16(resampler.push(audio))
+        if (tail := resampler.flush()).size:
+            yield float_to_pcm16(tail)
 
     def shutdown(self) -> None:
         self.llm.shutdown()
