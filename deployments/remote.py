@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
@@ -29,6 +30,16 @@ async def _stream(gen: DeploymentResponseGenerator | DeploymentResponse) -> Asyn
             gen.cancel()
 
 
+async def _call(response: DeploymentResponse | DeploymentResponseGenerator) -> Any:
+    """Await a unary handle call; a cancelled caller cancels the call on the replica too."""
+    assert isinstance(response, DeploymentResponse)
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+
+
 class RemoteStages:
     """The conversation's four stages as Ray Serve deployments (VAD optionally in-process)."""
 
@@ -44,8 +55,11 @@ class RemoteStages:
         return result
 
     async def transcribe(self, audio16k: np.ndarray, language: str | None) -> Any:
-        result = await self.asr.transcribe.remote(audio16k, language)
-        return SimpleNamespace(**result)
+        return SimpleNamespace(**await _call(self.asr.transcribe.remote(audio16k, language)))
+
+    async def partial_transcribe(self, audio16k: np.ndarray, language: str | None) -> str | None:
+        text: str | None = await _call(self.asr.partial.remote(audio16k, language))
+        return text
 
     async def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:

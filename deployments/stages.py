@@ -42,6 +42,11 @@ class ASRDeployment:
         return {"text": result.text, "language": result.language,
                 "duration_s": result.duration_s, "decode_s": result.decode_s}
 
+    async def partial(self, audio16k: np.ndarray, language: str | None = None) -> str | None:
+        """Best effort: None at once when every decode slot is busy, so finals never wait."""
+        result = await self.asr.try_transcribe(audio16k, language)
+        return result.text if result is not None else None
+
     async def info(self) -> dict[str, str]:
         return {"model": self.config.model or "whisper-base (embedded)"}
 

@@ -37,6 +37,10 @@ class LocalStages:
     async def transcribe(self, audio16k: np.ndarray, language: str | None) -> Transcript:
         return await self.asr.transcribe(audio16k, language)
 
+    async def partial_transcribe(self, audio16k: np.ndarray, language: str | None) -> str | None:
+        result = await self.asr.try_transcribe(audio16k, language)
+        return result.text if result is not None else None
+
     async def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:
         kwargs: dict[str, Any] = {"audio": audio} if audio is not None else {}

@@ -52,6 +52,10 @@ class Stages(Protocol):
         """Final transcript (an object with ``text`` and ``language``) of one utterance."""
         ...
 
+    async def partial_transcribe(self, audio16k: np.ndarray, language: str | None) -> str | None:
+        """Best-effort transcript of a growing utterance; None when the ASR is busy (finals first)."""
+        ...
+
     def generate(
         self, messages: list[dict[str, str]], *, max_tokens: int | None,
         audio: np.ndarray | None = None,
@@ -352,11 +356,11 @@ class Conversation:
 
     async def _partial(self, audio: np.ndarray) -> None:
         try:
-            result = await self.stages.transcribe(audio, self.settings.language)
+            text = await self.stages.partial_transcribe(audio, self.settings.language)
         except VoxError:
             return
-        if result.text.strip() and self.state is State.USER_SPEAKING:
-            await self.emit(ev.PartialTranscript(text=result.text.strip()))
+        if text and text.strip() and self.state is State.USER_SPEAKING:
+            await self.emit(ev.PartialTranscript(text=text.strip()))
 
     def _cancel_partial(self) -> None:
         if self._partial_task is not None and not self._partial_task.done():
