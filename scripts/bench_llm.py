@@ -1,0 +1,126 @@
+"""Benchmark the LLM engine: start time, TTFT and tokens/s (one request), aggregate tokens/s
+for concurrent requests, and how long this process's event loop stalls meanwhile.
+
+    .venv/bin/python scripts/bench_llm.py [--model PATH] [--max-tokens 64] [--out bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Tell me a long story about a dragon and a knight."
+
+
+class LoopProbe:
+    """Measures event-loop stalls: the largest gap between wake-ups of a 10 ms sleeper."""
+
+    def __init__(self) -> None:
+        self.max_gap_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.01)
+            self.max_gap_s = max(self.max_gap_s, time.monotonic() - t - 0.01)
+
+    def __enter__(self) -> LoopProbe:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def one(engine: Any, max_tokens: int, prompt: str = PROMPT) -> Any:
+    async with engine.stream_chat([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                  temperature=0) as stream:
+        async for _ in stream:
+            pass
+    return stream.stats
+
+
+async def main(args: argparse.Namespace) -> dict[str, object]:
+    from services.llm import LLMConfig, LLMEngine
+
+    cfg = LLMConfig(model=args.model, max_model_len=args.max_model_len,
+                    kv_cache_gib=args.kv_cache_gib, cpu_multiprocessing=args.multiprocessing)
+    t0 = time.monotonic()
+    with LoopProbe() as start_probe:
+        engine = await LLMEngine.create(cfg)
+    start_s = time.monotonic() - t0
+    print(f"engine start: {start_s:.1f} s (max loop stall {start_probe.max_gap_s * 1000:.0f} ms)")
+    try:
+        await one(engine, 8)  # warm-up
+        singles = []
+        with LoopProbe() as gen_probe:
+            for _ in range(args.repeat):
+                singles.append(await one(engine, args.max_tokens))
+        ttft = statistics.mean(s.ttft_s or 0.0 for s in singles)
+        tps = statistics.mean(s.tokens_per_s for s in singles)
+        dtps = statistics.mean(s.decode_tokens_per_s for s in singles)
+        print(f"single: TTFT {ttft * 1000:.0f} ms, {tps:.1f} tok/s end to end, "
+              f"{dtps:.1f} tok/s decode (mean of {args.repeat}, "
+              f"{statistics.mean(s.tokens for s in singles):.0f} tokens each)")
+        t1 = time.monotonic()
+        prompts = [PROMPT, "Explain how rain forms, in detail.", "Describe a busy market.",
+                   "Write a letter to a friend about a trip to the sea."]
+        with LoopProbe() as conc_probe:
+            many = await asyncio.gather(
+                *(one(engine, args.max_tokens, prompts[i % len(prompts)])
+                  for i in range(args.concurrency))
+            )
+        wall = time.monotonic() - t1
+        total = sum(s.tokens for s in many)
+        agg = total / wall
+        print(f"{args.concurrency} concurrent: {agg:.1f} tok/s aggregate ({total} tokens in "
+              f"{wall:.1f} s), TTFT mean {statistics.mean(s.ttft_s or 0 for s in many) * 1000:.0f}"
+              f" ms; max loop stall {max(gen_probe.max_gap_s, conc_probe.max_gap_s) * 1000:.0f} ms")
+        return {
+            "model": engine.model,
+            "device": "cpu" if engine.on_cpu else "gpu",
+            "cpu_multiprocessing": args.multiprocessing,
+            "engine_start_s": round(start_s, 2),
+            "max_loop_stall_during_start_ms": round(start_probe.max_gap_s * 1000, 1),
+            "single": {"ttft_ms": round(ttft * 1000, 1), "tokens_per_s": round(tps, 1),
+                       "decode_tokens_per_s": round(dtps, 1), "runs": args.repeat,
+                       "max_tokens": args.max_tokens},
+            "concurrent": {"n": args.concurrency, "aggregate_tokens_per_s": round(agg, 1),
+                           "tokens": total, "wall_s": round(wall, 2)},
+            "max_loop_stall_during_generation_ms": round(
+                max(gen_probe.max_gap_s, conc_probe.max_gap_s) * 1000, 1),
+            "cpu_count": os.cpu_count(),
+        }
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":  # vLLM starts its engine process with spawn
+    sys.path.insert(0, str(ROOT))
+    for key, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+        os.environ.setdefault(key, str(ROOT / ".cache" / sub))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="", help="HF folder or hub id ('' = embedded SmolLM2)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--kv-cache-gib", type=float, default=0.25)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--multiprocessing", action="store_true",
+                   help="CPU: model in a separate worker process (VLLM_ENABLE_V1_MULTIPROCESSING)")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    ns = p.parse_args()
+    result = asyncio.run(main(ns))
+    if ns.out:
+        ns.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {ns.out}")

@@ -1,0 +1,180 @@
+"""LLMEngine: real SmolLM2-135M through vLLM (CPU build here); one engine for the module."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from services.errors import InvalidArgument, NotFound, OutOfRange
+from services.history import ChatHistory
+from services.llm import LLMConfig, LLMEngine
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+ROOT = Path(__file__).resolve().parent.parent
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engine() -> AsyncIterator[LLMEngine]:
+    tmp = ROOT / ".cache" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        # vLLM's engine process inherits these: its scratch files stay in the project cache.
+        mp.setenv("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
+        mp.setenv("TMPDIR", str(tmp))
+        eng = await LLMEngine.create(LLMConfig(max_model_len=512, seed=0))
+    yield eng
+    eng.shutdown()
+
+
+async def wait_idle(engine: LLMEngine, seconds: float = 5.0) -> int:
+    """Poll until vLLM tracks no request (or time runs out); returns the last count."""
+    for _ in range(int(seconds / 0.05)):
+        if engine.num_unfinished_requests() == 0:
+            return 0
+        await asyncio.sleep(0.05)
+    return engine.num_unfinished_requests()
+
+
+async def test_factual_answer(engine: LLMEngine) -> None:
+    async with engine.stream_chat(FRANCE, temperature=0) as stream:
+        text = "".join([d async for d in stream])
+    assert "Paris" in text
+    assert stream.stats is not None
+    assert stream.stats.finish_reason == "stop"
+    assert stream.stats.tokens > 0 and stream.stats.ttft_s is not None
+    assert stream.stats.prompt_tokens == stream.prompt_tokens > 0
+
+
+async def test_deltas_concatenate_to_final_text(engine: LLMEngine) -> None:
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(ticker())
+    stream = engine.stream_chat(STORY, max_tokens=16, temperature=0)
+    deltas = [d async for d in stream]
+    stop.set()
+    await task
+    assert len(deltas) > 3
+    assert all(deltas)
+    assert "".join(deltas) == stream.text
+    assert stream.stats is not None and stream.stats.finish_reason == "length"
+    assert stream.stats.tokens == 16
+    # generation runs in vLLM's engine process: this loop kept running other tasks meanwhile
+    assert ticks > len(deltas)
+
+
+async def test_cancel_consumer_task_aborts_request(engine: LLMEngine) -> None:
+    got_first = asyncio.Event()
+    stream = engine.stream_chat(STORY, max_tokens=400)
+
+    async def consume() -> None:
+        async for _ in stream:
+            got_first.set()
+
+    task = asyncio.create_task(consume())
+    await got_first.wait()
+    assert engine.num_unfinished_requests() == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await wait_idle(engine) == 0
+    assert stream.stats is not None and stream.stats.finish_reason == "abort"
+    assert stream.stats.tokens < 400
+    # the engine still answers
+    async with engine.stream_chat(FRANCE, temperature=0) as again:
+        assert "Paris" in "".join([d async for d in again])
+
+
+async def test_aclose_after_first_delta_aborts(engine: LLMEngine) -> None:
+    async with engine.stream_chat(STORY, max_tokens=400) as stream:
+        async for _ in stream:
+            break
+    assert await wait_idle(engine) == 0
+    assert stream.stats is not None and stream.stats.finish_reason == "abort"
+
+
+async def test_dropped_stream_is_aborted(engine: LLMEngine) -> None:
+    stream = engine.stream_chat(STORY, max_tokens=400)
+    await stream.__anext__()
+    del stream  # no aclose: the asyncio generator finalizer must still abort it
+    assert await wait_idle(engine) == 0
+
+
+async def test_explicit_abort_by_request_id(engine: LLMEngine) -> None:
+    stream = engine.stream_chat(STORY, max_tokens=400, request_id="abort-me")
+    assert stream.request_id == "abort-me"
+    seen: list[str] = []
+
+    async def consume() -> None:
+        async for d in stream:
+            seen.append(d)
+            if len(seen) == 1:
+                await engine.abort("abort-me")
+
+    await asyncio.wait_for(consume(), timeout=60)  # the stream ends instead of running on
+    assert await wait_idle(engine) == 0
+    assert stream.stats is not None and stream.stats.finish_reason == "abort"
+
+
+async def test_two_concurrent_streams_complete(engine: LLMEngine) -> None:
+    async def run(messages: list[dict[str, str]]) -> str:
+        async with engine.stream_chat(messages, max_tokens=24, temperature=0) as s:
+            out = "".join([d async for d in s])
+        assert s.stats is not None and s.stats.finish_reason in ("stop", "length")
+        return out
+
+    a, b = await asyncio.gather(
+        run(FRANCE), run([{"role": "user", "content": "Name a primary color."}])
+    )
+    assert "Paris" in a
+    assert b.strip()
+    assert await wait_idle(engine) == 0
+
+
+async def test_bad_input(engine: LLMEngine) -> None:
+    with pytest.raises(InvalidArgument):
+        engine.stream_chat([])
+    with pytest.raises(InvalidArgument):
+        engine.stream_chat([{"role": "robot", "content": "hi"}])
+    with pytest.raises(InvalidArgument):
+        engine.stream_chat(FRANCE, max_tokens=0)
+    with pytest.raises(InvalidArgument):
+        engine.stream_chat(FRANCE, temperature=5)
+    long = [{"role": "user", "content": "word " * 1000}]
+    with pytest.raises(OutOfRange, match="context"):
+        engine.stream_chat(long)
+    assert engine.num_unfinished_requests() == 0
+
+
+async def test_history_trimmed_to_context_fits(engine: LLMEngine) -> None:
+    history = ChatHistory(engine.cfg.system_prompt)
+    for i in range(40):
+        history.add_user(f"Remember the number {i} and tell me something about it in detail.")
+        history.add_assistant("Sure. " + "It is a fine number. " * 10)
+    history.add_user("What is the capital of France?")
+    budget = engine.max_model_len - 64
+    messages = history.messages(budget=budget, count=engine.count_tokens)
+    assert len(messages) < 2 + 80
+    assert len(engine.prompt_ids(messages)) < engine.max_model_len - 32
+    async with engine.stream_chat(messages, max_tokens=32, temperature=0) as s:
+        assert "".join([d async for d in s])
+
+
+async def test_missing_model_folder() -> None:
+    with pytest.raises(NotFound):
+        await LLMEngine.create(LLMConfig(model=os.path.join("/nonexistent", "model")))
