@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from services.errors import InvalidArgument, NotFound, OutOfRange
 from services.history import ChatHistory
-from services.llm import LLMConfig, LLMEngine
+from services.llm import LLMConfig, LLMEngine, _cpu_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -178,3 +178,10 @@ async def test_history_trimmed_to_context_fits(engine: LLMEngine) -> None:
 async def test_missing_model_folder() -> None:
     with pytest.raises(NotFound):
         await LLMEngine.create(LLMConfig(model=os.path.join("/nonexistent", "model")))
+
+
+def test_cpu_engine_leaves_a_core_free() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert _cpu_env(LLMConfig()) == {"OMP_NUM_THREADS": str(max(1, cores - 1))}
+    assert _cpu_env(LLMConfig(cpu_threads=3)) == {"OMP_NUM_THREADS": "3"}
+    assert _cpu_env(LLMConfig(cpu_multiprocessing=True)) == {}
