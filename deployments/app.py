@@ -33,7 +33,7 @@ def build_app(args: dict[str, Any] | None = None,
         Gateway, GATEWAY,
         bind(VADDeployment, VAD, d["vad"]),
         bind(ASRDeployment, ASR, d["asr"]),
-        bind(LLMDeployment, LLM, d["llm"]),
+        bind(LLMDeployment, LLM, d["llm"], d["speech_llm"]),
         bind(TTSDeployment, TTS, d["tts"]),
         d,
     )

@@ -52,5 +52,9 @@ class AppArgs(BaseModel):
     vad: VADConfig = Field(default_factory=VADConfig, description="VAD engine settings.")
     asr: ASRConfig = Field(default_factory=ASRConfig, description="ASR engine settings.")
     llm: LLMConfig = Field(default_factory=LLMConfig, description="LLM engine settings.")
+    speech_llm: LLMConfig | None = Field(
+        default=None,
+        description="Optional audio LLM (Ultravox / Qwen2-Audio) for speech-native turns, beside the text LLM; "
+                    "None = speech-native only if `llm.model` is itself an audio LLM.")
     tts: TTSConfig = Field(default_factory=TTSConfig, description="TTS engine settings.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Gateway settings.")

@@ -15,6 +15,7 @@ from ray import serve
 
 from services.asr import ASRConfig, WhisperASR
 from services.audio import StreamResampler, float_to_pcm16
+from services.errors import FailedPrecondition
 from services.llm import LLMConfig, LLMEngine
 from services.tts import PiperTTS, TTSConfig
 from services.vad import SileroModel, VADConfig, VADState
@@ -53,29 +54,54 @@ class ASRDeployment:
 
 @serve.deployment(name="LLM", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
 class LLMDeployment:
-    async def __init__(self, config: dict[str, Any] | None = None) -> None:  # type: ignore[misc]
+    """Text turns on ``llm``; audio turns (speech-native) on ``speech_llm``, or on ``llm`` when
+    that model is itself an audio LLM (an audio LLM answers text turns too)."""
+
+    async def __init__(self, config: dict[str, Any] | None = None,  # type: ignore[misc]
+                       speech_config: dict[str, Any] | None = None) -> None:
         self.config = LLMConfig.model_validate(config or {})
         self.engine = await LLMEngine.create(self.config)  # vLLM starts in a thread (~15 s on CPU)
+        self.audio_engine: LLMEngine | None = self.engine if self.engine.supports_audio else None
+        if speech_config is not None:
+            self.audio_engine = await LLMEngine.create(LLMConfig.model_validate(speech_config))
+            if not self.audio_engine.supports_audio:
+                raise ValueError(f"speech_llm model {self.audio_engine.model} is not an audio LLM")
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int | None = None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:
-        # A cancelled caller cancels this generator, which aborts the vLLM request.
-        kwargs: dict[str, Any] = {"max_tokens": max_tokens}
-        if audio is not None:
-            kwargs["audio"] = audio
-        async for delta in self.engine.stream_chat(messages, **kwargs):
-            yield delta
+        # A cancelled caller cancels this generator; closing the stream aborts the vLLM request.
+        if audio is None:
+            stream = self.engine.stream_chat(messages, max_tokens=max_tokens)
+        elif self.audio_engine is None:
+            raise FailedPrecondition("this deployment has no audio LLM for speech-native turns")
+        else:
+            stream = self.audio_engine.stream_chat(messages, max_tokens=max_tokens, audio=audio)
+        async with stream:
+            async for delta in stream:
+                yield delta
+
+    def _engines(self) -> list[LLMEngine]:
+        return [self.engine] + ([self.audio_engine] if self.audio_engine not in (None, self.engine) else [])
 
     async def num_unfinished(self) -> int:
-        return self.engine.num_unfinished_requests()
+        return sum(e.num_unfinished_requests() for e in self._engines())
+
+    async def audio_stats(self) -> dict[str, Any]:
+        """What the audio LLM last received (tests assert the engine really got audio)."""
+        e = self.audio_engine
+        if e is None:
+            return {"audio_requests": 0}
+        return {"arch": e.audio_arch, "audio_requests": e.audio_requests,
+                "last_audio_samples": e.last_audio_samples, "last_prompt_tokens": e.last_prompt_tokens}
 
     async def info(self) -> dict[str, Any]:
         return {"model": self.config.model or "SmolLM2-135M-Instruct (embedded)",
-                "speech_native": bool(getattr(self.engine, "supports_audio", False))}
+                "speech_model": self.audio_engine.model if self.audio_engine else "",
+                "speech_native": self.audio_engine is not None}
 
     def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
+        engines = (getattr(self, "engine", None), getattr(self, "audio_engine", None))
+        for engine in {id(e): e for e in engines if e is not None}.values():
             engine.shutdown()
 
 

@@ -29,8 +29,9 @@ import uuid
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.errors import (
@@ -42,6 +43,9 @@ from services.errors import (
     Unavailable,
 )
 from services.models import default_llm_model, resolve
+
+if TYPE_CHECKING:
+    from services.speech_llm import AudioArch
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +112,10 @@ class LLMConfig(BaseModel):
     seed: int | None = Field(
         default=None, description="Sampling seed for reproducible answers; None = random."
     )
+    max_audio_s: float = Field(
+        default=30.0, gt=0, le=240,
+        description="Audio LLMs only: longest user utterance taken as audio (speech-native mode).",
+    )
 
 
 @dataclass
@@ -156,12 +164,12 @@ class ChatStream:
     while awaiting the next delta aborts it too.
     """
 
-    def __init__(self, engine: LLMEngine, request_id: str, prompt_ids: list[int],
+    def __init__(self, engine: LLMEngine, request_id: str, prompt: Any, prompt_tokens: int,
                  params: Any) -> None:
         self.request_id = request_id
-        self.prompt_tokens = len(prompt_ids)
+        self.prompt_tokens = prompt_tokens
         self._result = _Result()
-        self._gen = engine._generate(self._result, request_id, prompt_ids, params)
+        self._gen = engine._generate(self._result, request_id, prompt, prompt_tokens, params)
 
     @property
     def stats(self) -> GenerationStats | None:
@@ -216,11 +224,16 @@ def _engine_process_env(env: dict[str, str]) -> Iterator[None]:
 class LLMEngine:
     """Chat generation on vLLM. Build it with ``await LLMEngine.create(cfg)``."""
 
-    def __init__(self, llm: Any, cfg: LLMConfig, model: str, on_cpu: bool) -> None:
+    def __init__(self, llm: Any, cfg: LLMConfig, model: str, on_cpu: bool,
+                 audio_arch: AudioArch | None = None) -> None:
         self._llm = llm
         self.cfg = cfg
         self.model = model
         self.on_cpu = on_cpu
+        self.audio_arch = audio_arch
+        self.audio_requests = 0  # audio turns accepted (speech-native)
+        self.last_audio_samples = 0  # samples of the last audio turn handed to vLLM
+        self.last_prompt_tokens = 0  # its prompt length in vLLM, audio placeholders expanded
         self.tokenizer = llm.get_tokenizer()
         self.max_model_len: int = llm.model_config.max_model_len
         if not getattr(self.tokenizer, "chat_template", None):
@@ -249,6 +262,10 @@ class LLMEngine:
         model = resolve(cfg.model, default_llm_model)
         if model.startswith("/") and not os.path.isdir(model):
             raise NotFound(f"LLM model folder not found: {model}")
+        from services.speech_llm import detect_audio_arch, engine_kwargs, fix_checkpoint
+
+        model = fix_checkpoint(model)  # no-op for text LLMs and for checkpoints that need nothing
+        audio_arch = detect_audio_arch(model)
         try:
             from vllm.platforms import current_platform
         except ImportError as exc:
@@ -272,6 +289,9 @@ class LLMEngine:
             max_num_seqs=cfg.max_num_seqs,
             disable_log_stats=True,
         )
+        if audio_arch is not None:
+            extra = engine_kwargs(audio_arch, max_audio_s=cfg.max_audio_s, max_model_len=cfg.max_model_len)
+            kwargs.update(extra, trust_remote_code=cfg.trust_remote_code or extra["trust_remote_code"])
         if on_cpu:
             # Left unset, vLLM reserves most of the RAM for the KV cache.
             kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * _GIB)
@@ -285,13 +305,18 @@ class LLMEngine:
             raise FailedPrecondition(f"vLLM could not start model {model}: {exc}") from exc
         log.info("vLLM engine for %s started in %.1f s (cpu=%s)", model, time.monotonic() - t0,
                  on_cpu)
-        engine = cls(llm, cfg, model, on_cpu)
+        engine = cls(llm, cfg, model, on_cpu, audio_arch)
         # Something in vLLM's start keeps this frame alive; dropping the local lets shutdown()
         # free the AsyncLLM now instead of in a noisy __del__ at interpreter exit.
         del llm
         return engine
 
     # --- requests ------------------------------------------------------------------------------
+
+    @property
+    def supports_audio(self) -> bool:
+        """True for an audio LLM (speech-native turns); text turns work either way."""
+        return self.audio_arch is not None
 
     def num_unfinished_requests(self) -> int:
         """Requests vLLM still tracks (running or queued); 0 once every stream ended or aborted."""
@@ -307,6 +332,17 @@ class LLMEngine:
 
         A configured system prompt is put first when ``messages`` has none.
         """
+        self._check_roles(messages)
+        if messages[0]["role"] != "system" and self.cfg.system_prompt:
+            messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        # The template already writes the special tokens.
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    @staticmethod
+    def _check_roles(messages: list[dict[str, str]]) -> None:
         if not messages:
             raise InvalidArgument("messages is empty: send at least one user message")
         for i, m in enumerate(messages):
@@ -316,13 +352,6 @@ class LLMEngine:
                 raise InvalidArgument(
                     f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}"
                 )
-        if messages[0]["role"] != "system" and self.cfg.system_prompt:
-            messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        # The template already writes the special tokens.
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def count_tokens(self, text: str) -> int:
         """Token count of plain text (for ChatHistory budgets)."""
@@ -335,8 +364,14 @@ class LLMEngine:
         max_tokens: int | None = None,
         temperature: float | None = None,
         request_id: str | None = None,
+        audio: np.ndarray | None = None,
     ) -> ChatStream:
         """Start a chat completion; iterate the returned stream for text deltas.
+
+        ``audio`` (float32, 16 kHz, mono) is the user's current turn for an audio LLM
+        (speech-native mode): it goes to vLLM as multimodal input, with the architecture's
+        placeholder put in the last user message. Text-only models reject it
+        (FailedPrecondition).
 
         Validation happens here, before anything is queued: InvalidArgument for empty or
         malformed messages and bad sampling values, OutOfRange when the prompt leaves no room in
@@ -350,11 +385,18 @@ class LLMEngine:
             raise InvalidArgument(f"max_tokens must be at least 1, got {max_tokens}")
         if not 0 <= temperature <= 2:
             raise InvalidArgument(f"temperature must be within [0, 2], got {temperature}")
-        ids = self.prompt_ids(messages)
-        room = self.max_model_len - len(ids)
+        prompt: Any
+        if audio is None:
+            from vllm.inputs import TokensPrompt
+
+            ids = self.prompt_ids(messages)
+            prompt, n_prompt = TokensPrompt(prompt_token_ids=ids), len(ids)
+        else:
+            prompt, n_prompt = self._audio_prompt(messages, audio)
+        room = self.max_model_len - n_prompt
         if room < 1:
             raise OutOfRange(
-                f"the conversation is {len(ids)} tokens but the model's context holds "
+                f"the conversation is {n_prompt} tokens but the model's context holds "
                 f"{self.max_model_len} (prompt + answer); drop older turns and retry"
             )
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -367,22 +409,48 @@ class LLMEngine:
             seed=self.cfg.seed,
             output_kind=RequestOutputKind.DELTA,
         )
-        return ChatStream(self, request_id or uuid.uuid4().hex, ids, params)
+        return ChatStream(self, request_id or uuid.uuid4().hex, prompt, n_prompt, params)
 
-    async def _generate(self, result: _Result, request_id: str, prompt_ids: list[int],
+    def _audio_prompt(self, messages: list[dict[str, str]], audio: np.ndarray) -> tuple[Any, int]:
+        """vLLM prompt with the utterance as multimodal input, and its expanded token count."""
+        from services.speech_llm import AUDIO_RATE, audio_token_count, build_audio_prompt
+
+        if self.audio_arch is None:
+            raise FailedPrecondition(
+                f"model {self.model} takes no audio input; speech-native mode needs an audio LLM "
+                "(Ultravox or Qwen2-Audio architecture)")
+        x = np.asarray(audio, dtype=np.float32)
+        if x.ndim != 1 or x.size == 0:
+            raise InvalidArgument("audio must be a non-empty mono 16 kHz float array")
+        seconds = x.size / AUDIO_RATE
+        if seconds > self.cfg.max_audio_s:
+            raise OutOfRange(f"utterance of {seconds:.1f} s exceeds the {self.cfg.max_audio_s:g} s "
+                             "audio limit of the speech LLM")
+        self._check_roles(messages)
+        if messages[0]["role"] != "system" and self.cfg.system_prompt:
+            messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
+        text = build_audio_prompt(self.audio_arch, self.tokenizer, messages, audio_count=1)
+        n_text = len(self.tokenizer.encode(text, add_special_tokens=False))
+        self.audio_requests += 1
+        self.last_audio_samples = int(x.size)
+        prompt = {"prompt": text, "multi_modal_data": {"audio": (x, AUDIO_RATE)}}
+        return prompt, n_text + audio_token_count(self.audio_arch, seconds)
+
+    async def _generate(self, result: _Result, request_id: str, prompt: Any, prompt_tokens: int,
                         params: Any) -> AsyncGenerator[str, None]:
-        from vllm.inputs import TokensPrompt
-
-        stats = GenerationStats(request_id, len(prompt_ids))
+        stats = GenerationStats(request_id, prompt_tokens)
         t0 = time.monotonic()
         finished = False
-        gen = self._llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
-        )
+        gen = self._llm.generate(prompt, params, request_id)
         try:
             # aclosing: leaving this loop early must close vLLM's generator, which aborts.
             async with contextlib.aclosing(gen):
                 async for out in gen:
+                    if out.prompt_token_ids is not None and stats.tokens == 0:
+                        # What the engine really got: audio placeholders expanded to embeddings.
+                        stats.prompt_tokens = len(out.prompt_token_ids)
+                        if self.audio_arch is not None:
+                            self.last_prompt_tokens = stats.prompt_tokens
                     comp = out.outputs[0]
                     stats.tokens += len(comp.token_ids)
                     if out.finished:
