@@ -209,7 +209,7 @@ def prepare_llm(cache: Path, progress: bool = True) -> PrepareResult:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16
         )
         bar.update(1)
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        _save_dequantized(model, tmp)
         tok.save_pretrained(str(tmp))
         if not _has_chat_template(tmp):
             # Some transformers versions drop it on GGUF load; chat serving needs it.
@@ -223,6 +223,28 @@ def prepare_llm(cache: Path, progress: bool = True) -> PrepareResult:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return PrepareResult("llm", str(out), "prepared", time.monotonic() - t0)
+
+
+def _save_dequantized(model: Any, folder: Path) -> None:
+    """Write a GGUF-loaded model as a plain bf16 safetensors checkpoint.
+
+    transformers 5 refuses ``save_pretrained`` on a model loaded from GGUF ("quantized with
+    QuantizationMethod.GGUF and is not serializable"), although its weights are already
+    dequantized in memory: write the state dict ourselves and drop the quantization marker.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to the embeddings; vLLM rebuilds the tie
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(str(folder))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(folder))
 
 
 def _has_chat_template(folder: Path) -> bool:

@@ -127,3 +127,18 @@ def test_prepared_default_llm_has_chat_template() -> None:
     assert (folder / "model.safetensors").is_file()
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model_type"] == "llama"
+
+
+def test_prepare_llm_converts_gguf_on_an_empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real conversion, from nothing (transformers 5 cannot save_pretrained a GGUF model)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    (result,) = models.prepare(["llm"], progress=False)
+    assert result.action == "prepared"
+    folder = Path(result.path)
+    assert (folder / "model.safetensors").stat().st_size > 200_000_000
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert AutoConfig.from_pretrained(folder).model_type == "llama"
+    assert AutoTokenizer.from_pretrained(folder).chat_template
+    assert models.default_llm_model() == str(folder)
