@@ -390,9 +390,8 @@ class Conversation:
             lat.vad_end_delay_ms = 1000 * (turn.t_turn_end - turn.t_user_stop)
             if s.mode == SPEECH_NATIVE:
                 audio_in = turn.utterance
-                # ASR runs beside the LLM, off the latency path, only for transcripts/history.
-                asr_task: asyncio.Task[Any] | None = asyncio.create_task(
-                    self.stages.transcribe(turn.utterance, s.language))
+                # ASR runs beside the LLM, off the latency path: transcript for the client and history.
+                asr_task: asyncio.Task[None] | None = asyncio.create_task(self._native_transcript(turn))
             else:
                 asr_task = None
                 t = t_now()
@@ -436,7 +435,7 @@ class Conversation:
             await text_q.put(None)
             await speaker
             if asr_task is not None:
-                await self._finish_native_transcript(turn, asr_task)
+                await asr_task
                 asr_task = None
         finally:
             if not speaker.done():
@@ -453,13 +452,12 @@ class Conversation:
             response_id=turn.response_id, text=turn.generated.strip(),
             audio_ms=int(turn.audio_ms), latency=lat))
 
-    async def _finish_native_transcript(self, turn: _Turn, asr_task: asyncio.Task[Any]) -> None:
-        result = await asr_task
+    async def _native_transcript(self, turn: _Turn) -> None:
+        assert turn.utterance is not None
+        result = await self.stages.transcribe(turn.utterance, self.settings.language)
         turn.user_text = result.text.strip()
-        await self.emit(ev.FinalTranscript(
-            text=turn.user_text, language=result.language or "",
-            utterance_ms=int(1000 * (turn.utterance.size if turn.utterance is not None else 0)
-                             / MODEL_RATE)))
+        await self.emit(ev.FinalTranscript(text=turn.user_text, language=result.language or "",
+                                           utterance_ms=int(1000 * turn.utterance.size / MODEL_RATE)))
 
     async def _speak(self, turn: _Turn, text_q: asyncio.Queue[str | None]) -> None:
         """TTS consumer: speaks chunks in order while the LLM is still generating."""

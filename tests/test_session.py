@@ -201,3 +201,30 @@ async def test_barge_in_disabled_lets_answer_finish(barge_in: bool) -> None:
     await reader
     assert not [e for e in out if isinstance(e, ev.ResponseInterrupted)]
     assert next(e for e in out if isinstance(e, ev.ResponseDone)).text == "a b c d e f"
+
+
+async def test_speech_native_gives_audio_to_llm_and_transcribes_beside_it() -> None:
+    stages = FakeStages(answer="a b c", word_s=0.05)
+    seen: list[np.ndarray | None] = []
+    generate = stages.generate
+
+    def spy(messages: list[dict[str, str]], *, max_tokens: int | None, audio: np.ndarray | None = None):  # type: ignore[no-untyped-def]
+        seen.append(audio)
+        return generate(messages, max_tokens=max_tokens, audio=audio)
+
+    stages.generate = spy  # type: ignore[method-assign]
+    conv = make(stages, mode="speech_native")
+    out: list[ev.Event] = []
+    reader = asyncio.create_task(collect(conv, out))
+    await conv.start()
+    await feed(conv, np.concatenate([speech(1.0), silence(0.6)]))
+    await conv.end_input()
+    await reader
+    assert len(seen) == 1 and seen[0] is not None and seen[0].size > 0.9 * RATE
+    assert stages.llm_calls[0][-1] == {"role": "user", "content": ""}  # the audio is the turn
+    kinds = [type(e).__name__ for e in out]
+    assert kinds.index("FinalTranscript") < kinds.index("ResponseDone")
+    done = next(e for e in out if isinstance(e, ev.ResponseDone))
+    assert done.latency.asr_ms == 0  # ASR is off the latency path
+    users = [m["content"] for m in conv.history.messages() if m["role"] == "user"]
+    assert len(users) == 1 and users[0].startswith("utterance of")
