@@ -171,7 +171,9 @@ def cpu_profile() -> Profile:
 
 
 #: Hub ids of the GPU profile's models; they are downloaded inside the cluster (not embedded).
-GPU_LLM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+# Ultravox v0.5 is Llama 3.1 8B Instruct with a Whisper encoder in front: one engine answers both
+# cascade (text) turns and speech-native (audio) turns.
+GPU_LLM_MODEL = "fixie-ai/ultravox-v0_5-llama-3_1-8b"
 GPU_ASR_MODEL = "deepdml/faster-whisper-large-v3-turbo-ct2"
 #: Share of each GPU the vLLM replica reserves; vLLM's gpu_memory_utilization matches it.
 GPU_LLM_SHARE = 0.6
@@ -183,13 +185,14 @@ def gpu_profile() -> Profile:
     args = AppArgs.model_validate({
         "asr": {"model": GPU_ASR_MODEL, "device": "cuda", "compute_type": "float16",
                 "allow_download": True},
-        "llm": {"model": GPU_LLM_MODEL, "max_model_len": 8192,
+        "llm": {"model": GPU_LLM_MODEL, "max_model_len": 8192, "trust_remote_code": True,
                 "gpu_memory_utilization": GPU_LLM_SHARE, "enforce_eager": False},
         "tts": {"use_cuda": True},
     })
     return Profile(
         name="gpu",
-        description=("one GPU per worker pod: vLLM (Llama 3.1 8B Instruct) at 0.6 of the GPU, "
+        description=("one GPU per worker pod: vLLM (Ultravox v0.5 on Llama 3.1 8B: text and speech-native "
+                     "turns) at 0.6 of the GPU, "
                      "whisper large-v3-turbo at 0.2 and Piper at 0.1"),
         args=args,
         deployments={
