@@ -127,10 +127,19 @@ async def _talk(args: argparse.Namespace) -> int:
     from services.audio import write_wav
 
     rate = args.rate
-    turns = _load_turns(args, rate)
     config = pb.SessionConfig(input_encoding=pb.PCM16, input_sample_rate=rate, language=args.language,
                               system_prompt=args.system_prompt, partial_transcripts=args.partials,
                               response_mode=pb.SPEECH_NATIVE if args.speech_native else pb.CASCADE)
+    if args.mic:
+        from clients.mic import talk_live
+
+        client = VoiceClient(args.address)
+        try:
+            await talk_live(client.stub, config, _print_event)
+        finally:
+            await client.close()
+        return 0
+    turns = _load_turns(args, rate)
     client = VoiceClient(args.address)
     try:
         result = await client.converse(turns, config, realtime=not args.fast,
@@ -177,7 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: app ready in {time.monotonic() - t0:.0f} s at {server.grpc_address}", flush=True)
     try:
         talk = argparse.Namespace(address=server.grpc_address, wav=[str(question_wav)], text=None, rate=16000,
-                                  language="en", system_prompt="", partials=True, speech_native=False,
+                                  mic=False, language="en", system_prompt="", partials=True, speech_native=False,
                                   fast=False, quiet=False, out=str(out / "answer.wav"),
                                   json=str(out / "demo.json"))
         return cmd_talk(talk)
@@ -215,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", default="127.0.0.1:9000", help="server gRPC address (default: 127.0.0.1:9000)")
     t.add_argument("--wav", action="append", help="a spoken turn (WAV/FLAC, any rate); repeat for more turns")
     t.add_argument("--text", action="append", help="a typed turn; repeat for more")
+    t.add_argument("--mic", action="store_true",
+                   help="talk live through the microphone until Ctrl-C (needs `pip install sounddevice`)")
     t.add_argument("--rate", type=int, default=16000, help="sample rate to stream at (default: 16000)")
     t.add_argument("--language", default="", help="ISO 639-1 language hint (default: detect)")
     t.add_argument("--system-prompt", default="", help="system prompt (default: the server's)")
