@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -41,8 +42,9 @@ PERCENTILES = (50, 95, 99)
 CLIENT_METRICS = ("voice_to_voice_ms", "first_transcript_ms", "first_text_ms", "underrun_ms")
 #: Server-measured latency parts (ResponseDone.latency) summarized beside them.
 SERVER_METRICS = ("vad_end_delay_ms", "asr_ms", "llm_first_token_ms", "tts_first_audio_ms")
-#: A turn whose barge-in came too late (the answer had finished): a note, not an error.
-MISSED_BARGE_IN = "answer finished before the barge-in point"
+#: Server errors reach TurnResult.error as "CODE: message"; anything else there is a client note
+#: (e.g. a barge-in that came after the previous answer had finished), not an error.
+_SERVER_ERROR = re.compile(r"^([A-Z_]+): (.*)$", re.S)
 
 
 class LoadTestConfig(BaseModel):
@@ -220,6 +222,14 @@ def check_address(address: str, allow_remote: bool = False) -> str:
     return address
 
 
+def classify_error(text: str) -> tuple[str, str, str]:
+    """(status code, message, note) of a TurnResult.error: "CODE: message" is a server error,
+    any other text a client-side note (not an error)."""
+    if (m := _SERVER_ERROR.match(text)) is not None:
+        return m.group(1), m.group(2), ""
+    return "", "", text
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The ``q``-th percentile (0-100) with linear interpolation; None for no values."""
     xs = sorted(v for v in values if v is not None and not math.isnan(v))
@@ -274,7 +284,8 @@ def summary_dict(report: LoadTestReport) -> dict[str, Any]:
         "turns": len(turns), "answered": sum(t.answered for t in turns),
         "unanswered": report.unanswered(), "interrupted": sum(t.interrupted for t in turns),
         "barge_ins": sum(t.barge_in for t in turns), "underrun_turns": sum(t.underruns > 0 for t in turns),
-        "errors": report.errors(), "peak_active_calls": peak, "max_replicas": replicas_max,
+        "errors": report.errors(), "notes": dict(Counter(t.note for t in turns if t.note)),
+        "peak_active_calls": peak, "max_replicas": replicas_max,
         "duration_s": report.duration_s, "ok": report.ok, "metrics": metrics,
     }
 
@@ -303,7 +314,10 @@ def summarize(report: LoadTestReport, markdown: bool = False) -> str:
               f"{s['interrupted']}, turns with underruns {s['underrun_turns']}, peak active calls "
               f"{s['peak_active_calls']}, duration {s['duration_s']:.0f} s")
     sep = "\n\n" if markdown else "\n"
-    return sep.join(["\n".join(lines), counts, f"errors: {errors}", f"max replicas: {replicas}"])
+    parts = ["\n".join(lines), counts, f"errors: {errors}"]
+    if s["notes"]:
+        parts.append("notes: " + ", ".join(f"{k} ({v})" for k, v in s["notes"].items()))
+    return sep.join([*parts, f"max replicas: {replicas}"])
 
 
 # --- plot -----------------------------------------------------------------------------------------
@@ -418,27 +432,57 @@ class ReplicaPoller:
         return {name: int(d.replica_states.get(ReplicaState.RUNNING, 0)) for name, d in app.deployments.items()}
 
 
-def attach_replica_poller(mode: str, app_name: str) -> tuple[ReplicaPoller | None, str]:
-    """A poller if Serve's status can be read from this process, else None and the reason."""
+def _serve_grpc_port() -> int | None:
+    """gRPC port of the Serve instance this process is connected to (None if unknown)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client()
+        if client is None:
+            return None
+        details = client.get_serve_details()
+        return int((details.get("grpc_options") or {}).get("port") or 0) or None
+    except Exception:  # private API: an unknown port only skips the cross-check
+        return None
+
+
+def attach_replica_poller(mode: str, app_name: str, address: str | None = None) -> tuple[ReplicaPoller | None, str]:
+    """A poller if Serve's status can be read from this process, else None and the reason.
+
+    With ``address``, the cluster found must serve gRPC on that address's port: on a shared
+    machine ``ray.init(address="auto")`` may find another user's (more recent) cluster.
+    """
     if mode == "off":
         return None, "replica polling is off"
     try:
         import ray
     except ImportError:
         return None, "ray is not installed in this process"
+    attached_here = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        address = "auto" if mode == "auto" else mode
         try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+            ray.init(address="auto" if mode == "auto" else mode, log_to_driver=False, logging_level=logging.ERROR)
+            attached_here = True
         except Exception as exc:  # ConnectionError and friends: no cluster to attach to
             return None, f"no Ray cluster to read replicas from ({type(exc).__name__}: {exc})"[:300]
+
+    def give_up(note: str) -> tuple[None, str]:
+        if attached_here:
+            ray.shutdown()
+        return None, note
+
     poller = ReplicaPoller(app_name)
     try:
         if poller.poll() is None:
-            return None, f"Serve has no application named {app_name!r} in this Ray cluster"
+            return give_up(f"Serve has no application named {app_name!r} in the Ray cluster found")
     except Exception as exc:
-        return None, f"cannot read serve.status(): {type(exc).__name__}: {exc}"[:300]
+        return give_up(f"cannot read serve.status(): {type(exc).__name__}: {exc}"[:300])
+    port = _serve_grpc_port()
+    wanted = int(address.rpartition(":")[2]) if address else None
+    if port is not None and wanted is not None and port != wanted:
+        return give_up(f"the Ray cluster found serves gRPC on port {port}, not {wanted}: "
+                       f"give --ray-address of the cluster behind {address}")
     return poller, f"polled from serve.status() every sample ({app_name})"
 
 
@@ -509,11 +553,7 @@ async def _one_call(cfg: LoadTestConfig, caller: int, call: int, questions: list
     if result.status != "OK":
         live.errors += 1
     for i, (tr, (q, barge)) in enumerate(zip(result.turns, plan, strict=False)):
-        code, err, note = "", "", ""
-        if tr.error == MISSED_BARGE_IN:
-            note = tr.error
-        elif tr.error:
-            code, _, err = tr.error.partition(": ")
+        code, err, note = classify_error(tr.error)
         answered = tr.voice_to_voice_ms is not None
         if not answered and not code:
             code, err = "NO_ANSWER", f"no answer audio within {cfg.turn_timeout_s:.0f} s"
@@ -568,7 +608,7 @@ async def run_loadtest(cfg: LoadTestConfig, *, questions: list[Any] | None = Non
         questions = await asyncio.to_thread(load_questions, tuple(cfg.questions or QUESTIONS))
     if not questions:
         raise InvalidArgument("no questions to ask")
-    poller, note = await asyncio.to_thread(attach_replica_poller, cfg.replicas, cfg.app_name)
+    poller, note = await asyncio.to_thread(attach_replica_poller, cfg.replicas, cfg.app_name, cfg.address)
     report = LoadTestReport(config=cfg.model_dump(mode="json"), replica_note=note,
                             started_at=datetime.now(UTC).isoformat(timespec="seconds"))
     live = _Live()
@@ -696,6 +736,10 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     report = asyncio.run(run_loadtest(cfg))
     print(summarize(report))
     if cfg.out_dir:
-        paths = write_outputs(report, cfg.out_dir, plot_png=not args.no_plot)
+        try:
+            paths = write_outputs(report, cfg.out_dir, plot_png=not args.no_plot)
+        except VoxError as exc:  # no matplotlib: keep the measurements anyway
+            print(f"voxserve loadtest: no plot: {exc}", file=sys.stderr)
+            paths = write_outputs(report, cfg.out_dir, plot_png=False)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if report.ok else 1

@@ -71,7 +71,7 @@ async def talk_live(stub: Any, config: pb.SessionConfig, on_event: Callable[[pb.
             yield pb.ClientMessage(audio=pb.AudioInput(data=float_to_pcm16(samples)))
             if played["response"]:
                 yield pb.ClientMessage(playback=pb.PlaybackPosition(
-                    response_id=played["response"], played_ms=int(played["ms"])))
+                    response_id=int(played["response"]), played_ms=int(played["ms"])))
 
     blocksize = rate * CHUNK_MS // 1000
     with sd.InputStream(samplerate=rate, channels=1, dtype="float32", blocksize=blocksize, callback=captured):

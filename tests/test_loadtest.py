@@ -23,6 +23,7 @@ from clients.loadtest import (
     add_parser,
     caller_window,
     check_address,
+    classify_error,
     cmd_loadtest,
     config_from_args,
     percentile,
@@ -70,6 +71,13 @@ def test_remote_addresses_are_refused_unless_allowed(address: str) -> None:
 def test_malformed_addresses_are_refused(address: str) -> None:
     with pytest.raises(InvalidArgument, match="host:port"):
         check_address(address, allow_remote=True)
+
+
+def test_server_errors_and_client_notes_are_told_apart() -> None:
+    assert classify_error("UNAVAILABLE: the LLM is not ready") == ("UNAVAILABLE", "the LLM is not ready", "")
+    assert classify_error("the previous answer ended before the barge-in point") == (
+        "", "", "the previous answer ended before the barge-in point")
+    assert classify_error("") == ("", "", "")
 
 
 def test_ramp_schedule_goes_one_to_n_and_back() -> None:
