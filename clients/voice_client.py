@@ -175,13 +175,19 @@ class VoiceClient:
 
                     def reached(point: float = turn.barge_in_after_ms, prev: asyncio.Event = prev,
                                 before: TurnResult = results[index - 1]) -> bool:
+                        # By playback, not by the server's ResponseDone: answers arrive faster
+                        # than they play, and the user interrupts what they hear.
+                        now = time.monotonic()
                         playing = before.response_id != 0 and state["playing"] == before.response_id
-                        return prev.is_set() or (playing and player.played_ms(time.monotonic()) >= point)
+                        if playing and player.played_ms(now) >= point:
+                            return True
+                        return prev.is_set() and (not playing or now >= player.done_at())
 
                     async for msg in send_silence_until(reached, turn_timeout_s):
                         yield msg
-                    if prev.is_set():
-                        result.error = "the previous answer ended before the barge-in point"
+                    if prev.is_set() and not results[index - 1].interrupted and state["playing"] and \
+                            time.monotonic() >= player.done_at():
+                        result.error = "the previous answer finished playing before the barge-in point"
                 results.append(result)
                 finished[index] = asyncio.Event()
                 state["speaking"] = index

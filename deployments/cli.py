@@ -62,8 +62,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"voxserve: starting the {args.profile} profile (first start loads models: ~30-60 s) ...", flush=True)
     t0 = time.monotonic()
     server = start_local(config, grpc_port=args.grpc_port, num_cpus=args.num_cpus)
+    import ray
+
     print(f"voxserve: ready in {time.monotonic() - t0:.0f} s; gRPC at {server.grpc_address} "
-          f"(service voxserve.v1.VoiceAssistant). Ctrl-C or SIGTERM stops it.", flush=True)
+          f"(service voxserve.v1.VoiceAssistant); Ray at {ray.get_runtime_context().gcs_address} "
+          "(for `voxserve loadtest --ray-address`). Ctrl-C or SIGTERM stops it.", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -242,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out", help="folder for question.wav, answer.wav, demo.json (default: out)")
     d.add_argument("--grpc-port", type=int, default=0, help="gRPC port (default: a free one)")
     d.set_defaults(func=cmd_demo)
+
+    from clients.loadtest import add_parser as add_loadtest_parser
+
+    add_loadtest_parser(sub)
 
     g = sub.add_parser("proto", help="regenerate the gRPC Python code from protos/voxserve/v1/voice.proto")
     g.set_defaults(func=cmd_proto)

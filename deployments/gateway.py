@@ -22,6 +22,7 @@ from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AppArgs
+from deployments.metrics import GatewayMetrics
 from deployments.protocol import (
     check_encoding,
     check_language,
@@ -71,6 +72,7 @@ class Gateway:
         self._tts, self._llm, self._asr = tts, llm, asr
         self._info: dict[str, Any] | None = None
         self.active = 0
+        self.metrics = GatewayMetrics()
         self.conversations: set[Conversation] = set()
         # Histories of recently ended sessions, for operators and tests (bounded).
         self._recent: OrderedDict[str, list[dict[str, str]]] = OrderedDict()
@@ -119,6 +121,8 @@ class Gateway:
                        grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.ServerEvent]:
         self._admit(grpc_context)
         self.active += 1
+        self.metrics.session_started()
+        status = "OK"
         conv: Conversation | None = None
         reader: asyncio.Task[None] | None = None
         try:
@@ -135,11 +139,20 @@ class Gateway:
             await conv.start()
             reader = asyncio.create_task(self._read(request_stream, conv, settings))
             async for event in conv.events():
+                self.metrics.observe(event)
                 yield event_to_proto(event)
             await reader  # re-raises the reader's error, if any, as this stream's status
         except VoxError as exc:
+            status = exc.code
             _abort(grpc_context, exc)
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
         finally:
+            self.metrics.session_ended(status)
             if reader is not None and not reader.done():
                 reader.cancel()
                 with contextlib.suppress(BaseException):

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from deployments.metrics import StageMetrics
 from services.asr import ASRConfig, WhisperASR
 from services.audio import StreamResampler, float_to_pcm16
 from services.errors import FailedPrecondition
@@ -37,9 +38,11 @@ class ASRDeployment:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = ASRConfig.model_validate(config or {})
         self.asr = WhisperASR.load(self.config)
+        self.metrics = StageMetrics("asr")
 
     async def transcribe(self, audio16k: np.ndarray, language: str | None = None) -> dict[str, Any]:
-        result = await self.asr.transcribe(audio16k, language)
+        with self.metrics.time("transcribe"):
+            result = await self.asr.transcribe(audio16k, language)
         return {"text": result.text, "language": result.language,
                 "duration_s": result.duration_s, "decode_s": result.decode_s}
 
@@ -60,6 +63,7 @@ class LLMDeployment:
     async def __init__(self, config: dict[str, Any] | None = None,  # type: ignore[misc]
                        speech_config: dict[str, Any] | None = None) -> None:
         self.config = LLMConfig.model_validate(config or {})
+        self.metrics = StageMetrics("llm")
         self.engine = await LLMEngine.create(self.config)  # vLLM starts in a thread (~15 s on CPU)
         self.audio_engine: LLMEngine | None = self.engine if self.engine.supports_audio else None
         if speech_config is not None:
@@ -76,9 +80,10 @@ class LLMDeployment:
             raise FailedPrecondition("this deployment has no audio LLM for speech-native turns")
         else:
             stream = self.audio_engine.stream_chat(messages, max_tokens=max_tokens, audio=audio)
-        async with stream:
-            async for delta in stream:
-                yield delta
+        with self.metrics.time("generate"):
+            async with stream:
+                async for delta in stream:
+                    yield delta
 
     def _engines(self) -> list[LLMEngine]:
         return [self.engine] + ([self.audio_engine] if self.audio_engine not in (None, self.engine) else [])
@@ -109,15 +114,17 @@ class LLMDeployment:
 class TTSDeployment:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.tts = PiperTTS.load(TTSConfig.model_validate(config or {}))
+        self.metrics = StageMetrics("tts")
 
     async def synthesize(self, text: str, sample_rate: int = 0) -> AsyncIterator[bytes]:
         """PCM16 for ``text`` at ``sample_rate`` (0 = the voice's own), one piece per sentence."""
         rate = sample_rate or self.tts.sample_rate
         resampler = StreamResampler(self.tts.sample_rate, rate)
         # aclosing: a cancelled stream stops the synthesis thread now, not at garbage collection
-        async with contextlib.aclosing(self.tts.synthesize(text)) as audio_stream:
-            async for audio in audio_stream:
-                yield float_to_pcm16(resampler.push(audio))
+        with self.metrics.time("synthesize"):
+            async with contextlib.aclosing(self.tts.synthesize(text)) as audio_stream:
+                async for audio in audio_stream:
+                    yield float_to_pcm16(resampler.push(audio))
         if (tail := resampler.flush()).size:
             yield float_to_pcm16(tail)
 

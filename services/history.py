@@ -92,6 +92,11 @@ class ChatHistory:
             return
         self._turns.append(turn)
 
+    def truncate_last_assistant(self, heard: str) -> None:
+        """The user cut off the last answer while it was still playing: keep only ``heard``."""
+        if self._turns and self._turns[-1].role == "assistant":
+            self._turns[-1] = Turn("assistant", heard.strip(), interrupted=True)
+
     def clear(self) -> None:
         """Forget every turn (the system prompt stays)."""
         self._turns.clear()

@@ -144,7 +144,9 @@ class _Turn:
     segments: list[tuple[str, float, float]] = field(default_factory=list)  # text, start, end ms
     first_audio_wall: float | None = None
     played_ms: float | None = None  # from the client's PlaybackPosition
-    started: bool = False  # ResponseStarted sent (user text committed for the turn)
+    started: bool = False  # ResponseStarted sent
+    answered: bool = False  # ResponseDone sent: the whole answer is in the history
+    interrupted: bool = False
     latency: ev.TurnLatency = field(default_factory=ev.TurnLatency)
 
 
@@ -282,7 +284,7 @@ class Conversation:
 
     async def _on_vad(self, event: object) -> None:
         if isinstance(event, SpeechStart):
-            if self.settings.barge_in or self._response is None or self._response.done():
+            if self.settings.barge_in:
                 await self._interrupt()
             self.state = State.USER_SPEAKING
             self._speech_buf = []
@@ -309,8 +311,12 @@ class Conversation:
     async def _interrupt(self) -> None:
         """Barge-in: stop the current answer now and record only what was heard."""
         task, turn = self._response, self._turn
-        if task is None or task.done() or turn is None:
+        if turn is None or turn.interrupted:
             return
+        if task is None or task.done():
+            await self._interrupt_playback(turn)
+            return
+        turn.interrupted = True
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
@@ -328,6 +334,20 @@ class Conversation:
                 self.history.add_assistant(heard, interrupted=True)
         elif turn.utterance is not None:  # no audio reached the user: not answered at all
             self._carry = turn.utterance
+        await self.emit(ev.ResponseInterrupted(
+            response_id=turn.response_id, heard_text=heard, heard_ms=int(played),
+            generated_text=turn.generated,
+        ))
+
+    async def _interrupt_playback(self, turn: _Turn) -> None:
+        """Barge-in after the whole answer was sent but while the client still plays it."""
+        played = self._played_ms(turn)
+        if not turn.answered or played >= turn.audio_ms - 1:
+            return  # nothing left unheard
+        turn.interrupted = True
+        self.barge_ins += 1
+        heard = heard_text(turn.segments, played)
+        self.history.truncate_last_assistant(heard)
         await self.emit(ev.ResponseInterrupted(
             response_id=turn.response_id, heard_text=heard, heard_ms=int(played),
             generated_text=turn.generated,
@@ -447,6 +467,7 @@ class Conversation:
         if turn.user_text:
             self.history.add_user(turn.user_text)
             self.history.add_assistant(turn.generated.strip())
+        turn.answered = True
         lat.total_ms = 1000 * (t_now() - turn.t_turn_end)
         await self.emit(ev.ResponseDone(
             response_id=turn.response_id, text=turn.generated.strip(),

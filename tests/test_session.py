@@ -228,3 +228,23 @@ async def test_speech_native_gives_audio_to_llm_and_transcribes_beside_it() -> N
     assert done.latency.asr_ms == 0  # ASR is off the latency path
     users = [m["content"] for m in conv.history.messages() if m["role"] == "user"]
     assert len(users) == 1 and users[0].startswith("utterance of")
+
+
+async def test_barge_in_while_a_fully_sent_answer_still_plays_truncates_history() -> None:
+    stages = FakeStages(answer="one two three four five six seven eight nine ten")  # 2 s of audio, sent at once
+    conv = make(stages)
+    out: list[ev.Event] = []
+    reader = asyncio.create_task(collect(conv, out))
+    await conv.start()
+    await feed(conv, np.concatenate([speech(1.0), silence(0.5)]), realtime=True)
+    while not any(isinstance(e, ev.ResponseDone) for e in out):
+        await asyncio.sleep(0.01)
+    conv.playback(1, 500)  # the client has played only 500 ms of the 2 s answer
+    await feed(conv, speech(0.6), realtime=True)
+    interrupted = [e for e in out if isinstance(e, ev.ResponseInterrupted)]
+    assert len(interrupted) == 1 and interrupted[0].heard_ms == 500
+    assistant = [m["content"] for m in conv.history.messages() if m["role"] == "assistant"]
+    assert assistant == [interrupted[0].heard_text + INTERRUPTED_MARK]
+    assert len(interrupted[0].heard_text.split()) < 10
+    await conv.aclose()
+    await reader
