@@ -64,8 +64,8 @@ def _abort(context: RayServegRPCContext | None, exc: VoxError) -> NoReturn:
 class Gateway:
     """``voxserve.v1.VoiceAssistant``: Converse, Transcribe, Synthesize."""
 
-    def __init__(self, vad: DeploymentHandle, asr: DeploymentHandle, llm: DeploymentHandle,
-                 tts: DeploymentHandle, args: dict[str, Any] | None = None) -> None:
+    async def __init__(self, vad: DeploymentHandle, asr: DeploymentHandle,  # type: ignore[misc]
+                       llm: DeploymentHandle, tts: DeploymentHandle, args: dict[str, Any] | None = None) -> None:
         self.args = AppArgs.model_validate(args or {})
         local_vad = SileroModel.load(self.args.vad) if self.args.gateway.vad_in_gateway else None
         self.stages = RemoteStages(vad, asr, llm, tts, local_vad)
@@ -76,6 +76,20 @@ class Gateway:
         self.conversations: set[Conversation] = set()
         # Histories of recently ended sessions, for operators and tests (bounded).
         self._recent: OrderedDict[str, list[dict[str, str]]] = OrderedDict()
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        """One call down every path before taking traffic: a handle's first streaming call sets up
+        routing (~0.6 s measured), which would otherwise land on the first caller's first answer."""
+        try:
+            info = await self._stage_info()
+            async for _ in self.stages.synthesize("Hi.", voice="", sample_rate=info["voice_rate"]):
+                pass
+            async for _ in self.stages.generate([{"role": "user", "content": "Hi."}], max_tokens=1):
+                pass
+            await self.stages.transcribe(np.zeros(MODEL_RATE // 2, np.float32), "en")
+        except Exception:  # a stage that is not up yet is not a reason to fail the gateway
+            log.warning("gateway warm-up failed; the first session may be slower", exc_info=True)
 
     async def _stage_info(self) -> dict[str, Any]:
         if self._info is None:

@@ -33,12 +33,18 @@ class VADDeployment:
         return self.model.probs(audio16k, state)  # ~0.1 ms per window: cheaper inline than a thread
 
 
+# Each stage runs one small request before it takes traffic: first runs allocate buffers and
+# pick kernels (seconds on CPU), and the first caller should not pay for that.
+WARMUP_TEXT = "Hello there."
+
+
 @serve.deployment(name="ASR", max_ongoing_requests=8, ray_actor_options={"num_cpus": 1})
 class ASRDeployment:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = ASRConfig.model_validate(config or {})
         self.asr = WhisperASR.load(self.config)
         self.metrics = StageMetrics("asr")
+        self.asr.transcribe_sync(np.zeros(16000, np.float32), "en")  # warm-up
 
     async def transcribe(self, audio16k: np.ndarray, language: str | None = None) -> dict[str, Any]:
         with self.metrics.time("transcribe"):
@@ -70,6 +76,8 @@ class LLMDeployment:
             self.audio_engine = await LLMEngine.create(LLMConfig.model_validate(speech_config))
             if not self.audio_engine.supports_audio:
                 raise ValueError(f"speech_llm model {self.audio_engine.model} is not an audio LLM")
+        async with self.engine.stream_chat([{"role": "user", "content": WARMUP_TEXT}], max_tokens=2) as warm:
+            _ = [d async for d in warm]
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int | None = None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:
@@ -115,6 +123,8 @@ class TTSDeployment:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.tts = PiperTTS.load(TTSConfig.model_validate(config or {}))
         self.metrics = StageMetrics("tts")
+        for _ in self.tts.synthesize_blocking(WARMUP_TEXT):  # warm-up
+            pass
 
     async def synthesize(self, text: str, sample_rate: int = 0) -> AsyncIterator[bytes]:
         """PCM16 for ``text`` at ``sample_rate`` (0 = the voice's own), one piece per sentence."""
