@@ -49,12 +49,17 @@ def normalize(text: str) -> list[str]:
     return [_NUM.get(w, w) for w in words]
 
 
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate after lowercasing, dropping punctuation and spelling out small numbers."""
-    ref, hyp = normalize(reference), normalize(hypothesis)
+def word_errors(ref: list[str], hyp: list[str]) -> int:
+    """Levenshtein distance over words (substitutions + insertions + deletions)."""
     d = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         prev, d[0] = d[0], i
         for j, h in enumerate(hyp, 1):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[len(hyp)] / max(1, len(ref))
+    return d[len(hyp)]
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate after lowercasing, dropping punctuation and spelling out small numbers."""
+    ref = normalize(reference)
+    return word_errors(ref, normalize(hypothesis)) / max(1, len(ref))

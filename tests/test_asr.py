@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,6 +12,7 @@ from services.asr import ASRConfig, PartialTranscriber, Transcript, WhisperASR
 from services.audio import MODEL_RATE, resample
 from services.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from services.models import default_tts_voice
+from tests.conftest import normalize, word_errors
 
 SR = MODEL_RATE
 SENTENCES = (
@@ -20,20 +20,6 @@ SENTENCES = (
     "Please turn off the lights in the kitchen before you go to bed.",
     "Could you tell me what the weather will be like tomorrow afternoon?",
 )
-
-
-def normalize(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
-
-
-def word_errors(ref: list[str], hyp: list[str]) -> int:
-    """Levenshtein distance over words (substitutions + insertions + deletions)."""
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1]
 
 
 def test_word_errors() -> None:

@@ -25,6 +25,7 @@ from services.errors import (
 )
 from services.models import default_asr_model
 from services.tts import THREAD_PREFIX, PiperTTS, SynthesizedAudio, TTSConfig
+from tests.conftest import wer
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the old stone bridge."
 ANSWER = (
@@ -47,17 +48,6 @@ def whisper() -> Any:
     return WhisperModel(default_asr_model(), device="cpu", compute_type="int8", cpu_threads=2)
 
 
-def normalize(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
-
-
-def wer(ref: list[str], hyp: list[str]) -> float:
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[len(hyp)] / max(len(ref), 1)
 
 
 def transcribe(model: Any, audio: np.ndarray, rate: int) -> str:
@@ -129,7 +119,7 @@ async def test_round_trip_is_intelligible(tts: PiperTTS, whisper: Any) -> None:
     assert 1.5 < audio.size / tts.sample_rate < 8
     assert np.abs(audio).max() <= 1.0
     heard = transcribe(whisper, audio, tts.sample_rate)
-    assert wer(normalize(SENTENCE), normalize(heard)) <= 0.15, heard
+    assert wer(SENTENCE, heard) <= 0.15, heard
 
 
 async def test_one_chunk_per_sentence(tts: PiperTTS) -> None:
@@ -248,7 +238,7 @@ async def test_stream_speaks_token_deltas_chunk_by_chunk(tts: PiperTTS, whisper:
     assert [p.chunk_index for p in pieces if p.is_last_in_chunk] == list(range(len(spoken)))
     assert all(p.sample_rate == tts.sample_rate and p.pcm.size > 0 for p in pieces)
     heard = transcribe(whisper, np.concatenate([p.pcm for p in pieces]), tts.sample_rate)
-    assert wer(normalize(ANSWER), normalize(heard)) <= 0.2, heard
+    assert wer(ANSWER, heard) <= 0.2, heard
 
 
 async def test_stream_synthesizes_ahead_of_the_consumer(tts: PiperTTS) -> None:
