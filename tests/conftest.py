@@ -63,3 +63,10 @@ def wer(reference: str, hypothesis: str) -> float:
     """Word error rate after lowercasing, dropping punctuation and spelling out small numbers."""
     ref = normalize(reference)
     return word_errors(ref, normalize(hypothesis)) / max(1, len(ref))
+
+
+def cer(reference: str, hypothesis: str) -> float:
+    """Character error rate over the normalized words with spaces removed: robust to a split or
+    merged word ("France is" heard as "Francis"), which costs two words but one letter."""
+    ref = list("".join(normalize(reference)))
+    return word_errors(ref, list("".join(normalize(hypothesis)))) / max(1, len(ref))
