@@ -50,15 +50,29 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _serve_config(args: argparse.Namespace) -> dict[str, Any]:
-    from deployments.profiles import load_serve_config
+    """A profile name (cpu, gpu) or a Serve config YAML file, strictly checked either way."""
+    import yaml
 
-    return load_serve_config(args.profile)
+    from deployments.profiles import check_serve_config, load_serve_config
+
+    if not Path(args.profile).is_file():
+        return load_serve_config(args.profile)
+    config: dict[str, Any] = yaml.safe_load(Path(args.profile).read_text())
+    problems = check_serve_config(config)
+    if problems:
+        raise SystemExit(f"voxserve serve: {args.profile} is not a valid voxserve Serve config:\n  "
+                         + "\n  ".join(problems))
+    return config
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from deployments.server import start_local
+    from services.errors import VoxError
 
-    config = _serve_config(args)
+    try:
+        config = _serve_config(args)
+    except VoxError as exc:
+        raise SystemExit(f"voxserve serve: {exc}") from exc
     print(f"voxserve: starting the {args.profile} profile (first start loads models: ~30-60 s) ...", flush=True)
     t0 = time.monotonic()
     server = start_local(config, grpc_port=args.grpc_port, num_cpus=args.num_cpus)
