@@ -15,6 +15,16 @@ from deployments.config import GRPC_SERVICER
 LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def set_local_env(cache_root: str | os.PathLike[str] | None = None) -> None:
+    """Defaults for local runs (tests, benchmarks, ``voxserve serve``): Ray without token auth or
+    usage stats, and, given ``cache_root``, vLLM's and torch's compile caches inside it."""
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    if cache_root is not None:
+        for key, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+            os.environ.setdefault(key, os.path.join(cache_root, sub))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,8 +56,7 @@ def start_local(serve_config: dict[str, Any], *, grpc_port: int | None = None, h
     Ray's logical CPUs default to at least 8 so that replicas of every stage fit on a small machine:
     stages are mostly idle between turns, and the OS shares the real cores.
     """
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
+    set_local_env()
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions

@@ -38,12 +38,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-for _key, _sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
-    os.environ.setdefault(_key, str(ROOT / ".cache" / _sub))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(ROOT))
+from deployments.server import set_local_env  # noqa: E402
+
+set_local_env(ROOT / ".cache")
 
 from clients.loadtest import percentile  # noqa: E402
 from clients.speech_cache import QUESTIONS, SpokenQuestion, load_questions  # noqa: E402

@@ -21,19 +21,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-for _key, _sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
-    os.environ.setdefault(_key, str(ROOT / ".cache" / _sub))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(ROOT))
+from deployments.server import set_local_env  # noqa: E402
+
+set_local_env(ROOT / ".cache")
 
 from clients.loadtest import (  # noqa: E402
     LoadTestConfig,

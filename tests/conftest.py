@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from deployments.server import set_local_env
+
 ROOT = Path(__file__).resolve().parent.parent
-_CACHE = ROOT / ".cache"
-# Everything the engines and Ray write lands in the project's .cache (ignored by git).
-for key, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
-    os.environ.setdefault(key, str(_CACHE / sub))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# What the engines and Ray write lands in the project's .cache (ignored by git).
+set_local_env(ROOT / ".cache")
 
 
 @lru_cache(maxsize=1)
