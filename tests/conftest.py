@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,3 +68,38 @@ def cer(reference: str, hypothesis: str) -> float:
     merged word ("France is" heard as "Francis"), which costs two words but one letter."""
     ref = list("".join(normalize(reference)))
     return word_errors(ref, list("".join(normalize(hypothesis)))) / max(1, len(ref))
+
+
+# --- helpers for tests against a running local voxserve app ---------------------------------------
+
+APP_NAME = "voxserve"
+
+
+def handle(name: str) -> Any:
+    """A DeploymentHandle to one deployment of the local app."""
+    from ray import serve
+
+    return serve.get_deployment_handle(name, app_name=APP_NAME)
+
+
+async def unfinished_llm_requests(within_s: float = 15.0) -> int:
+    """Poll the LLM replica until vLLM tracks no request (or time runs out); return the count."""
+    llm = handle("LLM")
+    n = -1
+    for _ in range(int(within_s / 0.25)):
+        n = await llm.num_unfinished.remote()
+        if n == 0:
+            return 0
+        await asyncio.sleep(0.25)
+    return n
+
+
+async def converse(address: str, turns: list[Any], config: Any, **kwargs: Any) -> Any:
+    """One whole conversation with the reference client (its channel closed afterwards)."""
+    from clients.voice_client import VoiceClient
+
+    client = VoiceClient(address)
+    try:
+        return await client.converse(turns, config, **kwargs)
+    finally:
+        await client.close()

@@ -14,11 +14,10 @@ from protos.voxserve.v1 import voice_pb2 as pb
 from protos.voxserve.v1 import voice_pb2_grpc as pb_grpc
 from services.audio import float_to_pcm16
 from services.history import INTERRUPTED_MARK
-from tests.conftest import cer, say, wer
+from tests.conftest import cer, converse, handle, say, unfinished_llm_requests, wer
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(1200)]
 
-APP = "voxserve"
 MAX_SESSIONS = 4
 MAX_STREAM_S = 40.0
 CONFIG = pb.SessionConfig(input_encoding=pb.PCM16, input_sample_rate=16000, language="en")
@@ -40,24 +39,6 @@ def whisper():  # type: ignore[no-untyped-def]
     from services.asr import WhisperASR
 
     return WhisperASR.load()
-
-
-def handle(name: str):  # type: ignore[no-untyped-def]
-    from ray import serve
-
-    return serve.get_deployment_handle(name, app_name=APP)
-
-
-async def unfinished_llm_requests(within_s: float = 15.0) -> int:
-    """Poll the LLM replica until vLLM tracks no request (or time runs out); return the count."""
-    llm = handle("LLM")
-    n = -1
-    for _ in range(int(within_s / 0.25)):
-        n = await llm.num_unfinished.remote()
-        if n == 0:
-            return 0
-        await asyncio.sleep(0.25)
-    return n
 
 
 async def raw_converse(address: str, messages: Iterable[pb.ClientMessage], *, hold_s: float = 0.0,
@@ -87,12 +68,8 @@ def audio_msg(x: np.ndarray) -> pb.ClientMessage:
 async def test_spoken_question_answered_with_text_and_audio(server, whisper) -> None:  # type: ignore[no-untyped-def]
     question = "What is the capital of France?"
     kinds: list[str] = []
-    client = VoiceClient(server.grpc_address)
-    try:
-        result = await client.converse([UserTurn(audio=say(question))], CONFIG,
-                                       on_event=lambda e: kinds.append(e.WhichOneof("event") or ""))
-    finally:
-        await client.close()
+    result = await converse(server.grpc_address, [UserTurn(audio=say(question))], CONFIG,
+                            on_event=lambda e: kinds.append(e.WhichOneof("event") or ""))
     assert result.status == "OK", result.details
     turn = result.turns[0]
     assert wer(question, turn.transcript) < 0.2, turn.transcript
@@ -113,12 +90,8 @@ async def test_spoken_question_answered_with_text_and_audio(server, whisper) -> 
 
 async def test_two_turns_keep_history(server) -> None:  # type: ignore[no-untyped-def]
     turns = [UserTurn(audio=say("My name is Alice.")), UserTurn(audio=say("What is my name?"))]
-    client = VoiceClient(server.grpc_address)
-    try:
-        # A caller who lets the answer finish playing: speaking earlier would be a barge-in.
-        result = await client.converse(turns, CONFIG)
-    finally:
-        await client.close()
+    # A caller who lets the answer finish playing: speaking earlier would be a barge-in.
+    result = await converse(server.grpc_address, turns, CONFIG)
     assert result.status == "OK", result.details
     assert all(t.response_text for t in result.turns), [t.error for t in result.turns]
     history = await handle("Gateway").session_history.remote(result.session_id)
@@ -140,11 +113,7 @@ async def test_barge_in_stops_answer_and_keeps_only_heard_text(server) -> None: 
     turns = [UserTurn(audio=say("Tell me a long story about a brave knight who fights a dragon.")),
              UserTurn(audio=say("Stop. What is two plus two?"), barge_in_after_ms=1500)]
     config = pb.SessionConfig(input_sample_rate=16000, language="en", max_response_tokens=120)
-    client = VoiceClient(server.grpc_address)
-    try:
-        result = await client.converse(turns, config, on_event=record)
-    finally:
-        await client.close()
+    result = await converse(server.grpc_address, turns, config, on_event=record)
     assert result.status == "OK", result.details
     first, second = result.turns
     assert first.interrupted, f"the first answer was not interrupted ({first.error})"

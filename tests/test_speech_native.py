@@ -14,12 +14,12 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.voice_client import UserTurn, VoiceClient
+from clients.voice_client import UserTurn
 from protos.voxserve.v1 import voice_pb2 as pb
 from protos.voxserve.v1 import voice_pb2_grpc as pb_grpc
 from services.audio import float_to_pcm16
 from services.speech_llm import QWEN2_AUDIO, audio_token_count
-from tests.conftest import say, wer
+from tests.conftest import converse, handle, say, unfinished_llm_requests, wer
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(1200)]
 
@@ -41,24 +41,14 @@ def server():  # type: ignore[no-untyped-def]
     srv.stop()
 
 
-def handle(name: str):  # type: ignore[no-untyped-def]
-    from ray import serve
-
-    return serve.get_deployment_handle(name, app_name="voxserve")
-
-
 async def test_speech_native_turn_sends_audio_to_the_llm(server) -> None:  # type: ignore[no-untyped-def]
     before = await handle("LLM").audio_stats.remote()
     question = "What is the capital of France?"
     modes: list[int] = []
-    client = VoiceClient(server.grpc_address)
-    try:
-        result = await client.converse(
-            [UserTurn(audio=say(question))], NATIVE,
-            on_event=lambda e: modes.append(e.session_started.response_mode)
-            if e.WhichOneof("event") == "session_started" else None)
-    finally:
-        await client.close()
+    result = await converse(
+        server.grpc_address, [UserTurn(audio=say(question))], NATIVE,
+        on_event=lambda e: modes.append(e.session_started.response_mode)
+        if e.WhichOneof("event") == "session_started" else None)
     assert result.status == "OK", result.details
     assert modes == [pb.SPEECH_NATIVE]
     turn = result.turns[0]
@@ -81,12 +71,8 @@ async def test_speech_native_turn_sends_audio_to_the_llm(server) -> None:  # typ
 
 async def test_cascade_still_works_beside_speech_native(server) -> None:  # type: ignore[no-untyped-def]
     before = (await handle("LLM").audio_stats.remote())["audio_requests"]
-    client = VoiceClient(server.grpc_address)
-    try:
-        result = await client.converse([UserTurn(text="Say hello.")],
-                                       pb.SessionConfig(input_sample_rate=16000, response_mode=pb.CASCADE))
-    finally:
-        await client.close()
+    result = await converse(server.grpc_address, [UserTurn(text="Say hello.")],
+                            pb.SessionConfig(input_sample_rate=16000, response_mode=pb.CASCADE))
     assert result.status == "OK" and result.turns[0].response_text
     assert (await handle("LLM").audio_stats.remote())["audio_requests"] == before
 
@@ -96,23 +82,10 @@ async def test_speech_native_barge_in_and_disconnect_abort_the_request(server) -
                               max_response_tokens=200)
     turns = [UserTurn(audio=say("Tell me a long story about a dragon.")),
              UserTurn(audio=say("Stop please."), barge_in_after_ms=800)]
-    client = VoiceClient(server.grpc_address)
-    try:
-        result = await client.converse(turns, config)
-    finally:
-        await client.close()
+    result = await converse(server.grpc_address, turns, config)
     assert result.status == "OK", result.details
     assert result.turns[0].interrupted, result.turns[0].error
-    llm = handle("LLM")
-
-    async def drained() -> int:
-        for _ in range(60):
-            if (n := await llm.num_unfinished.remote()) == 0:
-                return 0
-            await asyncio.sleep(0.25)
-        return n
-
-    assert await drained() == 0
+    assert await unfinished_llm_requests() == 0
     # Disconnect while the audio LLM generates.
     question = say("Tell me about the history of Rome.")
 
@@ -129,4 +102,4 @@ async def test_speech_native_barge_in_and_disconnect_abort_the_request(server) -
             if event.WhichOneof("event") == "text_delta":
                 call.cancel()
                 break
-    assert await drained() == 0
+    assert await unfinished_llm_requests() == 0
