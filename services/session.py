@@ -90,6 +90,19 @@ class SessionSettings(BaseModel):
     send_queue: int = Field(64, ge=4, description="Events buffered for a slow client before backpressure.")
 
 
+@contextlib.asynccontextmanager
+async def _closing(stream: AsyncIterator[Any]) -> AsyncIterator[None]:
+    """Close a stage stream when its consumer stops, cancelled or not. A cancel that lands while
+    the consumer awaits something else would otherwise leave the stream open until garbage
+    collection, and with it the remote vLLM request or TTS synthesis."""
+    try:
+        yield
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 class State(enum.Enum):
     LISTENING = "listening"
     USER_SPEAKING = "user_speaking"
@@ -438,15 +451,16 @@ class Conversation:
             chunker = TextChunker(s.chunker)
             t_llm = t_now()
             n_tokens = 0
-            async for delta in self.stages.generate(messages, max_tokens=s.max_response_tokens,
-                                                    audio=audio_in):
-                if n_tokens == 0:
-                    lat.llm_first_token_ms = 1000 * (t_now() - t_llm)
-                n_tokens += 1
-                turn.generated += delta
-                await self.emit(ev.TextDelta(response_id=turn.response_id, text=delta))
-                for chunk in chunker.push(delta):
-                    await text_q.put(chunk)
+            llm_stream = self.stages.generate(messages, max_tokens=s.max_response_tokens, audio=audio_in)
+            async with _closing(llm_stream):
+                async for delta in llm_stream:
+                    if n_tokens == 0:
+                        lat.llm_first_token_ms = 1000 * (t_now() - t_llm)
+                    n_tokens += 1
+                    turn.generated += delta
+                    await self.emit(ev.TextDelta(response_id=turn.response_id, text=delta))
+                    for chunk in chunker.push(delta):
+                        await text_q.put(chunk)
             gen_s = t_now() - t_llm
             lat.llm_tokens = n_tokens
             lat.llm_tokens_per_s = n_tokens / gen_s if gen_s > 0 else 0.0
@@ -491,14 +505,16 @@ class Conversation:
             t_tts = time.monotonic()
             first_in_segment = True
             pending = b""
-            async for pcm in self.stages.synthesize(chunk, voice=s.voice, sample_rate=rate):
-                if lat.tts_first_audio_ms == 0.0:
-                    lat.tts_first_audio_ms = 1000 * (time.monotonic() - t_tts)
-                pending += pcm
-                while len(pending) >= piece_bytes:
-                    piece, pending = pending[:piece_bytes], pending[piece_bytes:]
-                    await self._send_audio(turn, piece, chunk if first_in_segment else "")
-                    first_in_segment = False
+            tts_stream = self.stages.synthesize(chunk, voice=s.voice, sample_rate=rate)
+            async with _closing(tts_stream):
+                async for pcm in tts_stream:
+                    if lat.tts_first_audio_ms == 0.0:
+                        lat.tts_first_audio_ms = 1000 * (time.monotonic() - t_tts)
+                    pending += pcm
+                    while len(pending) >= piece_bytes:
+                        piece, pending = pending[:piece_bytes], pending[piece_bytes:]
+                        await self._send_audio(turn, piece, chunk if first_in_segment else "")
+                        first_in_segment = False
             if pending:
                 await self._send_audio(turn, pending, chunk if first_in_segment else "")
             turn.segments[-1] = (chunk, start_ms, turn.audio_ms)

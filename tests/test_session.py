@@ -248,3 +248,21 @@ async def test_barge_in_while_a_fully_sent_answer_still_plays_truncates_history(
     assert len(interrupted[0].heard_text.split()) < 10
     await conv.aclose()
     await reader
+
+
+async def test_cancel_while_blocked_on_a_slow_client_closes_the_llm_stream_at_once() -> None:
+    import gc
+
+    stages = FakeStages(answer=" ".join(f"w{i}" for i in range(100)), word_s=0.0)
+    conv = make(stages, send_queue=4)  # nobody reads events: emit() blocks once 4 are queued
+    await conv.start()
+    await conv.push_text("go")
+    while not stages.llm_calls:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the response task now waits in emit(), not inside the LLM stream
+    gc.disable()  # no cycle collection may be what closes it
+    try:
+        await conv.aclose()
+        assert stages.llm_closed == 1
+    finally:
+        gc.enable()
