@@ -207,7 +207,12 @@ class Gateway:
                     raise FailedPrecondition("SessionConfig may only be sent once, as the first message")
                 else:
                     raise InvalidArgument("empty ClientMessage: set one of config, audio, text, playback")
-            await conv.end_input()  # finish the turn in progress, then close the event stream
+            if stream.is_cancelled():
+                # Ray ends the input iteration quietly when the client cancels or disconnects:
+                # that is not a half-close, so nothing may go on being generated for nobody.
+                await conv.aclose()
+            else:
+                await conv.end_input()  # finish the turn in progress, then close the event stream
         except BaseException:
             await conv.aclose()
             raise
@@ -234,6 +239,8 @@ class Gateway:
             while True:
                 msg = await anext(request_stream, None)
                 if msg is None:
+                    if request_stream.is_cancelled():
+                        return  # the client is gone: no final decode for nobody
                     flushing = True
                     x = np.zeros((WINDOW - state.leftover.size) % WINDOW, np.float32)  # score the tail
                 elif msg.WhichOneof("message") != "audio":
