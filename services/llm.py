@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.cpu import resolve_llm_dtype
 from services.errors import (
     FailedPrecondition,
     InternalError,
@@ -75,7 +76,11 @@ class LLMConfig(BaseModel):
     gpu_memory_utilization: float = Field(
         default=0.6, gt=0, le=1, description="Share of GPU memory vLLM may use (GPU only)."
     )
-    dtype: str = Field(default="bfloat16", description="Weights/activations dtype.")
+    dtype: str = Field(
+        default="auto",
+        description="Weights/activations dtype; 'auto' = chosen from the CPU at start-up (bfloat16 "
+        "only with AMX or AVX512_BF16, else float32); on GPU the model's default.",
+    )
     enforce_eager: bool = Field(
         default=True,
         description="Skip graph compilation (fast start; same speed on small CPU models).",
@@ -282,7 +287,7 @@ class LLMEngine:
 
         kwargs: dict[str, Any] = dict(
             model=model,
-            dtype=cfg.dtype,
+            dtype=resolve_llm_dtype(cfg.dtype, on_cpu),  # logs what "auto" chose
             max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager,
             trust_remote_code=cfg.trust_remote_code,
