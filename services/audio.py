@@ -47,12 +47,20 @@ def pcm16_to_float(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
 
 
-def float_to_pcm16(samples: np.ndarray) -> bytes:
-    """float samples in [-1, 1] -> little-endian PCM16 bytes (clipped, not wrapped)."""
+def float_to_int16(samples: np.ndarray) -> np.ndarray:
+    """float samples in [-1, 1] -> int16 samples (clipped, not wrapped; truncated toward zero).
+
+    The one float -> 16-bit rounding rule, shared by PCM16 and the G.711 encoders.
+    """
     x = np.asarray(samples, dtype=np.float32)
     if x.ndim != 1:
         raise InvalidArgument(f"expected mono audio (1-D array); got shape {x.shape}")
-    return (np.clip(x, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
+    return (np.clip(x, -1.0, 32767 / 32768) * 32768.0).astype(np.int16)
+
+
+def float_to_pcm16(samples: np.ndarray) -> bytes:
+    """float samples in [-1, 1] -> little-endian PCM16 bytes (clipped, not wrapped)."""
+    return float_to_int16(samples).astype("<i2").tobytes()
 
 
 def resample(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
