@@ -14,7 +14,7 @@ import numpy as np
 from ray import serve
 
 from deployments.metrics import StageMetrics
-from services.asr import ASRConfig, WhisperASR
+from services.asr import ASRConfig, ASRRouter
 from services.audio import StreamResampler, float_to_pcm16
 from services.errors import FailedPrecondition
 from services.llm import LLMConfig, LLMEngine
@@ -40,16 +40,19 @@ WARMUP_TEXT = "Hello there."
 
 @serve.deployment(name="ASR", max_ongoing_requests=8, ray_actor_options={"num_cpus": 1})
 class ASRDeployment:
+    """Every ASR engine the config needs (Moonshine for English on CPU, Whisper for the rest),
+    routed per call by the session's language."""
+
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.config = ASRConfig.model_validate(config or {})
-        self.asr = WhisperASR.load(self.config)
+        self.asr = ASRRouter.load(self.config)
         self.metrics = StageMetrics("asr")
-        self.asr.transcribe_sync(np.zeros(16000, np.float32), "en")  # warm-up
+        self.asr.warm_up()  # every loaded engine: a session in any language gets a warm one
 
     async def transcribe(self, audio16k: np.ndarray, language: str | None = None) -> dict[str, Any]:
         with self.metrics.time("transcribe"):
             result = await self.asr.transcribe(audio16k, language)
-        return {"text": result.text, "language": result.language,
+        return {"text": result.text, "language": result.language, "engine": result.engine,
                 "duration_s": result.duration_s, "decode_s": result.decode_s}
 
     async def partial(self, audio16k: np.ndarray, language: str | None = None) -> str | None:
@@ -57,8 +60,10 @@ class ASRDeployment:
         result = await self.asr.try_transcribe(audio16k, language)
         return result.text if result is not None else None
 
-    async def info(self) -> dict[str, str]:
-        return {"model": self.config.model or "whisper-base (embedded)"}
+    async def info(self) -> dict[str, Any]:
+        """'model': the engine of sessions that give no language; 'engines': every loaded one
+        with its languages and warm-up time."""
+        return self.asr.describe()
 
 
 @serve.deployment(name="LLM", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})

@@ -1,4 +1,4 @@
-"""faster-whisper ASR on Piper-synthesized English (real models)."""
+"""faster-whisper ASR on Piper-synthesized English, and the per-language engine router (real models)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,22 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from services.asr import ASRConfig, PartialTranscriber, Transcript, WhisperASR
+from services.asr import (
+    ASRConfig,
+    ASREngine,
+    ASRRouter,
+    PartialTranscriber,
+    Transcript,
+    WhisperASR,
+    engines_for,
+    requested_language,
+    whisper_name,
+)
 from services.audio import MODEL_RATE, resample
 from services.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from services.models import default_tts_voice
-from tests.conftest import normalize, word_errors
+from services.moonshine_asr import MoonshineASR
+from tests.conftest import normalize, say, word_errors
 
 SR = MODEL_RATE
 SENTENCES = (
@@ -55,7 +66,7 @@ async def test_transcribe_wer(asr: WhisperASR, speech: list[np.ndarray]) -> None
     errors = words = 0
     for text, audio, result in zip(SENTENCES, speech, results, strict=True):
         assert isinstance(result, Transcript)
-        assert result.language == "en"
+        assert result.language == "en" and result.engine == "whisper-base"
         assert result.duration_s == pytest.approx(audio.size / SR)
         assert result.decode_s > 0
         ref = normalize(text)
@@ -138,3 +149,102 @@ async def test_partial_skips_while_decoding(asr: WhisperASR, speech: list[np.nda
     assert second is None
     partial.reset()
     assert partial.text == "" and partial.due(SR)
+
+
+# --- engine choice and routing -------------------------------------------------------------------
+
+
+def test_whisper_interface(asr: WhisperASR) -> None:
+    assert isinstance(asr, ASREngine)
+    assert asr.name == "whisper-base" and "de" in asr.languages
+    assert whisper_name("deepdml/faster-whisper-large-v3-turbo-ct2") == (
+        "whisper:deepdml/faster-whisper-large-v3-turbo-ct2")
+    assert whisper_name("/models/my-whisper/") == "whisper:my-whisper"
+
+
+def test_engines_for_config() -> None:
+    assert engines_for(ASRConfig()) == ("moonshine", "whisper")
+    assert engines_for(ASRConfig(device="cuda")) == ("whisper",)  # auto on GPU
+    assert engines_for(ASRConfig(engine="whisper")) == ("whisper",)
+    assert engines_for(ASRConfig(engine="moonshine")) == ("moonshine",)
+    assert ASRConfig().default_language == "en"
+
+
+def test_requested_language() -> None:
+    cfg = ASRConfig()
+    assert requested_language(None, cfg) == "en"  # the configured default
+    assert requested_language("", cfg) == "en"
+    assert requested_language("DE", cfg) == "de"
+    assert requested_language("auto", cfg) is None  # the session asks for detection
+    assert requested_language(None, ASRConfig(default_language=None)) is None
+    assert requested_language(None, ASRConfig(default_language="auto")) is None
+
+
+@pytest.fixture(scope="module")
+def moonshine() -> Iterator[MoonshineASR]:
+    engine = MoonshineASR.load(ASRConfig())
+    yield engine
+    engine.close()
+
+
+def test_router_routes_by_language(asr: WhisperASR, moonshine: MoonshineASR) -> None:
+    router = ASRRouter(ASRConfig(), moonshine, asr)
+    assert isinstance(router, ASREngine)
+    assert router.name == "moonshine-tiny-en+whisper-base"
+    assert router.languages == asr.languages
+    assert router.engine_for(None) is moonshine  # default_language 'en'
+    assert router.engine_for("en") is moonshine
+    assert router.engine_for("de") is asr
+    assert router.engine_for("auto") is asr  # detection needs Whisper
+    assert ASRRouter(ASRConfig(default_language="fr"), moonshine, asr).engine_for(None) is asr
+    assert ASRRouter(ASRConfig(default_language=None), moonshine, asr).engine_for(None) is asr
+    info = router.describe()
+    assert info["model"] == "moonshine-tiny-en"
+    assert set(info["engines"]) == {"moonshine-tiny-en", "whisper-base"}
+    assert info["engines"]["moonshine-tiny-en"]["languages"] == "en"
+
+
+async def test_router_transcribes_each_language_with_its_engine(
+    asr: WhisperASR, moonshine: MoonshineASR
+) -> None:
+    router = ASRRouter(ASRConfig(), moonshine, asr)
+    english = await router.transcribe(say("What is the capital of France?"))
+    assert english.engine == "moonshine-tiny-en" and english.language == "en"
+    assert normalize(english.text) == ["what", "is", "the", "capital", "of", "france"]
+    # Piper has only an English voice: this checks the route and that Whisper decodes German
+    # without error, not German accuracy
+    german = await router.transcribe(say("Guten Morgen, wie geht es dir?"), "de")
+    assert german.engine == "whisper-base" and german.language == "de" and german.text
+    detected = await router.transcribe(say("Good morning."), "auto")
+    assert detected.engine == "whisper-base" and detected.language == "en"
+    partial = await router.try_transcribe(say("Good morning."), "en")
+    assert partial is not None and partial.engine == "moonshine-tiny-en"
+    assert router.pending == 0
+
+
+def test_moonshine_only_router_refuses_other_languages(moonshine: MoonshineASR) -> None:
+    router = ASRRouter(ASRConfig(engine="moonshine"), moonshine)
+    assert router.engine_for("en") is moonshine
+    with pytest.raises(InvalidArgument, match="'de' needs Whisper"):
+        router.engine_for("de")
+    with pytest.raises(InvalidArgument, match="language detection needs Whisper"):
+        router.engine_for("auto")
+    with pytest.raises(InvalidArgument):
+        ASRRouter(ASRConfig())
+
+
+def test_asr_deployment_warms_every_engine() -> None:
+    """The first turn after start must not pay for first-decode set-up: warm-up ran for both
+    engines before the deployment took traffic (structure, not timing)."""
+    from deployments.stages import ASRDeployment
+
+    deployment = ASRDeployment.func_or_class()  # type: ignore[attr-defined]  # the plain class, no Ray
+    try:
+        info = asyncio.run(deployment.info())
+        assert info["model"] == "moonshine-tiny-en"
+        for name in ("moonshine-tiny-en", "whisper-base"):
+            assert info["engines"][name]["warm_up_s"] > 0
+        result = asyncio.run(deployment.transcribe(say("Set a timer for ten minutes."), None))
+        assert result["engine"] == "moonshine-tiny-en" and "timer" in normalize(result["text"])
+    finally:
+        deployment.asr.close()

@@ -1,0 +1,192 @@
+"""Moonshine Tiny English on Piper-synthesized speech (real model, loaded once)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.asr import ASRConfig, ASREngine, PartialTranscriber, Transcript
+from services.audio import MODEL_RATE
+from services.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unavailable
+from services.models import moonshine_source
+from services.moonshine_asr import SINGLE_THREAD_ENV, MoonshineASR, model_arch_name, model_language
+from tests.conftest import normalize, say, word_errors
+
+SR = MODEL_RATE
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Please turn off the lights in the kitchen before you go to bed.",
+    "Could you tell me what the weather will be like tomorrow afternoon?",
+    "What is the capital of France?",
+    "Set a timer for ten minutes.",
+    "How far is it from London to Paris by train?",
+    "Remind me to call my mother on Sunday evening.",
+    "Can you recommend a good book about the history of science?",
+)
+
+
+@pytest.fixture(scope="module")
+def asr() -> Iterator[MoonshineASR]:
+    engine = MoonshineASR.load(ASRConfig())
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def speech() -> list[np.ndarray]:
+    return [say(text) for text in SENTENCES]
+
+
+def test_interface(asr: MoonshineASR) -> None:
+    assert isinstance(asr, ASREngine)
+    assert asr.name == "moonshine-tiny-en"
+    assert asr.languages == frozenset({"en"})
+    assert asr.concurrency == 1 and asr.pending == 0
+    assert os.environ[SINGLE_THREAD_ENV] == "1"
+    # never imported: the microphone library (PortAudio) and the transcriber's optional deps
+    assert "sounddevice" not in sys.modules
+
+
+async def test_wer_on_piper(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
+    # submitted together: they queue on the single decode slot and all complete
+    results = await asyncio.gather(*(asr.transcribe(a) for a in speech))
+    errors = words = 0
+    for text, audio, result in zip(SENTENCES, speech, results, strict=True):
+        assert isinstance(result, Transcript)
+        assert result.language == "en" and result.engine == "moonshine-tiny-en"
+        assert result.duration_s == pytest.approx(audio.size / SR)
+        assert result.decode_s > 0
+        ref = normalize(text)
+        errors += word_errors(ref, normalize(result.text))
+        words += len(ref)
+    assert errors / words < 0.10, [r.text for r in results]
+    assert asr.pending == 0
+
+
+async def test_leading_and_trailing_silence(asr: MoonshineASR) -> None:
+    """Our VAD keeps ~0.3 s around speech: it must not turn into words ("You")."""
+    pad = np.zeros(int(0.3 * SR), np.float32)
+    result = await asr.transcribe(np.concatenate([pad, say("What is the capital of France?"), pad]))
+    assert normalize(result.text) == ["what", "is", "the", "capital", "of", "france"]
+
+
+async def test_invalid_inputs(asr: MoonshineASR) -> None:
+    with pytest.raises(InvalidArgument, match="empty"):
+        await asr.transcribe(np.zeros(0, np.float32))
+    with pytest.raises(InvalidArgument, match="1-D"):
+        await asr.transcribe(np.zeros((2, 100), np.float32))
+    with pytest.raises(InvalidArgument, match="NaN"):
+        await asr.transcribe(np.full(SR, np.nan, np.float32))
+    with pytest.raises(OutOfRange):
+        await asr.transcribe(np.zeros(int((asr.cfg.max_audio_s + 1) * SR), np.float32))
+    with pytest.raises(InvalidArgument, match="'de' is not supported by moonshine-tiny-en"):
+        await asr.transcribe(np.zeros(SR, np.float32), language="de")
+    with pytest.raises(InvalidArgument, match="cannot detect"):
+        await asr.transcribe(np.zeros(SR, np.float32), language="auto")
+    assert asr.pending == 0
+
+
+async def test_forced_english_and_default_language(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
+    assert (await asr.transcribe(speech[0], "EN")).language == "en"
+    no_default = MoonshineASR.load(ASRConfig(default_language=None))
+    try:
+        with pytest.raises(InvalidArgument, match="cannot detect"):
+            no_default.transcribe_sync(speech[0])
+        assert "fox" in normalize(no_default.transcribe_sync(speech[0], "en").text)
+    finally:
+        no_default.close()
+
+
+async def test_busy_engine_queue_bound_and_cancel(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
+    engine = MoonshineASR.load(ASRConfig(max_queued=1))
+    try:
+        running = asyncio.create_task(engine.transcribe(speech[1]))
+        await asyncio.sleep(0)  # the task reserves its slot before its first await
+        assert engine.pending == 1
+        assert await engine.try_transcribe(speech[0]) is None  # best effort: no free slot
+        queued = asyncio.create_task(engine.transcribe(speech[0]))
+        await asyncio.sleep(0)
+        assert engine.pending == 2
+        with pytest.raises(ResourceExhausted):
+            await engine.transcribe(speech[0])
+        queued.cancel()  # e.g. barge-in: a decode that has not started is dropped
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert "kitchen" in normalize((await running).text)
+        assert engine.pending == 0
+    finally:
+        engine.close()
+    with pytest.raises(Unavailable):
+        await engine.transcribe(speech[0])
+    with pytest.raises(Unavailable):
+        engine.transcribe_sync(speech[0])
+
+
+async def test_two_decode_slots(speech: list[np.ndarray]) -> None:
+    engine = MoonshineASR.load(ASRConfig(max_concurrent=2))
+    try:
+        assert engine.concurrency == 2
+        results = await asyncio.gather(*(engine.transcribe(a) for a in speech[:4]))
+        for text, result in zip(SENTENCES, results, strict=False):
+            assert word_errors(normalize(text), normalize(result.text)) <= 1, result.text
+    finally:
+        engine.close()
+
+
+async def test_partial_transcriber(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
+    audio = speech[1]
+    now = [0.0]
+    partial = PartialTranscriber(asr, interval_ms=500, clock=lambda: now[0])
+    texts = []
+    for end in (int(1.6 * SR), audio.size):
+        text = await partial.update(audio[:end])
+        if text is not None:
+            texts.append(text)
+        now[0] += 0.6
+    assert texts and "kitchen" in normalize(texts[-1])
+
+
+def test_warm_up(asr: MoonshineASR) -> None:
+    seconds = asr.warm_up()
+    assert asr.warm_up_s == seconds > 0
+
+
+def test_user_model_folder(tmp_path: Path, speech: list[np.ndarray]) -> None:
+    folder = tmp_path / "my-models" / "tiny-en"
+    folder.mkdir(parents=True)
+    for f in moonshine_source().iterdir():
+        (folder / f.name).symlink_to(f)
+    engine = MoonshineASR.load(ASRConfig(moonshine_model=str(folder)))
+    try:
+        assert engine.name == "moonshine:tiny-en" and engine.languages == {"en"}
+        assert "fox" in normalize(engine.transcribe_sync(speech[0]).text)
+    finally:
+        engine.close()
+
+
+def test_bad_model_folders(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="not found"):
+        MoonshineASR.load(ASRConfig(moonshine_model=str(tmp_path / "missing")))
+    with pytest.raises(NotFound, match="hub ids are not supported"):
+        MoonshineASR.load(ASRConfig(moonshine_model="UsefulSensors/moonshine-tiny"))
+    with pytest.raises(NotFound, match=r"tokenizer\.bin"):
+        MoonshineASR.load(ASRConfig(moonshine_model=str(tmp_path)))
+    (tmp_path / "tokenizer.bin").write_bytes(b"junk")
+    (tmp_path / "encoder_model.ort").write_bytes(b"junk")
+    with pytest.raises(InvalidArgument, match="cannot load the Moonshine model"):
+        MoonshineASR.load(ASRConfig(moonshine_model=str(tmp_path)))
+
+
+def test_folder_names() -> None:
+    assert model_arch_name(Path("tiny-en")) == "tiny"
+    assert model_arch_name(Path("/m/base-en")) == "base"
+    assert model_arch_name(Path("base-streaming-en")) == "base-streaming"
+    assert model_arch_name(Path("custom")) == "tiny"
+    assert model_language(Path("base-es")) == "es"
+    assert model_language(Path("custom")) == "en"
