@@ -18,7 +18,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +96,8 @@ class TTSConfig(BaseModel):
 class SynthesizedAudio:
     """One piece of a TTSStream's output."""
 
-    pcm: np.ndarray
-    """Mono float32 samples in [-1, 1]."""
+    pcm: np.ndarray | bytes
+    """Mono float32 samples in [-1, 1] (local voice) or PCM16 bytes (a remote TTS stage)."""
     sample_rate: int
     """Samples per second of ``pcm`` (the voice's rate)."""
     text: str
@@ -111,7 +111,8 @@ class SynthesizedAudio:
 
     @property
     def duration_s(self) -> float:
-        return self.pcm.size / self.sample_rate
+        samples = len(self.pcm) // 2 if isinstance(self.pcm, bytes) else self.pcm.size
+        return samples / self.sample_rate
 
 
 _DONE = object()
@@ -311,23 +312,33 @@ class PiperTTS:
 
     def stream(self, chunker: ChunkerConfig | None = None) -> TTSStream:
         """A text-delta stream using this voice (call from a running event loop)."""
-        return TTSStream(self, chunker)
+        cfg = self.config
+        return TTSStream(self.synthesize, sample_rate=self.sample_rate, chunker=chunker or cfg.chunker,
+                         audio_queue=cfg.audio_queue, max_pending_chunks=cfg.max_pending_chunks)
+
+
+#: Synthesis of one text chunk: audio pieces (float32 arrays or PCM16 bytes), streamed.
+Synthesize = Callable[[str], AsyncIterator[Any]]
 
 
 class TTSStream:
     """Streaming text in, audio out: push LLM deltas, iterate ``SynthesizedAudio`` in order.
 
     Text is cut into chunks by ``TextChunker``; chunk n+1 is synthesized while chunk n's audio
-    waits in a bounded queue for the consumer. ``end_input`` lets iteration finish after the
-    last chunk; ``aclose`` cancels everything pending.
+    waits in a bounded queue for the consumer (run-ahead). ``end_input`` lets iteration finish
+    after the last chunk; ``aclose`` cancels everything pending. ``synthesize`` is any per-chunk
+    synthesis: a local voice (``PiperTTS.stream``) or a remote TTS stage (the conversation).
     """
 
-    def __init__(self, tts: PiperTTS, chunker: ChunkerConfig | None = None) -> None:
-        self._tts = tts
-        self._chunker = TextChunker(chunker or tts.config.chunker)
+    def __init__(self, synthesize: Synthesize, *, sample_rate: int, chunker: ChunkerConfig | None = None,
+                 audio_queue: int = 4, max_pending_chunks: int = 64) -> None:
+        self._synthesize = synthesize
+        self._rate = sample_rate
+        self._max_pending = max_pending_chunks
+        self._chunker = TextChunker(chunker or ChunkerConfig())
         self._pending: collections.deque[tuple[str, bool, int]] = collections.deque()
         self._wake = asyncio.Event()
-        self._out: asyncio.Queue[Any] = asyncio.Queue(maxsize=tts.config.audio_queue)
+        self._out: asyncio.Queue[Any] = asyncio.Queue(maxsize=audio_queue)
         self._new_segment = True
         self._chunks = 0
         self._ended = False
@@ -336,7 +347,7 @@ class TTSStream:
 
     @property
     def sample_rate(self) -> int:
-        return self._tts.sample_rate
+        return self._rate
 
     def push_text(self, delta: str) -> None:
         """Add a text delta (any size, may end mid-word)."""
@@ -396,9 +407,9 @@ class TTSStream:
     def _enqueue(self, chunks: list[str]) -> None:
         if not chunks:
             return
-        if len(self._pending) + len(chunks) > self._tts.config.max_pending_chunks:
+        if len(self._pending) + len(chunks) > self._max_pending:
             raise ResourceExhausted(
-                f"TTS stream has more than {self._tts.config.max_pending_chunks} text chunks "
+                f"TTS stream has more than {self._max_pending} text chunks "
                 "waiting; the consumer is not reading audio fast enough"
             )
         for text in chunks:
@@ -421,7 +432,7 @@ class TTSStream:
                 first = first or carry_first
                 prev: np.ndarray | None = None
                 # Hold back one piece so the last piece of the chunk can be marked as such.
-                async with contextlib.aclosing(self._tts.synthesize(text)) as audio:
+                async with contextlib.aclosing(self._synthesize(text)) as audio:  # type: ignore[type-var]
                     async for pcm in audio:
                         if prev is not None:
                             await self._out.put(self._piece(prev, text, first, index, False))
@@ -438,6 +449,6 @@ class TTSStream:
             await self._out.put(exc)
 
     def _piece(
-        self, pcm: np.ndarray, text: str, first: bool, index: int, last: bool
+        self, pcm: np.ndarray | bytes, text: str, first: bool, index: int, last: bool
     ) -> SynthesizedAudio:
-        return SynthesizedAudio(pcm, self._tts.sample_rate, text, first, index, last)
+        return SynthesizedAudio(pcm, self._rate, text, first, index, last)

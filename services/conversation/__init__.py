@@ -1,0 +1,20 @@
+"""The conversation engine: one voice conversation, framework-free (no Ray, no gRPC).
+
+``Conversation`` (engine.py) composes the listening side, the ``Turn`` objects (turn.py) that own
+each response and the history, and the output side; protocol adapters drive it.
+"""
+
+from services.conversation.engine import Conversation, NullObserver, Observer
+from services.conversation.history import ChatHistory
+from services.conversation.settings import (
+    CASCADE,
+    SPEECH_NATIVE,
+    Interruptions,
+    SessionSettings,
+    StageTimeouts,
+    TurnDetection,
+)
+from services.conversation.stages import Stages
+
+__all__ = ["CASCADE", "SPEECH_NATIVE", "ChatHistory", "Conversation", "Interruptions", "NullObserver",
+           "Observer", "SessionSettings", "StageTimeouts", "Stages", "TurnDetection"]

@@ -1,0 +1,155 @@
+"""Typed events a conversation emits (pipecat-style frames); each adapter maps them to its protocol.
+
+What an interruption drops is a property of the type: ``ResponsePayload`` events (text deltas and
+audio of one response) are purged from the send queue when their response is interrupted;
+everything else is always delivered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TurnLatency:
+    """Server-measured latency of one turn, in milliseconds (see voice.proto TurnLatency)."""
+
+    vad_end_delay_ms: float = 0.0
+    asr_ms: float = 0.0
+    llm_first_token_ms: float = 0.0
+    tts_first_audio_ms: float = 0.0
+    first_audio_ms: float = 0.0
+    voice_to_voice_ms: float = 0.0
+    total_ms: float = 0.0
+    llm_tokens: int = 0
+    llm_tokens_per_s: float = 0.0
+    speculative: bool = False  # the answer was started before the turn ended, and kept
+
+
+@dataclass
+class Event:
+    """Base: ``server_time_ms`` is set when emitted; ``audio_time_ms`` is the input position."""
+
+    server_time_ms: int = field(default=0, init=False)
+    audio_time_ms: int = field(default=0, init=False)
+
+
+@dataclass
+class SessionStarted(Event):
+    session_id: str
+    output_sample_rate: int
+    mode: str
+    llm_model: str = ""
+    asr_model: str = ""
+
+
+@dataclass
+class SpeechStarted(Event):
+    pass
+
+
+@dataclass
+class SpeechStopped(Event):
+    utterance_ms: int
+
+
+@dataclass
+class InputCommitted(Event):
+    """A user turn is over and will be answered (or kept, without auto-respond) as ``input_id``."""
+
+    input_id: int
+    utterance_ms: int = 0
+    text: str = ""  # typed turns: the text; spoken turns: '' (the transcript follows)
+
+
+@dataclass
+class InputCleared(Event):
+    """Uncommitted user audio was dropped (clear_audio)."""
+
+
+@dataclass
+class PartialTranscript(Event):
+    text: str
+
+
+@dataclass
+class FinalTranscript(Event):
+    text: str
+    language: str
+    utterance_ms: int
+    input_id: int = 0
+
+
+@dataclass
+class ResponseStarted(Event):
+    response_id: int
+    input_id: int = 0
+
+
+@dataclass
+class ResponsePayload(Event):
+    """Content of one response; dropped from the send queue if the response is interrupted."""
+
+    response_id: int
+
+
+@dataclass
+class TextDelta(ResponsePayload):
+    text: str
+
+
+@dataclass
+class AudioOut(ResponsePayload):
+    pcm16: bytes
+    sample_rate: int
+    offset_ms: int
+    text: str = ""
+
+
+@dataclass
+class ResponsePaused(Event):
+    """User speech over the answer: the client should pause playback until Resumed/Interrupted."""
+
+    response_id: int
+    played_ms: int
+
+
+@dataclass
+class ResponseResumed(Event):
+    """The speech over the answer was not a turn (noise, cough, backchannel): play on."""
+
+    response_id: int
+    reason: str  # "noise" | "backchannel"
+
+
+@dataclass
+class ResponseDone(Event):
+    response_id: int
+    text: str
+    audio_ms: int
+    latency: TurnLatency
+
+
+@dataclass
+class ResponseInterrupted(Event):
+    response_id: int
+    heard_text: str
+    heard_ms: int
+    generated_text: str
+    reason: str = "barge_in"  # "barge_in" | "cancelled" | "text_turn"
+
+
+@dataclass
+class Truncated(Event):
+    """The client said the user heard only ``audio_end_ms`` of a response (history updated)."""
+
+    response_id: int
+    audio_end_ms: int
+    heard_text: str
+
+
+@dataclass
+class ErrorEvent(Event):
+    code: str
+    message: str
+    response_id: int = 0

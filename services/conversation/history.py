@@ -1,0 +1,130 @@
+"""Chat history of one conversation: system prompt + alternating user/assistant turns.
+
+The history is what the LLM sees next time, so it holds what was said and heard, nothing else:
+the ``Turn`` that owns a response writes it exactly once, when the response ends (a committed
+answer: the whole text; an interrupted one: the words the user heard; a discarded one: nothing).
+
+No markers in the text: an interrupted answer is stored as the words that were heard, with the
+interruption kept as metadata (``Turn.interrupted``, shown by ``records()``). Any marker in the
+content ("…", "[interrupted]") becomes the answer style of a small model, which imitates the
+history it is shown; an answer heard not at all leaves no assistant message.
+
+Alternation: chat templates of several models reject two messages of the same role in a row. In a
+voice session that happens naturally (the user speaks again before hearing any answer), so
+consecutive messages of the same role are merged: "What is... | Actually, tell me about Rome."
+
+Trimming: ``messages()`` keeps the newest turns within a turn cap and an optional budget measured
+by ``count`` (characters by default; the LLM engine trims again by real tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from services.errors import InvalidArgument
+
+#: Rough per-message overhead of chat templates (role tags, separators), in budget units.
+MESSAGE_OVERHEAD = 8
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant"
+    text: str
+    interrupted: bool = False
+
+
+class ChatHistory:
+    """System prompt plus alternating user/assistant turns."""
+
+    def __init__(self, system_prompt: str = "", *, max_chars: int = 6000) -> None:
+        if max_chars < 1:
+            raise InvalidArgument("max_chars must be positive")
+        self.system_prompt = system_prompt
+        self.max_chars = max_chars
+        self._turns: list[Turn] = []
+
+    # --- recording -----------------------------------------------------------------------------
+
+    def add_user(self, text: str) -> None:
+        """Record what the user said (a final transcript or a typed turn)."""
+        text = text.strip()
+        if not text:
+            raise InvalidArgument("user turn is empty")
+        self._append(Turn("user", text))
+
+    def add_assistant(self, text: str, *, interrupted: bool = False) -> None:
+        """Record what the user heard of an answer (all of it unless ``interrupted``).
+
+        Nothing heard is no turn: the user's next words then join their previous ones.
+        """
+        text = text.strip()
+        if text:
+            self._append(Turn("assistant", text, interrupted))
+
+    def _append(self, turn: Turn) -> None:
+        last = self._turns[-1] if self._turns else None
+        if last is not None and last.role == turn.role:
+            last.text = f"{last.text} {turn.text}"
+            last.interrupted = turn.interrupted
+            return
+        self._turns.append(turn)
+
+    def truncate_last_assistant(self, heard: str) -> bool:
+        """The newest answer was heard only up to ``heard`` (a late truncate); False if there is none."""
+        if not self._turns or self._turns[-1].role != "assistant":
+            return False
+        if heard.strip():
+            self._turns[-1] = Turn("assistant", heard.strip(), interrupted=True)
+        else:
+            self._turns.pop()
+        return True
+
+    def clear(self) -> None:
+        """Forget every turn (the system prompt stays)."""
+        self._turns.clear()
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    @property
+    def turns(self) -> list[Turn]:
+        """A copy of the recorded turns, oldest first."""
+        return [Turn(t.role, t.text, t.interrupted) for t in self._turns]
+
+    def records(self) -> list[dict[str, Any]]:
+        """The history for operators and tests: messages plus the interruption flag."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + [{"role": t.role, "content": t.text, "interrupted": t.interrupted}
+                         for t in self._turns]
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def messages(self, max_turns: int | None = None, *, budget: int | None = None,
+                 count: Callable[[str], int] = len) -> list[dict[str, str]]:
+        """Chat messages for the LLM: system prompt, then the newest turns that fit.
+
+        ``max_turns`` caps the number of user/assistant messages (not pairs); ``budget`` (default
+        ``max_chars``) is measured with ``count`` over every content plus a per-message overhead.
+        The window starts with a user message and always keeps the newest turn.
+        """
+        if max_turns is not None and max_turns < 0:
+            raise InvalidArgument("max_turns must not be negative")
+        limit = self.max_chars if budget is None else budget
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        used = sum(count(m["content"]) + MESSAGE_OVERHEAD for m in system)
+        kept: list[Turn] = []
+        for turn in reversed(self._turns):
+            if max_turns is not None and len(kept) >= max_turns:
+                break
+            cost = count(turn.text) + MESSAGE_OVERHEAD
+            if kept and used + cost > limit:
+                break
+            kept.append(turn)
+            used += cost
+        kept.reverse()
+        while kept and kept[0].role != "user":
+            kept.pop(0)
+        return system + [{"role": t.role, "content": t.text} for t in kept]

@@ -1,0 +1,102 @@
+"""The two decisions of the listening side, as pure logic (no model, no I/O): is the user's turn
+over, and is speech over the assistant's answer a real turn or noise/backchannel?
+
+The conversation feeds them what it measures (silence length, the end-of-turn model's score, a
+transcript) and acts on the answer; tests drive them with plain values.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from services.conversation.settings import Interruptions, TurnDetection
+
+#: Words after which an English sentence is not finished ("What is the capital of").
+FUNCTION_WORDS = frozenset(
+    "a an the of to for from with without about into onto over under at in on by as than and or but "
+    "nor so because if when while that which who whose whom where my your his her its our their this "
+    "these those is are was were be been am do does did can could would should will shall may might "
+    "must have has had not very more most like such some any".split())
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def transcript_looks_incomplete(text: str) -> bool:
+    """True when a transcript stops where a sentence cannot end: on a function word, or on a
+    comma, dash or ellipsis ("I would like to order..."). Audio alone misses these."""
+    stripped = text.strip()
+    if not stripped:
+        return False
+    if stripped.endswith((",", "-", "—", "–", "...", "…", ":")):
+        return True
+    if stripped[-1] in ".?!":
+        return False
+    words = _WORD.findall(stripped.lower())
+    return bool(words) and words[-1] in FUNCTION_WORDS
+
+
+class EndOfTurn:
+    """Decides, from the silence so far and what is known of the utterance, whether the turn is over.
+
+    Semantic mode ends a turn at ``min_silence_ms`` if the end-of-turn model calls it complete and
+    the transcript does not stop mid-sentence, and at ``max_silence_ms`` whatever they say. While a
+    signal is still being computed, the turn waits for it (up to ``max_silence_ms``). Without an
+    end-of-turn model (score None after the call), the transcript decides alone.
+    """
+
+    def __init__(self, cfg: TurnDetection) -> None:
+        self.cfg = cfg
+        self.reset()
+
+    def reset(self) -> None:
+        """A new pause begins: forget the signals of the last one."""
+        self.score: float | None = None
+        self.scored = False  # the model call finished (score None then means: no model)
+        self.transcript: str | None = None
+
+    def set_score(self, score: float | None) -> None:
+        self.score, self.scored = score, True
+
+    def set_transcript(self, text: str) -> None:
+        self.transcript = text
+
+    def complete(self) -> bool | None:
+        """Does the utterance look finished? None while a signal is still missing."""
+        if self.transcript is not None and not self.transcript.strip():
+            return True  # nothing was said (noise): end it, there is nothing to wait for
+        if self.transcript is not None and transcript_looks_incomplete(self.transcript):
+            return False
+        if not self.scored or self.transcript is None:
+            return None
+        return self.score is None or self.score >= self.cfg.completion_threshold
+
+    def decide(self, silence_ms: int) -> bool:
+        """True: end the turn now."""
+        cfg = self.cfg
+        if cfg.mode == "manual":
+            return False
+        if cfg.mode == "silence":
+            return silence_ms >= cfg.min_silence_ms
+        if silence_ms >= cfg.max_silence_ms:
+            return True
+        return silence_ms >= cfg.min_silence_ms and self.complete() is True
+
+
+BargeVerdict = Literal["turn", "noise", "backchannel"]
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower().replace("-", " "))
+
+
+def classify_barge_in(text: str, cfg: Interruptions) -> BargeVerdict:
+    """What the user said over the answer: a real turn, noise (too few words) or a backchannel."""
+    words = _words(text)
+    if len(words) < max(cfg.min_words, 1):
+        return "noise"
+    phrases = {" ".join(_words(p)) for p in cfg.backchannels}
+    backchannel_words = {w for p in phrases for w in p.split()}
+    joined = " ".join(words)
+    if joined in phrases or all(w in backchannel_words for w in words):
+        return "backchannel"
+    return "turn"
