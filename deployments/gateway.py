@@ -1,19 +1,18 @@
-"""The ingress deployment: the public gRPC API, bound to Serve's gRPC proxy.
+"""The ingress deployment: the public gRPC API on Serve's gRPC proxy (a thin protocol adapter).
 
-``Converse`` runs one ``services.session.Conversation`` per stream: a reader task validates and
-feeds the client's messages while this method streams the conversation's events back, so a
-reply never blocks listening. Errors from our family end the stream with their status code
-(set on the gRPC context before raising, which Serve passes through instead of INTERNAL).
+``Converse`` drives one ``services.conversation.Conversation`` per stream, opened through the
+shared ``SessionHub``: a reader task validates and feeds the client's messages while this method
+streams the conversation's events back, so a reply never blocks listening. Errors end the stream
+with their status code, set on the gRPC context before returning normally: Serve passes that
+through (raising would turn it into INTERNAL and log a traceback for every client mistake).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 from grpc_health.v1 import health_pb2
@@ -21,287 +20,292 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 from ray.serve.handle import DeploymentHandle
 
+from deployments.auth import ApiKeyAuth
 from deployments.config import AppArgs
 from deployments.metrics import GatewayMetrics
 from deployments.protocol import (
-    check_encoding,
+    WireFormat,
     check_language,
+    check_text,
     decode_audio,
+    encoding_of,
     event_to_proto,
     settings_from_config,
     status_code,
 )
 from deployments.remote import RemoteStages
+from deployments.sessions import SessionHub
 from protos.voxserve.v1 import voice_pb2 as pb
-from services.audio import MODEL_RATE, StreamResampler, check_rate
+from services.audio import MODEL_RATE, StreamResampler
+from services.codecs import check_encoding_rate, decoder
+from services.conversation import Conversation
+from services.conversation.aio import cancel_and_wait
+from services.conversation.events import ErrorEvent
 from services.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    OutOfRange,
     ResourceExhausted,
     VoxError,
+    to_vox_error,
 )
-from services.history import ChatHistory
-from services.session import Conversation, SessionSettings
-from services.vad import WINDOW, SileroModel, SpeechEnd, VADSegmenter, VADState
+from services.turn_detection import SmartTurnModel
+from services.vad import SileroModel, SpeechEnd, VADStream
 
 log = logging.getLogger("ray.serve")
 HEALTH_SERVICES = ("", "voxserve.v1.VoiceAssistant")
-HEALTH_TIMEOUT_S = 5.0
-RECENT_SESSIONS = 64
+#: Why a stream's input may end with Ray's cancel flag set: the client went away, or Ray's proxy
+#: could not decode one of its messages (it ends the input stream the same way).
+CUT_STREAM = ("the stream was cut: the client cancelled it, or sent bytes that are not a "
+              "voxserve.v1.ClientMessage")
 
 
-def _abort(context: RayServegRPCContext | None, exc: VoxError) -> NoReturn:
+def _fail(context: RayServegRPCContext | None, exc: BaseException) -> str:
+    """Set the status for ``exc`` on the context (the caller then returns normally)."""
+    err = to_vox_error(exc)
     if context is not None:
-        context.set_code(status_code(exc))
-        context.set_details(exc.message)
-    raise exc
+        context.set_code(status_code(err))
+        context.set_details(err.message)
+    return err.code
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=48, ray_actor_options={"num_cpus": 0.5})
 class Gateway:
-    """``voxserve.v1.VoiceAssistant``: Converse, Transcribe, Synthesize."""
+    """``voxserve.v1.VoiceAssistant``: Converse, Transcribe, Synthesize; gRPC health Check."""
 
     async def __init__(self, vad: DeploymentHandle, asr: DeploymentHandle,  # type: ignore[misc]
                        llm: DeploymentHandle, tts: DeploymentHandle, args: dict[str, Any] | None = None) -> None:
         self.args = AppArgs.model_validate(args or {})
-        local_vad = SileroModel.load(self.args.vad) if self.args.gateway.vad_in_gateway else None
-        self.stages = RemoteStages(vad, asr, llm, tts, local_vad)
-        self._tts, self._llm, self._asr = tts, llm, asr
-        self._info: dict[str, Any] | None = None
-        self.active = 0
+        g = self.args.gateway
+        self.auth = ApiKeyAuth.from_config(self.args.auth)
+        local_vad = SileroModel.load(self.args.vad) if g.vad_in_gateway else None
+        turn_model = SmartTurnModel.load(g.turn_detector) if g.turn_detector_enabled else None
+        if turn_model is not None:
+            turn_model.warm_up()  # the first pause of the first caller must not pay for it
+        self.stages = RemoteStages(vad, asr, llm, tts, local_vad, turn_model)
         self.metrics = GatewayMetrics()
-        self.conversations: set[Conversation] = set()
-        # Histories of recently ended sessions, for operators and tests (bounded).
-        self._recent: OrderedDict[str, list[dict[str, str]]] = OrderedDict()
+        self.hub = SessionHub(self.args, self.stages, observer=self.metrics)
         await self._warm_up()
 
     async def _warm_up(self) -> None:
         """One call down every path before taking traffic: a handle's first streaming call sets up
         routing (~0.6 s measured), which would otherwise land on the first caller's first answer."""
         try:
-            info = await self._stage_info()
+            info = await self.hub.stage_info()
             async for _ in self.stages.synthesize("Hi.", voice="", sample_rate=info["voice_rate"]):
                 pass
             async for _ in self.stages.generate([{"role": "user", "content": "Hi."}], max_tokens=1):
                 pass
-            await self.stages.transcribe(np.zeros(MODEL_RATE // 2, np.float32), "en")
+            await self.stages.transcribe(np.zeros(MODEL_RATE // 2, np.float32), None)
+            await self.stages.count_tokens("Hi.")
         except Exception:  # a stage that is not up yet is not a reason to fail the gateway
             log.warning("gateway warm-up failed; the first session may be slower", exc_info=True)
 
-    async def _stage_info(self) -> dict[str, Any]:
-        if self._info is None:
-            rate, llm, asr = await asyncio.gather(self._tts.sample_rate.remote(), self._llm.info.remote(),
-                                                  self._asr.info.remote())
-            self._info = {"voice_rate": rate, "llm_model": llm["model"], "asr_model": asr["model"],
-                          "speech_native": llm["speech_native"]}
-        return self._info
-
-    def _admit(self, context: RayServegRPCContext | None) -> None:
-        limit = self.args.gateway.max_sessions
-        if self.active >= limit:
-            _abort(context, ResourceExhausted(
-                f"server busy: {limit} sessions already active on this replica; retry shortly"))
+    def _authorize(self, context: RayServegRPCContext | None) -> None:
+        if context is not None:
+            self.auth.check_grpc_metadata(context.invocation_metadata(), peer=context.peer())
 
     async def _first(self, stream: gRPCInputStream, kind: str) -> Any:
         try:
             return await asyncio.wait_for(anext(stream), self.args.gateway.first_message_timeout_s)
         except StopAsyncIteration:
+            if stream.is_cancelled():
+                raise InvalidArgument(f"{CUT_STREAM}; the first message must be a {kind}") from None
             raise InvalidArgument(f"the stream ended before its {kind}; send a {kind} first") from None
         except TimeoutError:
             raise DeadlineExceeded(f"no {kind} within {self.args.gateway.first_message_timeout_s:.0f} s") from None
 
-    def _remember(self, conv: Conversation) -> None:
-        self._recent[conv.session_id] = conv.history.messages()
-        while len(self._recent) > RECENT_SESSIONS:
-            self._recent.popitem(last=False)
+    # --- operator and test views ---------------------------------------------------------------
 
-    async def session_history(self, session_id: str) -> list[dict[str, str]] | None:
-        """The chat history (as the LLM would see it) of a live or recently ended session."""
-        for conv in self.conversations:
-            if conv.session_id == session_id:
-                return conv.history.messages()
-        return self._recent.get(session_id)
+    async def session_history(self, session_id: str) -> list[dict[str, Any]] | None:
+        """The recorded history of a live or recently ended session (with interruption flags)."""
+        return self.hub.history(session_id)
 
     async def stats(self) -> dict[str, int]:
-        return {"active_sessions": self.active,
-                "barge_ins": sum(c.barge_ins for c in self.conversations)}
+        return {"active_sessions": self.hub.active}
 
-    # --- Converse -----------------------------------------------------------------------------
+    # --- Converse -------------------------------------------------------------------------------
 
     async def Converse(self, request_stream: gRPCInputStream,
                        grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.ServerEvent]:
-        self._admit(grpc_context)
-        self.active += 1
-        self.metrics.session_started()
         status = "OK"
-        conv: Conversation | None = None
-        reader: asyncio.Task[None] | None = None
+        self.metrics.session_started()
         try:
+            self._authorize(grpc_context)
+            self.hub.admit()
             first = await self._first(request_stream, "SessionConfig")
             if first.WhichOneof("message") != "config":
                 raise FailedPrecondition("the first message must be a SessionConfig (got "
                                          f"{first.WhichOneof('message') or 'an empty message'})")
-            info = await self._stage_info()
-            settings = settings_from_config(first.config, self.args, voice_rate=info["voice_rate"],
-                                            speech_native_available=info["speech_native"])
-            history = ChatHistory(settings.system_prompt or self.args.llm.system_prompt)
-            conv = Conversation(self.stages, settings, history=history, mode_info=info)
-            self.conversations.add(conv)
-            await conv.start()
-            reader = asyncio.create_task(self._read(request_stream, conv, settings))
-            async for event in conv.events():
-                self.metrics.observe(event)
-                yield event_to_proto(event)
-            await reader  # re-raises the reader's error, if any, as this stream's status
-        except VoxError as exc:
-            status = exc.code
-            _abort(grpc_context, exc)
+            info = await self.hub.stage_info()
+            settings, wire = settings_from_config(first.config, self.args, voice_rate=info["voice_rate"],
+                                                  speech_native_available=info["speech_native"])
+            async with self.hub.session(settings) as conv:
+                reader = asyncio.create_task(self._read(request_stream, conv, wire))
+                try:
+                    async for event in conv.events():
+                        self.metrics.observe(event)
+                        message = event_to_proto(event, wire)
+                        if message is not None:
+                            yield message
+                    await reader  # the reader's error, if any, is this stream's status
+                finally:
+                    await cancel_and_wait(reader)
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
-        except Exception:
-            status = "INTERNAL"
-            raise
+        except Exception as exc:
+            status = _fail(grpc_context, exc)
         finally:
             self.metrics.session_ended(status)
-            if reader is not None and not reader.done():
-                reader.cancel()
-                with contextlib.suppress(BaseException):
-                    await reader
-            if conv is not None:
-                await conv.aclose()
-                self.conversations.discard(conv)
-                self._remember(conv)
-            self.active -= 1
 
-    async def _read(self, stream: gRPCInputStream, conv: Conversation, settings: SessionSettings) -> None:
-        """Reader task: validate each client message and feed the conversation."""
+    async def _read(self, stream: gRPCInputStream, conv: Conversation, wire: WireFormat) -> None:
+        """Reader task: validate each client message and feed the conversation.
+
+        Liveness: Ray's proxy can lose a client's hang-up (it then neither cancels this replica
+        nor ends the input stream), so a stream that has sent audio and then nothing for
+        ``client_audio_timeout_s`` is taken as gone, and its work stopped.
+        """
         g = self.args.gateway
-        max_samples = int(g.max_stream_s * settings.input_sample_rate)
+        max_samples = int(g.max_stream_s * conv.settings.input_sample_rate)
         received = 0
         try:
-            async for msg in stream:
+            while True:
+                timeout = g.client_audio_timeout_s if received else g.client_idle_timeout_s
+                try:
+                    msg = await asyncio.wait_for(anext(stream), timeout)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"no message for {timeout:g} s: a live audio stream must keep sending (silence "
+                        "included) until EndOfInput; the stream is taken as hung up" if received else
+                        f"no message for {timeout:g} s; closing the idle stream") from None
                 kind = msg.WhichOneof("message")
                 if kind == "audio":
-                    samples = decode_audio(msg.audio.data, g.max_message_bytes)
+                    samples = decode_audio(msg.audio.data, g.max_message_bytes, wire.decode)
                     received += samples.size
                     if received > max_samples:
                         raise ResourceExhausted(f"stream exceeded its {g.max_stream_s:.0f} s audio limit")
                     if samples.size:
                         await conv.push_audio(samples)
                 elif kind == "text":
-                    text = msg.text.text.strip()
-                    if not text:
-                        raise InvalidArgument("text turn is empty")
-                    if len(text) > g.max_text_chars:
-                        raise OutOfRange(f"text turn has {len(text)} characters; at most {g.max_text_chars}")
-                    await conv.push_text(text)
+                    await conv.push_text(check_text(msg.text.text, g.max_text_chars), interrupt=msg.text.interrupt)
                 elif kind == "playback":
                     conv.playback(msg.playback.response_id, msg.playback.played_ms)
+                elif kind in ("commit", "clear", "cancel_response"):
+                    await self._control(conv, kind)
                 elif kind == "end_of_input":
                     break
                 elif kind == "config":
                     raise FailedPrecondition("SessionConfig may only be sent once, as the first message")
                 else:
-                    raise InvalidArgument("empty ClientMessage: set one of config, audio, text, playback")
+                    raise InvalidArgument("empty ClientMessage: set one of config, audio, text, playback, "
+                                          "commit, clear, cancel_response, end_of_input")
             if stream.is_cancelled():
-                # Ray ends the input iteration quietly when the client cancels or disconnects:
-                # that is not a half-close, so nothing may go on being generated for nobody.
+                # Ray ends the input quietly when the client goes away, and also when its proxy
+                # cannot decode a message: stop everything; the status reaches a client still there.
                 await conv.aclose()
-            else:
-                await conv.end_input()  # finish the turn in progress, then close the event stream
+                raise InvalidArgument(CUT_STREAM)
+            await conv.end_input()  # finish the turn in progress, then close the event stream
         except BaseException:
             await conv.aclose()
             raise
 
-    # --- Transcribe ---------------------------------------------------------------------------
+    @staticmethod
+    async def _control(conv: Conversation, kind: str) -> None:
+        """Turn control messages: a mistake (nothing to commit) is reported, the stream goes on."""
+        try:
+            if kind == "commit":
+                await conv.commit_audio()
+            elif kind == "clear":
+                await conv.clear_audio()
+            else:
+                await conv.cancel_response()
+        except VoxError as exc:
+            await conv.emit(ErrorEvent(code=exc.code, message=exc.message))
+
+    # --- Transcribe -----------------------------------------------------------------------------
 
     async def Transcribe(self, request_stream: gRPCInputStream,
                          grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.TranscriptEvent]:
-        self._admit(grpc_context)
-        self.active += 1
         try:
-            first = await self._first(request_stream, "TranscribeConfig")
-            if first.WhichOneof("message") != "config":
-                raise FailedPrecondition("the first message must be a TranscribeConfig")
-            cfg = first.config
-            check_encoding(cfg.encoding)
-            rate = check_rate(cfg.sample_rate or MODEL_RATE)
-            language = check_language(cfg.language)
-            resampler = StreamResampler(rate, MODEL_RATE)
-            segmenter, state = VADSegmenter(self.args.vad), VADState()
-            max_samples = int(self.args.gateway.max_stream_s * rate)
-            received = 0
-            flushing = False
-            while True:
-                msg = await anext(request_stream, None)
-                if msg is None:
-                    if request_stream.is_cancelled():
-                        return  # the client is gone: no final decode for nobody
-                    flushing = True
-                    x = np.zeros((WINDOW - state.leftover.size) % WINDOW, np.float32)  # score the tail
-                elif msg.WhichOneof("message") != "audio":
-                    raise FailedPrecondition("after the config, Transcribe takes only audio messages")
-                else:
-                    samples = decode_audio(msg.audio.data, self.args.gateway.max_message_bytes)
-                    received += samples.size
-                    if received > max_samples:
-                        raise ResourceExhausted(
-                            f"stream exceeded its {self.args.gateway.max_stream_s:.0f} s audio limit")
-                    x = resampler.push(samples)
-                lead = state.leftover
-                probs, state = await self.stages.vad_probs(x, state)
-                scored = np.concatenate([lead, x]) if lead.size else x
-                events = segmenter.feed(probs, scored[: probs.size * WINDOW])
-                if flushing:
-                    events += segmenter.flush()
-                for event in events:
-                    if isinstance(event, SpeechEnd):
-                        result = await self.stages.transcribe(event.audio, language)
-                        if result.text.strip():
-                            yield pb.TranscriptEvent(text=result.text.strip(), is_final=True,
-                                                     language=result.language or "",
-                                                     start_ms=event.start_ms, end_ms=event.end_ms)
-                if flushing:
-                    return
-        except VoxError as exc:
-            _abort(grpc_context, exc)
-        finally:
-            self.active -= 1
+            self._authorize(grpc_context)
+            async with self.hub.slot():
+                async for event in self._transcribe(request_stream):
+                    yield event
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _fail(grpc_context, exc)
 
-    # --- gRPC health (grpc.health.v1.Health, registered beside our servicer) -------------------
+    async def _transcribe(self, request_stream: gRPCInputStream) -> AsyncIterator[pb.TranscriptEvent]:
+        first = await self._first(request_stream, "TranscribeConfig")
+        if first.WhichOneof("message") != "config":
+            raise FailedPrecondition("the first message must be a TranscribeConfig")
+        cfg = first.config
+        enc = encoding_of(cfg.encoding)
+        rate = check_encoding_rate(enc, cfg.sample_rate or (MODEL_RATE if enc == "pcm16" else 8000))
+        language = check_language(cfg.language)
+        decode = decoder(enc)
+        resampler = StreamResampler(rate, MODEL_RATE)
+        vad = VADStream(self.stages.vad_probs, self.args.vad)
+        max_samples = int(self.args.gateway.max_stream_s * rate)
+        received = 0
+        while True:
+            msg = await anext(request_stream, None)
+            if msg is None:
+                if request_stream.is_cancelled():
+                    return  # the client is gone: no final decode for nobody
+                events = await vad.flush()
+            elif msg.WhichOneof("message") != "audio":
+                raise FailedPrecondition("after the config, Transcribe takes only audio messages")
+            else:
+                samples = decode_audio(msg.audio.data, self.args.gateway.max_message_bytes, decode)
+                received += samples.size
+                if received > max_samples:
+                    raise ResourceExhausted(f"stream exceeded its {self.args.gateway.max_stream_s:.0f} s audio limit")
+                events = await vad.push(resampler.push(samples))
+            for event in events:
+                if isinstance(event, SpeechEnd):
+                    result = await self.stages.transcribe(event.audio, language)
+                    if result.text.strip():
+                        yield pb.TranscriptEvent(text=result.text.strip(), is_final=True,
+                                                 language=result.language or "",
+                                                 start_ms=event.start_ms, end_ms=event.end_ms)
+            if msg is None:
+                return
+
+    # --- gRPC health (grpc.health.v1.Health, registered beside our servicer) ------------------------
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     grpc_context: RayServegRPCContext | None = None) -> health_pb2.HealthCheckResponse:
-        """SERVING once every stage deployment has answered (kubelet readiness probe)."""
+        """SERVING while every stage answers now (asked again every few seconds: a dead stage
+        turns it NOT_SERVING). No API key needed: probes must reach it."""
         if request.service not in HEALTH_SERVICES:
-            _abort(grpc_context, NotFound(f"unknown service {request.service!r}"))
-        try:
-            await asyncio.wait_for(self._stage_info(), HEALTH_TIMEOUT_S)
-        except (TimeoutError, Exception):  # any stage not answering yet means not ready
-            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+            _fail(grpc_context, NotFound(f"unknown service {request.service!r}"))
+            return health_pb2.HealthCheckResponse()
+        ok = await self.hub.healthy()
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    # --- Synthesize ---------------------------------------------------------------------------
+    # --- Synthesize -----------------------------------------------------------------------------
 
     async def Synthesize(self, request: pb.SynthesizeRequest,
                          grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.AudioChunk]:
         try:
-            text = request.text.strip()
-            if not text:
-                raise InvalidArgument("text is empty")
-            if len(text) > self.args.gateway.max_text_chars:
-                raise OutOfRange(f"text has {len(text)} characters; at most {self.args.gateway.max_text_chars}")
+            self._authorize(grpc_context)
+            text = check_text(request.text, self.args.gateway.max_text_chars)
             if request.voice not in ("", "default") and request.voice != self.args.tts.voice:
                 raise InvalidArgument(f"unknown voice {request.voice!r}; leave voice empty")
-            info = await self._stage_info()
-            rate = check_rate(request.sample_rate) if request.sample_rate else info["voice_rate"]
+            info = await self.hub.stage_info()
+            rate = check_encoding_rate("pcm16", request.sample_rate) if request.sample_rate else info["voice_rate"]
             offset = 0.0
             async for pcm in self.stages.synthesize(text, voice=request.voice, sample_rate=rate):
                 yield pb.AudioChunk(data=pcm, sample_rate=rate, offset_ms=int(offset))
                 offset += 1000.0 * (len(pcm) // 2) / rate
-        except VoxError as exc:
-            _abort(grpc_context, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _fail(grpc_context, exc)

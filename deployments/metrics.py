@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from services import events as ev
+from services.conversation import events as ev
 
 PREFIX = "voxserve_"
 
@@ -44,6 +44,14 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "voxserve_turns_total": ("counter", ("outcome",),
                              "Answered user turns by outcome: done, interrupted, error."),
     "voxserve_barge_ins_total": ("counter", (), "Answers interrupted by the user speaking (barge-in)."),
+    "voxserve_speculations_total": ("counter", ("outcome",),
+                                    "Answers started during the user's pause: started, used (released at "
+                                    "the end of turn), discarded (the user spoke on; aborted, never sent)."),
+    "voxserve_interruptions_total": ("counter", ("outcome",),
+                                     "User speech over an answer: paused, interrupted, resumed_noise, "
+                                     "resumed_backchannel (false interruptions that resumed the answer)."),
+    "voxserve_turn_ends_total": ("counter", ("state", "reason"),
+                                 "Responses by how they ended: committed, interrupted, discarded; and why."),
     "voxserve_errors_total": ("counter", ("code", "where"),
                               "Errors by gRPC status code name; where = turn (the conversation goes on) "
                               "or stream (the stream ended with this status)."),
@@ -84,7 +92,8 @@ class GatewayMetrics:
     """
 
     _NAMES = ("voxserve_sessions_active", "voxserve_sessions_total", "voxserve_turns_total",
-              "voxserve_barge_ins_total", "voxserve_errors_total", "voxserve_stage_latency_ms",
+              "voxserve_barge_ins_total", "voxserve_speculations_total", "voxserve_interruptions_total",
+              "voxserve_turn_ends_total", "voxserve_errors_total", "voxserve_stage_latency_ms",
               "voxserve_first_audio_ms", "voxserve_voice_to_voice_ms", "voxserve_turn_total_ms",
               "voxserve_llm_tokens_per_s")
 
@@ -110,6 +119,16 @@ class GatewayMetrics:
     def barge_in(self) -> None:
         self._m["voxserve_barge_ins_total"].inc(1)
 
+    # services.conversation.Observer: what no client event shows
+    def speculation(self, outcome: str) -> None:
+        self._m["voxserve_speculations_total"].inc(1, tags={"outcome": outcome})
+
+    def interruption(self, outcome: str) -> None:
+        self._m["voxserve_interruptions_total"].inc(1, tags={"outcome": outcome})
+
+    def turn_ended(self, state: str, reason: str) -> None:
+        self._m["voxserve_turn_ends_total"].inc(1, tags={"state": state, "reason": reason or "done"})
+
     def turn_latency(self, lat: ev.TurnLatency) -> None:
         """Record an answered turn's latency breakdown (``ResponseDone.latency``)."""
         self._m["voxserve_turns_total"].inc(1, tags={"outcome": "done"})
@@ -133,7 +152,8 @@ class GatewayMetrics:
             self.turn_latency(event.latency)
         elif isinstance(event, ev.ResponseInterrupted):
             self._m["voxserve_turns_total"].inc(1, tags={"outcome": "interrupted"})
-            self.barge_in()
+            if event.reason == "barge_in":
+                self.barge_in()
         elif isinstance(event, ev.ErrorEvent):
             self._m["voxserve_turns_total"].inc(1, tags={"outcome": "error"})
             self.error(event.code, where="turn")

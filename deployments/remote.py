@@ -1,4 +1,8 @@
-"""``Stages`` over DeploymentHandles: how the gateway reaches the stage deployments."""
+"""``Stages`` over DeploymentHandles: how the gateway reaches the stage deployments.
+
+VAD and the end-of-turn model run in the gateway process by default: a Ray hop (2-6 ms) costs
+more than scoring a 32 ms window, and both are needed on every chunk or pause of every session.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 import numpy as np
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
+from services.turn_detection import SmartTurnModel
 from services.vad import SileroModel, VADState
 
 
@@ -41,17 +46,19 @@ async def _call(response: DeploymentResponse | DeploymentResponseGenerator) -> A
 
 
 class RemoteStages:
-    """The conversation's four stages as Ray Serve deployments (VAD optionally in-process)."""
+    """The conversation's stages as Ray Serve deployments (VAD and end of turn optionally local)."""
 
     def __init__(self, vad: DeploymentHandle, asr: DeploymentHandle, llm: DeploymentHandle,
-                 tts: DeploymentHandle, local_vad: SileroModel | None = None) -> None:
+                 tts: DeploymentHandle, local_vad: SileroModel | None = None,
+                 turn_model: SmartTurnModel | None = None) -> None:
         self.vad, self.asr, self.llm, self.tts = vad, asr, llm, tts
         self.local_vad = local_vad
+        self.turn_model = turn_model
 
     async def vad_probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
         if self.local_vad is not None:
             return self.local_vad.probs(audio16k, state)
-        result: tuple[np.ndarray, VADState] = await self.vad.probs.remote(audio16k, state)
+        result: tuple[np.ndarray, VADState] = await _call(self.vad.probs.remote(audio16k, state))
         return result
 
     async def transcribe(self, audio16k: np.ndarray, language: str | None) -> Any:
@@ -60,6 +67,11 @@ class RemoteStages:
     async def partial_transcribe(self, audio16k: np.ndarray, language: str | None) -> str | None:
         text: str | None = await _call(self.asr.partial.remote(audio16k, language))
         return text
+
+    async def end_of_turn(self, audio16k: np.ndarray) -> float | None:
+        if self.turn_model is None:
+            return None
+        return await asyncio.to_thread(self.turn_model.predict, audio16k)
 
     async def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:
@@ -71,3 +83,15 @@ class RemoteStages:
         gen = self.tts.options(stream=True).synthesize.remote(text, sample_rate)
         async for pcm in _stream(gen):
             yield pcm
+
+    async def count_tokens(self, text: str) -> int:
+        return int(await _call(self.llm.count_tokens.remote(text)))
+
+    async def info(self) -> dict[str, Any]:
+        """Every stage answers (the gateway's health check) with what sessions need to know."""
+        rate, llm, asr = await asyncio.gather(_call(self.tts.sample_rate.remote()), _call(self.llm.info.remote()),
+                                              _call(self.asr.info.remote()))
+        if self.local_vad is None:
+            await _call(self.vad.probs.remote(np.zeros(0, np.float32), VADState()))
+        return {"voice_rate": rate, "llm_model": llm["model"], "asr_model": asr["model"],
+                "speech_native": llm["speech_native"]}

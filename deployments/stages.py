@@ -101,6 +101,10 @@ class LLMDeployment:
     def _engines(self) -> list[LLMEngine]:
         return [self.engine] + ([self.audio_engine] if self.audio_engine not in (None, self.engine) else [])
 
+    async def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` for the text LLM (the gateway checks system prompts with it)."""
+        return self.engine.count_tokens(text)
+
     async def num_unfinished(self) -> int:
         return sum(e.num_unfinished_requests() for e in self._engines())
 

@@ -37,11 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.cpu import resolve_llm_dtype
 from services.errors import (
     FailedPrecondition,
-    InternalError,
     InvalidArgument,
     NotFound,
     OutOfRange,
     Unavailable,
+    to_vox_error,
 )
 from services.models import default_llm_model, resolve
 
@@ -112,7 +112,26 @@ class LLMConfig(BaseModel):
         default=16, ge=1, description="Most requests generated together in one batch."
     )
     repetition_penalty: float = Field(
-        default=1.0, gt=0, le=2, description="Penalty on repeated tokens (>1 discourages loops)."
+        default=1.1, gt=0, le=2,
+        description="Penalty on tokens already in the prompt or answer (>1 discourages loops and parroting "
+        "earlier answers, which small models fall into over a long conversation)."
+    )
+    frequency_penalty: float = Field(
+        default=0.3, ge=-2, le=2, description="Penalty growing with how often a token was already generated."
+    )
+    history_tokens: int = Field(
+        default=768, ge=0,
+        description="Most tokens of earlier turns put in a prompt (oldest dropped first): keeps prefill short "
+        "and small models on topic.",
+    )
+    max_num_batched_tokens: int = Field(
+        default=512, ge=64,
+        description="Tokens one engine step may prefill: longer prompts are prefilled in chunks between other "
+        "requests' decode steps, so one long prompt cannot stall every session.",
+    )
+    enable_prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV cache of prompt prefixes (system prompt and history shared by a session's turns).",
     )
     seed: int | None = Field(
         default=None, description="Sampling seed for reproducible answers; None = random."
@@ -292,6 +311,9 @@ class LLMEngine:
             enforce_eager=cfg.enforce_eager,
             trust_remote_code=cfg.trust_remote_code,
             max_num_seqs=cfg.max_num_seqs,
+            enable_chunked_prefill=True,
+            max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.max_num_seqs),
+            enable_prefix_caching=cfg.enable_prefix_caching,
             disable_log_stats=True,
         )
         if audio_arch is not None:
@@ -358,6 +380,28 @@ class LLMEngine:
                     f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}"
                 )
 
+    def fit_messages(self, messages: list[dict[str, str]], max_tokens: int) -> list[dict[str, str]]:
+        """``messages`` with the oldest turns dropped until earlier turns take at most
+        ``history_tokens`` and the prompt leaves room for an answer in ``max_model_len``.
+
+        The system prompt and the newest message are always kept (if they alone do not fit,
+        ``stream_chat`` reports OUT_OF_RANGE); the kept window starts with a user message.
+        """
+        self._check_roles(messages)
+        head = messages[:1] if messages[0]["role"] == "system" else []
+        turns = list(messages[len(head):])
+        room = self.max_model_len - min(max_tokens, max(1, self.max_model_len // 8))
+        costs = [self.count_tokens(m["content"]) + 4 for m in turns]  # + role tags, roughly
+        while len(turns) > 1:
+            if sum(costs[:-1]) <= self.cfg.history_tokens and len(self.prompt_ids(head + turns)) <= room:
+                break
+            turns.pop(0)
+            costs.pop(0)
+            while len(turns) > 1 and turns[0]["role"] != "user":
+                turns.pop(0)
+                costs.pop(0)
+        return head + turns
+
     def count_tokens(self, text: str) -> int:
         """Token count of plain text (for ChatHistory budgets)."""
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -394,7 +438,7 @@ class LLMEngine:
         if audio is None:
             from vllm.inputs import TokensPrompt
 
-            ids = self.prompt_ids(messages)
+            ids = self.prompt_ids(self.fit_messages(messages, max_tokens))
             prompt, n_prompt = TokensPrompt(prompt_token_ids=ids), len(ids)
         else:
             prompt, n_prompt = self._audio_prompt(messages, audio)
@@ -411,6 +455,7 @@ class LLMEngine:
             temperature=temperature,
             top_p=self.cfg.top_p if temperature > 0 else 1.0,
             repetition_penalty=self.cfg.repetition_penalty,
+            frequency_penalty=self.cfg.frequency_penalty,
             seed=self.cfg.seed,
             output_kind=RequestOutputKind.DELTA,
         )
@@ -478,14 +523,11 @@ class LLMEngine:
             stats.total_s = time.monotonic() - t0
             result.stats = stats
 
-    def _map_error(self, exc: Exception) -> Exception:
-        name = type(exc).__name__
-        if name == "EngineDeadError":
-            return Unavailable("the LLM engine stopped; the replica needs a restart")
-        if name in ("VLLMValidationError", "ValueError"):
+    @staticmethod
+    def _map_error(exc: Exception) -> Exception:
+        if isinstance(exc, ValueError) and type(exc) is ValueError:  # vLLM's input checks
             return InvalidArgument(f"the LLM rejected the request: {exc}")
-        log.exception("LLM generation failed")
-        return InternalError("LLM generation failed")
+        return to_vox_error(exc)  # vLLM's own types are mapped in services.errors
 
     def shutdown(self) -> None:
         """Stop vLLM's engine process; the engine cannot be used afterwards."""

@@ -1,7 +1,8 @@
-"""``Stages`` backed by engines in this process: the demo, benchmarks and tests without Ray."""
+"""``Stages`` backed by engines in this process: benchmarks and tests without Ray."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -9,27 +10,34 @@ from typing import Any
 
 import numpy as np
 
-from services.asr import ASRConfig, Transcript, WhisperASR
+from services.asr import ASRConfig, ASRRouter, Transcript
 from services.audio import StreamResampler, float_to_pcm16
 from services.llm import LLMConfig, LLMEngine
 from services.tts import PiperTTS, TTSConfig
+from services.turn_detection import SmartTurnModel, TurnDetectorConfig
 from services.vad import SileroModel, VADConfig, VADState
 
 
 @dataclass
 class LocalStages:
-    """All four engines loaded here; implements ``services.session.Stages``."""
+    """Every engine loaded here; implements ``services.conversation.Stages``."""
 
     vad: SileroModel
-    asr: WhisperASR
+    asr: ASRRouter
     llm: LLMEngine
     tts: PiperTTS
+    turn_model: SmartTurnModel | None = None
 
     @classmethod
     def load(cls, vad: VADConfig | None = None, asr: ASRConfig | None = None,
-             llm: LLMConfig | None = None, tts: TTSConfig | None = None) -> LocalStages:
-        return cls(SileroModel.load(vad or VADConfig()), WhisperASR.load(asr or ASRConfig()),
-                   LLMEngine.create_sync(llm or LLMConfig()), PiperTTS.load(tts or TTSConfig()))
+             llm: LLMConfig | None = None, tts: TTSConfig | None = None,
+             turn: TurnDetectorConfig | None = None) -> LocalStages:
+        router = ASRRouter.load(asr or ASRConfig())
+        router.warm_up()
+        turn_model = SmartTurnModel.load(turn or TurnDetectorConfig())
+        turn_model.warm_up()
+        return cls(SileroModel.load(vad or VADConfig()), router, LLMEngine.create_sync(llm or LLMConfig()),
+                   PiperTTS.load(tts or TTSConfig()), turn_model)
 
     async def vad_probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
         return self.vad.probs(audio16k, state)
@@ -41,11 +49,17 @@ class LocalStages:
         result = await self.asr.try_transcribe(audio16k, language)
         return result.text if result is not None else None
 
+    async def end_of_turn(self, audio16k: np.ndarray) -> float | None:
+        if self.turn_model is None:
+            return None
+        return await asyncio.to_thread(self.turn_model.predict, audio16k)
+
     async def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:
         kwargs: dict[str, Any] = {"audio": audio} if audio is not None else {}
-        async for delta in self.llm.stream_chat(messages, max_tokens=max_tokens, **kwargs):
-            yield delta
+        async with self.llm.stream_chat(messages, max_tokens=max_tokens, **kwargs) as stream:
+            async for delta in stream:
+                yield delta
 
     async def synthesize(self, text: str, *, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
         resampler = StreamResampler(self.tts.sample_rate, sample_rate or self.tts.sample_rate)
@@ -54,6 +68,13 @@ class LocalStages:
                 yield float_to_pcm16(resampler.push(audio))
         if (tail := resampler.flush()).size:
             yield float_to_pcm16(tail)
+
+    async def count_tokens(self, text: str) -> int:
+        return self.llm.count_tokens(text)
+
+    async def info(self) -> dict[str, Any]:
+        return {"voice_rate": self.tts.sample_rate, "llm_model": self.llm.model,
+                "asr_model": self.asr.describe()["model"], "speech_native": self.llm.supports_audio}
 
     def shutdown(self) -> None:
         self.llm.shutdown()

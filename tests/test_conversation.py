@@ -66,9 +66,9 @@ class Harness:
             await self.conv.push_audio(audio[i:i + chunk])
             await asyncio.sleep(chunk / RATE if realtime else 0)
 
-    async def until(self, predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    async def until(self, predicate: Callable[[], bool], within_s: float = 10.0) -> None:
         """Wait for an observable state (events, engine counters), never a fixed sleep."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within_s):
             while not predicate():
                 await asyncio.sleep(0.005)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.conversation.history import MESSAGE_OVERHEAD, ChatHistory
 from services.errors import InvalidArgument
-from services.history import INTERRUPTED_MARK, MESSAGE_OVERHEAD, ChatHistory
 
 
 def roles(msgs: list[dict[str, str]]) -> list[str]:
@@ -36,23 +36,33 @@ def test_empty_user_turn_rejected() -> None:
         h.add_user("   ")
 
 
-def test_interrupted_answer_keeps_heard_text_and_marks_it() -> None:
+def test_interrupted_answer_keeps_heard_text_without_any_marker() -> None:
+    """Markers in the text became the answer style of small models (defect 11)."""
     h = ChatHistory("s")
     h.add_user("tell me a story")
     h.add_assistant("Once upon a time ", interrupted=True)
     h.add_user("stop")
     msgs = h.messages()
-    assert msgs[2] == {"role": "assistant", "content": "Once upon a time" + INTERRUPTED_MARK}
-    assert h.turns[1].interrupted
+    assert msgs[2] == {"role": "assistant", "content": "Once upon a time"}
+    assert h.turns[1].interrupted and h.records()[2]["interrupted"]
 
 
-def test_interrupted_before_anything_heard_still_alternates() -> None:
+def test_answer_heard_not_at_all_leaves_no_assistant_message() -> None:
     h = ChatHistory("s")
     h.add_user("one")
     h.add_assistant("", interrupted=True)
     h.add_user("two")
-    assert roles(h.messages()) == ["system", "user", "assistant", "user"]
-    assert h.messages()[2]["content"] == INTERRUPTED_MARK
+    assert roles(h.messages()) == ["system", "user"] and h.messages()[1]["content"] == "one two"
+
+
+def test_late_truncate_of_the_last_answer() -> None:
+    h = ChatHistory("s")
+    h.add_user("q")
+    h.add_assistant("one two three four")
+    assert h.truncate_last_assistant("one two")
+    assert h.messages()[-1]["content"] == "one two" and h.turns[-1].interrupted
+    assert h.truncate_last_assistant("") and roles(h.messages()) == ["system", "user"]
+    assert not h.truncate_last_assistant("x")
 
 
 def test_empty_uninterrupted_answer_is_not_a_turn_and_users_merge() -> None:
@@ -72,7 +82,7 @@ def test_consecutive_assistant_parts_merge_with_last_interrupt_flag() -> None:
     h.add_assistant("part two", interrupted=True)
     msgs = h.messages()
     assert roles(msgs) == ["system", "user", "assistant"]
-    assert msgs[2]["content"] == "part one part two" + INTERRUPTED_MARK
+    assert msgs[2]["content"] == "part one part two" and h.turns[-1].interrupted
 
 
 def test_max_turns_keeps_newest_and_starts_with_user() -> None:
@@ -86,7 +96,7 @@ def test_max_turns_keeps_newest_and_starts_with_user() -> None:
     assert roles(msgs) == ["system", "user", "assistant", "user"]
     assert [m["content"] for m in msgs[1:]] == ["u4", "a4", "last"]
     with pytest.raises(InvalidArgument):
-        h.messages(max_turns=0)
+        h.messages(max_turns=-1)
 
 
 def test_char_budget_trims_oldest_first() -> None:

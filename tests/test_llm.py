@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from services.errors import InvalidArgument, NotFound, OutOfRange
-from services.history import ChatHistory
+from services.conversation.history import ChatHistory
 from services.llm import LLMConfig, LLMEngine, _cpu_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -167,12 +167,15 @@ async def test_history_trimmed_to_context_fits(engine: LLMEngine) -> None:
         history.add_user(f"Remember the number {i} and tell me something about it in detail.")
         history.add_assistant("Sure. " + "It is a fine number. " * 10)
     history.add_user("What is the capital of France?")
-    budget = engine.max_model_len - 64
-    messages = history.messages(budget=budget, count=engine.count_tokens)
-    assert len(messages) < 2 + 80
-    assert len(engine.prompt_ids(messages)) < engine.max_model_len - 32
+    messages = history.messages()
+    fitted = engine.fit_messages(messages, 32)
+    assert fitted[0]["role"] == "system" and fitted[1]["role"] == "user" and fitted[-1] == messages[-1]
+    assert sum(engine.count_tokens(m["content"]) for m in fitted[1:-1]) <= engine.cfg.history_tokens
+    assert fitted[1:] == messages[len(messages) - len(fitted) + 1:]  # the newest turns, in order
+    # stream_chat trims by itself: the whole history is accepted (defect 4: trimmed by tokens)
     async with engine.stream_chat(messages, max_tokens=32, temperature=0) as s:
         assert "".join([d async for d in s])
+        assert s.prompt_tokens <= engine.cfg.history_tokens + 200
 
 
 async def test_missing_model_folder() -> None:

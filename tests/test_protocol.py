@@ -5,32 +5,61 @@ from __future__ import annotations
 import pytest
 
 from deployments.config import AppArgs
-from deployments.protocol import decode_audio, event_to_proto, settings_from_config, status_code
+from deployments.protocol import check_text, decode_audio, event_to_proto, settings_from_config, status_code
 from protos.voxserve.v1 import voice_pb2 as pb
-from services import events as ev
+from services.conversation import SPEECH_NATIVE
+from services.conversation import events as ev
 from services.errors import FailedPrecondition, InvalidArgument, OutOfRange, ResourceExhausted, VoxError
-from services.session import SPEECH_NATIVE
 
 ARGS = AppArgs()
 
 
 def settings(native: bool = False, **cfg: object):  # type: ignore[no-untyped-def]
-    return settings_from_config(pb.SessionConfig(**cfg), ARGS, voice_rate=22050, speech_native_available=native)
+    return settings_from_config(pb.SessionConfig(**cfg), ARGS, voice_rate=22050, speech_native_available=native)[0]
 
 
 def test_defaults() -> None:
     s = settings()
     assert s.input_sample_rate == 16000 and s.output_sample_rate == 22050 and s.language is None
-    assert s.mode == "cascade" and s.barge_in and s.vad.threshold == ARGS.vad.threshold
+    assert s.mode == "cascade" and s.interruptions.mode == "pause" and s.vad.threshold == ARGS.vad.threshold
+    assert s.turn.mode == "semantic" and s.turn.speculate and s.playback == "estimate"
 
 
 def test_client_choices_apply() -> None:
     s = settings(True, input_sample_rate=48000, output_sample_rate=16000, language="de",
                  vad=pb.VADSettings(threshold=0.6, min_silence_ms=800), response_mode=pb.SPEECH_NATIVE,
-                 disable_barge_in=True, max_response_tokens=50)
+                 disable_barge_in=True, max_response_tokens=50, playback=pb.PLAYBACK_NONE)
     assert (s.input_sample_rate, s.output_sample_rate, s.language) == (48000, 16000, "de")
-    assert s.vad.threshold == pytest.approx(0.6) and s.vad.min_silence_ms == 800
-    assert s.mode == SPEECH_NATIVE and not s.barge_in and s.max_response_tokens == 50
+    assert s.vad.threshold == pytest.approx(0.6) and s.turn.min_silence_ms == 800
+    assert s.mode == SPEECH_NATIVE and s.interruptions.mode == "off" and s.max_response_tokens == 50
+    assert s.playback == "none" and settings(language="auto").language == "auto"
+
+
+def test_turn_detection_and_interruption_settings() -> None:
+    s = settings(turn_detection=pb.TurnDetectionSettings(mode=pb.SILENCE, min_silence_ms=500, disable_speculation=True),
+                 interruptions=pb.InterruptionSettings(mode=pb.INTERRUPTION_CANCEL, min_duration_ms=600,
+                                                       min_words=2, backchannels=["sure thing"]))
+    assert (s.turn.mode, s.turn.min_silence_ms, s.turn.speculate) == ("silence", 500, False)
+    assert (s.interruptions.mode, s.interruptions.min_duration_ms, s.interruptions.min_words) == ("cancel", 600, 2)
+    assert s.interruptions.backchannels == ["sure thing"]
+    assert settings(turn_detection=pb.TurnDetectionSettings(mode=pb.MANUAL)).turn.mode == "manual"
+
+
+def test_telephony_encodings_are_8khz() -> None:
+    s, wire = settings_from_config(pb.SessionConfig(input_encoding=pb.MULAW, output_encoding=pb.ALAW), ARGS,
+                                   voice_rate=22050, speech_native_available=False)
+    assert s.input_sample_rate == 8000 and s.output_sample_rate == 8000
+    assert wire.decode(b"\xff\xff").size == 2 and len(wire.encode(b"\x00\x00" * 4)) == 4
+    with pytest.raises(OutOfRange):
+        settings(input_encoding=pb.MULAW, input_sample_rate=16000)
+
+
+def test_text_turn_checks() -> None:
+    assert check_text("  hi\u200b ", 100) == "hi"
+    with pytest.raises(InvalidArgument):
+        check_text("\u200b\u200b \u2060", 100)  # zero-width characters only
+    with pytest.raises(OutOfRange):
+        check_text("x" * 101, 100)
 
 
 @pytest.mark.parametrize("cfg,error", [
@@ -40,6 +69,9 @@ def test_client_choices_apply() -> None:
     ({"language": "english"}, InvalidArgument),
     ({"vad": pb.VADSettings(threshold=0.99)}, OutOfRange),
     ({"vad": pb.VADSettings(min_silence_ms=20000)}, OutOfRange),
+    ({"turn_detection": pb.TurnDetectionSettings(max_silence_ms=50)}, OutOfRange),
+    ({"interruptions": pb.InterruptionSettings(min_words=50)}, OutOfRange),
+    ({"output_encoding": pb.FLOAT32}, InvalidArgument),
     ({"max_response_tokens": 100000}, OutOfRange),
     ({"system_prompt": "x" * 9000}, OutOfRange),
     ({"voice": "nonexistent"}, InvalidArgument),
@@ -70,11 +102,14 @@ def test_every_event_maps_to_protobuf() -> None:
         ev.ResponseDone(response_id=1, text="hi", audio_ms=5, latency=ev.TurnLatency(asr_ms=3.0, llm_tokens=2)),
         ev.ResponseInterrupted(response_id=1, heard_text="h", heard_ms=1, generated_text="hi"),
         ev.ErrorEvent(code="UNAVAILABLE", message="down"),
+        ev.InputCommitted(input_id=1), ev.ResponsePaused(response_id=1, played_ms=3),
+        ev.ResponseResumed(response_id=1, reason="noise"),
     ]
-    kinds = [event_to_proto(e).WhichOneof("event") for e in events]
+    kinds = [event_to_proto(e).WhichOneof("event") for e in events]  # type: ignore[union-attr]
     assert kinds == ["session_started", "speech_started", "speech_stopped", "partial_transcript",
                      "final_transcript", "response_started", "text_delta", "audio", "response_done",
-                     "response_interrupted", "error"]
-    done = event_to_proto(events[8]).response_done
+                     "response_interrupted", "error", "input_committed", "response_paused", "response_resumed"]
+    assert event_to_proto(ev.InputCleared()) is None
+    done = event_to_proto(events[8]).response_done  # type: ignore[union-attr]
     assert done.latency.asr_ms == 3.0 and done.latency.llm_tokens == 2
-    assert event_to_proto(events[0]).session_started.response_mode == pb.SPEECH_NATIVE
+    assert event_to_proto(events[0]).session_started.response_mode == pb.SPEECH_NATIVE  # type: ignore[union-attr]

@@ -91,7 +91,8 @@ class SessionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_sample_rate: int = Field(MODEL_RATE, description="Rate of the client's audio.")
-    language: str | None = Field("en", description="Language of the user's speech; None = detect.")
+    language: str | None = Field(
+        None, description="Language of the user's speech: ISO 639-1 code, 'auto' = detect, None = server default.")
     system_prompt: str = Field("", description="System prompt; '' = the LLM's default.")
     voice: str = Field("", description="TTS voice; '' = the deployment's default.")
     vad: VADConfig = Field(default_factory=VADConfig, description="Voice activity detection settings.")

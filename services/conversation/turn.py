@@ -36,7 +36,6 @@ from services.conversation.history import ChatHistory
 from services.conversation.outbox import Outbox
 from services.errors import FailedPrecondition
 
-
 #: The user's words in the history when speech was answered but its transcript failed (speech-native).
 UNTRANSCRIBED = "(speech that could not be transcribed)"
 

@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -11,18 +12,55 @@ class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIO_ENCODING_UNSPECIFIED: _ClassVar[AudioEncoding]
     PCM16: _ClassVar[AudioEncoding]
     FLOAT32: _ClassVar[AudioEncoding]
+    MULAW: _ClassVar[AudioEncoding]
+    ALAW: _ClassVar[AudioEncoding]
 
 class ResponseMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RESPONSE_MODE_UNSPECIFIED: _ClassVar[ResponseMode]
     CASCADE: _ClassVar[ResponseMode]
     SPEECH_NATIVE: _ClassVar[ResponseMode]
+
+class TurnDetectionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TURN_DETECTION_UNSPECIFIED: _ClassVar[TurnDetectionMode]
+    SEMANTIC: _ClassVar[TurnDetectionMode]
+    SILENCE: _ClassVar[TurnDetectionMode]
+    MANUAL: _ClassVar[TurnDetectionMode]
+
+class InterruptionMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INTERRUPTION_UNSPECIFIED: _ClassVar[InterruptionMode]
+    INTERRUPTION_PAUSE: _ClassVar[InterruptionMode]
+    INTERRUPTION_CANCEL: _ClassVar[InterruptionMode]
+    INTERRUPTION_OFF: _ClassVar[InterruptionMode]
+
+class PlaybackReporting(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAYBACK_UNSPECIFIED: _ClassVar[PlaybackReporting]
+    PLAYBACK_ESTIMATE: _ClassVar[PlaybackReporting]
+    PLAYBACK_REPORTED: _ClassVar[PlaybackReporting]
+    PLAYBACK_NONE: _ClassVar[PlaybackReporting]
 AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
 PCM16: AudioEncoding
 FLOAT32: AudioEncoding
+MULAW: AudioEncoding
+ALAW: AudioEncoding
 RESPONSE_MODE_UNSPECIFIED: ResponseMode
 CASCADE: ResponseMode
 SPEECH_NATIVE: ResponseMode
+TURN_DETECTION_UNSPECIFIED: TurnDetectionMode
+SEMANTIC: TurnDetectionMode
+SILENCE: TurnDetectionMode
+MANUAL: TurnDetectionMode
+INTERRUPTION_UNSPECIFIED: InterruptionMode
+INTERRUPTION_PAUSE: InterruptionMode
+INTERRUPTION_CANCEL: InterruptionMode
+INTERRUPTION_OFF: InterruptionMode
+PLAYBACK_UNSPECIFIED: PlaybackReporting
+PLAYBACK_ESTIMATE: PlaybackReporting
+PLAYBACK_REPORTED: PlaybackReporting
+PLAYBACK_NONE: PlaybackReporting
 
 class VADSettings(_message.Message):
     __slots__ = ("threshold", "min_silence_ms", "min_speech_ms", "pre_roll_ms")
@@ -36,8 +74,32 @@ class VADSettings(_message.Message):
     pre_roll_ms: int
     def __init__(self, threshold: _Optional[float] = ..., min_silence_ms: _Optional[int] = ..., min_speech_ms: _Optional[int] = ..., pre_roll_ms: _Optional[int] = ...) -> None: ...
 
+class TurnDetectionSettings(_message.Message):
+    __slots__ = ("mode", "min_silence_ms", "max_silence_ms", "disable_speculation")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MIN_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SILENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    mode: TurnDetectionMode
+    min_silence_ms: int
+    max_silence_ms: int
+    disable_speculation: bool
+    def __init__(self, mode: _Optional[_Union[TurnDetectionMode, str]] = ..., min_silence_ms: _Optional[int] = ..., max_silence_ms: _Optional[int] = ..., disable_speculation: _Optional[bool] = ...) -> None: ...
+
+class InterruptionSettings(_message.Message):
+    __slots__ = ("mode", "min_duration_ms", "min_words", "backchannels")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MIN_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_WORDS_FIELD_NUMBER: _ClassVar[int]
+    BACKCHANNELS_FIELD_NUMBER: _ClassVar[int]
+    mode: InterruptionMode
+    min_duration_ms: int
+    min_words: int
+    backchannels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, mode: _Optional[_Union[InterruptionMode, str]] = ..., min_duration_ms: _Optional[int] = ..., min_words: _Optional[int] = ..., backchannels: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class SessionConfig(_message.Message):
-    __slots__ = ("input_encoding", "input_sample_rate", "language", "system_prompt", "voice", "vad", "response_mode", "output_sample_rate", "partial_transcripts", "max_response_tokens", "barge_in", "disable_barge_in")
+    __slots__ = ("input_encoding", "input_sample_rate", "language", "system_prompt", "voice", "vad", "response_mode", "output_sample_rate", "partial_transcripts", "max_response_tokens", "barge_in", "disable_barge_in", "turn_detection", "interruptions", "playback", "output_encoding")
     INPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
     INPUT_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +112,10 @@ class SessionConfig(_message.Message):
     MAX_RESPONSE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BARGE_IN_FIELD_NUMBER: _ClassVar[int]
     DISABLE_BARGE_IN_FIELD_NUMBER: _ClassVar[int]
+    TURN_DETECTION_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PLAYBACK_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
     input_encoding: AudioEncoding
     input_sample_rate: int
     language: str
@@ -62,7 +128,11 @@ class SessionConfig(_message.Message):
     max_response_tokens: int
     barge_in: bool
     disable_barge_in: bool
-    def __init__(self, input_encoding: _Optional[_Union[AudioEncoding, str]] = ..., input_sample_rate: _Optional[int] = ..., language: _Optional[str] = ..., system_prompt: _Optional[str] = ..., voice: _Optional[str] = ..., vad: _Optional[_Union[VADSettings, _Mapping]] = ..., response_mode: _Optional[_Union[ResponseMode, str]] = ..., output_sample_rate: _Optional[int] = ..., partial_transcripts: _Optional[bool] = ..., max_response_tokens: _Optional[int] = ..., barge_in: _Optional[bool] = ..., disable_barge_in: _Optional[bool] = ...) -> None: ...
+    turn_detection: TurnDetectionSettings
+    interruptions: InterruptionSettings
+    playback: PlaybackReporting
+    output_encoding: AudioEncoding
+    def __init__(self, input_encoding: _Optional[_Union[AudioEncoding, str]] = ..., input_sample_rate: _Optional[int] = ..., language: _Optional[str] = ..., system_prompt: _Optional[str] = ..., voice: _Optional[str] = ..., vad: _Optional[_Union[VADSettings, _Mapping]] = ..., response_mode: _Optional[_Union[ResponseMode, str]] = ..., output_sample_rate: _Optional[int] = ..., partial_transcripts: _Optional[bool] = ..., max_response_tokens: _Optional[int] = ..., barge_in: _Optional[bool] = ..., disable_barge_in: _Optional[bool] = ..., turn_detection: _Optional[_Union[TurnDetectionSettings, _Mapping]] = ..., interruptions: _Optional[_Union[InterruptionSettings, _Mapping]] = ..., playback: _Optional[_Union[PlaybackReporting, str]] = ..., output_encoding: _Optional[_Union[AudioEncoding, str]] = ...) -> None: ...
 
 class AudioInput(_message.Message):
     __slots__ = ("data",)
@@ -71,10 +141,12 @@ class AudioInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class TextInput(_message.Message):
-    __slots__ = ("text",)
+    __slots__ = ("text", "interrupt")
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPT_FIELD_NUMBER: _ClassVar[int]
     text: str
-    def __init__(self, text: _Optional[str] = ...) -> None: ...
+    interrupt: bool
+    def __init__(self, text: _Optional[str] = ..., interrupt: _Optional[bool] = ...) -> None: ...
 
 class PlaybackPosition(_message.Message):
     __slots__ = ("response_id", "played_ms")
@@ -88,19 +160,37 @@ class EndOfInput(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CommitInput(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClearInput(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CancelResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ClientMessage(_message.Message):
-    __slots__ = ("config", "audio", "text", "playback", "end_of_input")
+    __slots__ = ("config", "audio", "text", "playback", "end_of_input", "commit", "clear", "cancel_response")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     PLAYBACK_FIELD_NUMBER: _ClassVar[int]
     END_OF_INPUT_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     config: SessionConfig
     audio: AudioInput
     text: TextInput
     playback: PlaybackPosition
     end_of_input: EndOfInput
-    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioInput, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ..., playback: _Optional[_Union[PlaybackPosition, _Mapping]] = ..., end_of_input: _Optional[_Union[EndOfInput, _Mapping]] = ...) -> None: ...
+    commit: CommitInput
+    clear: ClearInput
+    cancel_response: CancelResponse
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioInput, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ..., playback: _Optional[_Union[PlaybackPosition, _Mapping]] = ..., end_of_input: _Optional[_Union[EndOfInput, _Mapping]] = ..., commit: _Optional[_Union[CommitInput, _Mapping]] = ..., clear: _Optional[_Union[ClearInput, _Mapping]] = ..., cancel_response: _Optional[_Union[CancelResponse, _Mapping]] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
     __slots__ = ("session_id", "output_sample_rate", "response_mode", "llm_model", "asr_model")
@@ -133,20 +223,34 @@ class PartialTranscript(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class FinalTranscript(_message.Message):
-    __slots__ = ("text", "language", "utterance_ms")
+    __slots__ = ("text", "language", "utterance_ms", "input_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     UTTERANCE_MS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
     language: str
     utterance_ms: int
-    def __init__(self, text: _Optional[str] = ..., language: _Optional[str] = ..., utterance_ms: _Optional[int] = ...) -> None: ...
+    input_id: int
+    def __init__(self, text: _Optional[str] = ..., language: _Optional[str] = ..., utterance_ms: _Optional[int] = ..., input_id: _Optional[int] = ...) -> None: ...
+
+class InputCommitted(_message.Message):
+    __slots__ = ("input_id", "utterance_ms", "text")
+    INPUT_ID_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_MS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    input_id: int
+    utterance_ms: int
+    text: str
+    def __init__(self, input_id: _Optional[int] = ..., utterance_ms: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ResponseStarted(_message.Message):
-    __slots__ = ("response_id",)
+    __slots__ = ("response_id", "input_id")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ID_FIELD_NUMBER: _ClassVar[int]
     response_id: int
-    def __init__(self, response_id: _Optional[int] = ...) -> None: ...
+    input_id: int
+    def __init__(self, response_id: _Optional[int] = ..., input_id: _Optional[int] = ...) -> None: ...
 
 class ResponseTextDelta(_message.Message):
     __slots__ = ("response_id", "text")
@@ -171,7 +275,7 @@ class AudioChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., sample_rate: _Optional[int] = ..., response_id: _Optional[int] = ..., offset_ms: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class TurnLatency(_message.Message):
-    __slots__ = ("vad_end_delay_ms", "asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_ms", "voice_to_voice_ms", "total_ms", "llm_tokens", "llm_tokens_per_s")
+    __slots__ = ("vad_end_delay_ms", "asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_ms", "voice_to_voice_ms", "total_ms", "llm_tokens", "llm_tokens_per_s", "speculative")
     VAD_END_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     ASR_MS_FIELD_NUMBER: _ClassVar[int]
     LLM_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +285,7 @@ class TurnLatency(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     LLM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LLM_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     vad_end_delay_ms: float
     asr_ms: float
     llm_first_token_ms: float
@@ -190,7 +295,8 @@ class TurnLatency(_message.Message):
     total_ms: float
     llm_tokens: int
     llm_tokens_per_s: float
-    def __init__(self, vad_end_delay_ms: _Optional[float] = ..., asr_ms: _Optional[float] = ..., llm_first_token_ms: _Optional[float] = ..., tts_first_audio_ms: _Optional[float] = ..., first_audio_ms: _Optional[float] = ..., voice_to_voice_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., llm_tokens: _Optional[int] = ..., llm_tokens_per_s: _Optional[float] = ...) -> None: ...
+    speculative: bool
+    def __init__(self, vad_end_delay_ms: _Optional[float] = ..., asr_ms: _Optional[float] = ..., llm_first_token_ms: _Optional[float] = ..., tts_first_audio_ms: _Optional[float] = ..., first_audio_ms: _Optional[float] = ..., voice_to_voice_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., llm_tokens: _Optional[int] = ..., llm_tokens_per_s: _Optional[float] = ..., speculative: _Optional[bool] = ...) -> None: ...
 
 class ResponseDone(_message.Message):
     __slots__ = ("response_id", "text", "audio_ms", "latency")
@@ -205,27 +311,47 @@ class ResponseDone(_message.Message):
     def __init__(self, response_id: _Optional[int] = ..., text: _Optional[str] = ..., audio_ms: _Optional[int] = ..., latency: _Optional[_Union[TurnLatency, _Mapping]] = ...) -> None: ...
 
 class ResponseInterrupted(_message.Message):
-    __slots__ = ("response_id", "heard_text", "heard_ms", "generated_text")
+    __slots__ = ("response_id", "heard_text", "heard_ms", "generated_text", "reason")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     HEARD_TEXT_FIELD_NUMBER: _ClassVar[int]
     HEARD_MS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TEXT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     response_id: int
     heard_text: str
     heard_ms: int
     generated_text: str
-    def __init__(self, response_id: _Optional[int] = ..., heard_text: _Optional[str] = ..., heard_ms: _Optional[int] = ..., generated_text: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, response_id: _Optional[int] = ..., heard_text: _Optional[str] = ..., heard_ms: _Optional[int] = ..., generated_text: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ResponsePaused(_message.Message):
+    __slots__ = ("response_id", "played_ms")
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAYED_MS_FIELD_NUMBER: _ClassVar[int]
+    response_id: int
+    played_ms: int
+    def __init__(self, response_id: _Optional[int] = ..., played_ms: _Optional[int] = ...) -> None: ...
+
+class ResponseResumed(_message.Message):
+    __slots__ = ("response_id", "reason")
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    response_id: int
+    reason: str
+    def __init__(self, response_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "response_id")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     code: str
     message: str
-    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    response_id: int
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., response_id: _Optional[int] = ...) -> None: ...
 
 class ServerEvent(_message.Message):
-    __slots__ = ("server_time_ms", "audio_time_ms", "session_started", "speech_started", "speech_stopped", "partial_transcript", "final_transcript", "response_started", "text_delta", "audio", "response_done", "response_interrupted", "error")
+    __slots__ = ("server_time_ms", "audio_time_ms", "session_started", "speech_started", "speech_stopped", "partial_transcript", "final_transcript", "response_started", "text_delta", "audio", "response_done", "response_interrupted", "error", "response_paused", "response_resumed", "input_committed")
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     SESSION_STARTED_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +365,9 @@ class ServerEvent(_message.Message):
     RESPONSE_DONE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_PAUSED_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_RESUMED_FIELD_NUMBER: _ClassVar[int]
+    INPUT_COMMITTED_FIELD_NUMBER: _ClassVar[int]
     server_time_ms: int
     audio_time_ms: int
     session_started: SessionStarted
@@ -252,7 +381,10 @@ class ServerEvent(_message.Message):
     response_done: ResponseDone
     response_interrupted: ResponseInterrupted
     error: Error
-    def __init__(self, server_time_ms: _Optional[int] = ..., audio_time_ms: _Optional[int] = ..., session_started: _Optional[_Union[SessionStarted, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., partial_transcript: _Optional[_Union[PartialTranscript, _Mapping]] = ..., final_transcript: _Optional[_Union[FinalTranscript, _Mapping]] = ..., response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., text_delta: _Optional[_Union[ResponseTextDelta, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., response_done: _Optional[_Union[ResponseDone, _Mapping]] = ..., response_interrupted: _Optional[_Union[ResponseInterrupted, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    response_paused: ResponsePaused
+    response_resumed: ResponseResumed
+    input_committed: InputCommitted
+    def __init__(self, server_time_ms: _Optional[int] = ..., audio_time_ms: _Optional[int] = ..., session_started: _Optional[_Union[SessionStarted, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., partial_transcript: _Optional[_Union[PartialTranscript, _Mapping]] = ..., final_transcript: _Optional[_Union[FinalTranscript, _Mapping]] = ..., response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., text_delta: _Optional[_Union[ResponseTextDelta, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., response_done: _Optional[_Union[ResponseDone, _Mapping]] = ..., response_interrupted: _Optional[_Union[ResponseInterrupted, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., response_paused: _Optional[_Union[ResponsePaused, _Mapping]] = ..., response_resumed: _Optional[_Union[ResponseResumed, _Mapping]] = ..., input_committed: _Optional[_Union[InputCommitted, _Mapping]] = ...) -> None: ...
 
 class TranscribeConfig(_message.Message):
     __slots__ = ("encoding", "sample_rate", "language", "partial_transcripts")

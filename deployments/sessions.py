@@ -1,0 +1,141 @@
+"""What every protocol adapter of the gateway shares: admission, stage info and health, opening
+a conversation (with its checks), the registry of live and recent sessions, metrics.
+
+The gRPC ``Converse`` adapter and the realtime WebSocket adapter are thin: they translate their
+protocol to ``Conversation`` calls and events, and open sessions here, so there is one copy of
+the session logic. No Ray import: the stage handles come in as ``GatewayStages``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from deployments.config import AppArgs
+from services.conversation import Conversation, Observer, SessionSettings
+from services.conversation.history import ChatHistory
+from services.conversation.stages import Stages
+from services.errors import OutOfRange, ResourceExhausted, Unavailable, to_vox_error
+
+log = logging.getLogger("ray.serve")
+
+#: Histories of recently ended sessions kept for operators and tests.
+RECENT_SESSIONS = 64
+#: How long a health verdict is reused (probes come every few seconds from several places).
+HEALTH_TTL_S = 2.0
+HEALTH_TIMEOUT_S = 5.0
+
+
+class GatewayStages(Stages, Protocol):
+    """The stages plus what only the gateway asks of them."""
+
+    async def info(self) -> dict[str, Any]:
+        """Models and voice rate of the stages (each stage answers: a liveness check too)."""
+        ...
+
+    async def count_tokens(self, text: str) -> int:
+        """LLM tokens of ``text``."""
+        ...
+
+
+class SessionHub:
+    """Sessions of one gateway replica."""
+
+    def __init__(self, args: AppArgs, stages: GatewayStages, observer: Observer | None = None) -> None:
+        self.args = args
+        self.stages = stages
+        self.observer = observer
+        self.active = 0
+        self.live: dict[str, Conversation] = {}
+        self._recent: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._info: dict[str, Any] | None = None
+        self._health: tuple[float, bool] = (0.0, False)
+
+    # --- stages ----------------------------------------------------------------------------------
+
+    async def stage_info(self) -> dict[str, Any]:
+        """Voice rate and model names (asked once; they do not change while a replica lives)."""
+        if self._info is None:
+            try:
+                self._info = await asyncio.wait_for(self.stages.info(), HEALTH_TIMEOUT_S)
+            except Exception as exc:
+                raise Unavailable("the voice pipeline's stages are not ready yet; retry shortly") from exc
+        return self._info
+
+    async def healthy(self) -> bool:
+        """Every stage answers now (asked again after ``HEALTH_TTL_S``: a dead stage turns it false)."""
+        at, ok = self._health
+        if time.monotonic() - at < HEALTH_TTL_S:
+            return ok
+        try:
+            self._info = await asyncio.wait_for(self.stages.info(), HEALTH_TIMEOUT_S)
+            ok = True
+        except Exception as exc:
+            log.warning("health check: a stage did not answer: %s", to_vox_error(exc).message)
+            ok = False
+        self._health = (time.monotonic(), ok)
+        return ok
+
+    # --- sessions --------------------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """RESOURCE_EXHAUSTED at once when this replica is full (the caller should retry)."""
+        limit = self.args.gateway.max_sessions
+        if self.active >= limit:
+            raise ResourceExhausted(
+                f"server busy: {limit} sessions already active on this replica; retry in a few seconds")
+
+    async def check_system_prompt(self, prompt: str) -> None:
+        """OUT_OF_RANGE for a system prompt over the token limit (it would stall every session's
+        prefill and leave no room for the conversation in the context)."""
+        if not prompt:
+            return
+        limit = self.args.gateway.max_system_prompt_tokens
+        tokens = await asyncio.wait_for(self.stages.count_tokens(prompt), self.args.gateway.timeouts.asr_s)
+        if tokens > limit:
+            raise OutOfRange(f"system_prompt is {tokens} tokens; at most {limit} are accepted (shorten it)")
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One admitted stream (RESOURCE_EXHAUSTED at once when the replica is full)."""
+        self.admit()
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    @contextlib.asynccontextmanager
+    async def session(self, settings: SessionSettings) -> AsyncIterator[Conversation]:
+        """A started conversation, registered while it lives, closed (everything stopped) after."""
+        async with self.slot(), self._conversation(settings) as conv:
+            yield conv
+
+    @contextlib.asynccontextmanager
+    async def _conversation(self, settings: SessionSettings) -> AsyncIterator[Conversation]:
+        conv: Conversation | None = None
+        try:
+            info = await self.stage_info()
+            await self.check_system_prompt(settings.system_prompt)
+            history = ChatHistory(settings.system_prompt or self.args.llm.system_prompt)
+            conv = Conversation(self.stages, settings, history=history, info=info, observer=self.observer)
+            self.live[conv.session_id] = conv
+            await conv.start()
+            yield conv
+        finally:
+            if conv is not None:
+                await conv.aclose()
+                self.live.pop(conv.session_id, None)
+                self._recent[conv.session_id] = conv.records()
+                while len(self._recent) > RECENT_SESSIONS:
+                    self._recent.popitem(last=False)
+
+    def history(self, session_id: str) -> list[dict[str, Any]] | None:
+        """The recorded history of a live or recently ended session."""
+        conv = self.live.get(session_id)
+        return conv.records() if conv is not None else self._recent.get(session_id)
