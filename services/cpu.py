@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
+import subprocess
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -82,3 +84,41 @@ def resolve_llm_dtype(dtype: str, on_cpu: bool) -> str:
               if chosen == "bfloat16" else "no AMX or AVX512_BF16: bf16 would be emulated")
     log.info("LLM dtype auto -> %s (%s; %s)", chosen, reason, describe_cpu())
     return chosen
+
+
+#: lscpu fields kept in benchmark records.
+LSCPU_FIELDS = ("Architecture", "Model name", "Vendor ID", "CPU(s)", "Thread(s) per core",
+                "Core(s) per socket", "Socket(s)", "Hypervisor vendor", "L2 cache", "L3 cache", "Flags")
+
+
+def lscpu() -> dict[str, str]:
+    """``lscpu``'s fields (empty where lscpu is not installed)."""
+    exe = shutil.which("lscpu")
+    if exe is None:
+        return {}
+    try:
+        out = subprocess.run([exe], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def machine_record() -> dict[str, object]:
+    """What a benchmark result must carry about the machine it ran on (CPU model and flags,
+    cores, load average at the time)."""
+    info = lscpu()
+    return {
+        "cpu": describe_cpu(),
+        "cpu_model": info.get("Model name") or cpu_model(),
+        "notable_flags": [f for f in NOTABLE_FLAGS if f in cpu_flags()],
+        "llm_dtype_auto": choose_llm_dtype(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "lscpu": {k: info[k] for k in LSCPU_FIELDS if k in info} or None,
+    }

@@ -65,3 +65,13 @@ def test_llm_dtype_auto_is_resolved_and_logged(caplog: pytest.LogCaptureFixture)
     assert f"auto -> {chosen}" in caplog.text
     assert cpu.resolve_llm_dtype("auto", on_cpu=False) == "auto"  # GPU: the model's own dtype
     assert cpu.resolve_llm_dtype("float16", on_cpu=True) == "float16"  # the user's choice wins
+
+
+def test_machine_record_for_benchmarks() -> None:
+    record = cpu.machine_record()
+    assert record["cpu_model"] and record["usable_cores"]
+    assert record["llm_dtype_auto"] in ("bfloat16", "float32")
+    lscpu = record["lscpu"]
+    if lscpu is not None:  # lscpu installed: its flags are the kernel's, as in /proc/cpuinfo
+        assert isinstance(lscpu, dict)
+        assert set(lscpu["Flags"].split()) == cpu.cpu_flags()

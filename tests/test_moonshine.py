@@ -15,7 +15,14 @@ from services.asr import ASRConfig, ASREngine, PartialTranscriber, Transcript
 from services.audio import MODEL_RATE
 from services.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unavailable
 from services.models import moonshine_source
-from services.moonshine_asr import SINGLE_THREAD_ENV, MoonshineASR, model_arch_name, model_language
+from services.moonshine_asr import (
+    SINGLE_THREAD_ENV,
+    MoonshineASR,
+    clean_line,
+    model_arch_name,
+    model_language,
+    with_quiet_edges,
+)
 from tests.conftest import normalize, say, word_errors
 
 SR = MODEL_RATE
@@ -74,6 +81,28 @@ async def test_leading_and_trailing_silence(asr: MoonshineASR) -> None:
     pad = np.zeros(int(0.3 * SR), np.float32)
     result = await asr.transcribe(np.concatenate([pad, say("What is the capital of France?"), pad]))
     assert normalize(result.text) == ["what", "is", "the", "capital", "of", "france"]
+
+
+async def test_short_tail_still_ends_the_sentence(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
+    """A speculative decode starts ~200 ms into the silence: the transcript must still end with
+    a full stop or question mark, not the comma Moonshine wrote there without added quiet."""
+    for audio in speech:
+        loud = np.flatnonzero(np.abs(audio) > 0.01)
+        clipped = np.concatenate([audio[: loud[-1] + 1], np.zeros(SR // 5, np.float32)])
+        text = (await asr.transcribe(clipped)).text
+        assert text[-1] in ".?!", text
+
+
+def test_quiet_edges_and_cleanup() -> None:
+    speech = np.full(SR, 0.5, np.float32)
+    padded = with_quiet_edges(speech)
+    assert padded.size == SR + SR // 5 + SR // 2
+    assert np.array_equal(padded[SR // 5 : SR // 5 + SR], speech)
+    enough = np.concatenate([np.zeros(SR // 2, np.float32), speech, np.zeros(SR, np.float32)])
+    assert with_quiet_edges(enough) is enough  # nothing to add: no copy
+    assert clean_line(' "\'Please come to-night.\' ') == "Please come tonight."
+    assert clean_line("To-morrow at nine.") == "Tomorrow at nine."
+    assert clean_line("It's fine.") == "It's fine."
 
 
 async def test_invalid_inputs(asr: MoonshineASR) -> None:
