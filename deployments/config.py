@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.auth import AuthConfig
 from services.asr import ASRConfig
 from services.llm import LLMConfig
 from services.tts import TTSConfig
@@ -58,3 +59,5 @@ class AppArgs(BaseModel):
                     "None = speech-native only if `llm.model` is itself an audio LLM.")
     tts: TTSConfig = Field(default_factory=TTSConfig, description="TTS engine settings.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Gateway settings.")
+    auth: AuthConfig = Field(default_factory=AuthConfig,
+        description="API keys for the gRPC and WebSocket endpoints (none configured = authentication off).")

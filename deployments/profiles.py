@@ -301,8 +301,10 @@ def helm_values(profile: str | Profile) -> dict[str, Any]:
     return {
         "profile": p.name,
         "workerGroups": {"cpu": group(cpu), "gpu": group(gpu)},
-        "modelCache": {"sizeLimit": p.model_cache_size,
-                       "prepare": {"enabled": not p.needs_downloads}},
+        # The images carry what each profile needs: docker/Dockerfile.cpu prepares the embedded
+        # models at build time; GPU models are hub ids downloaded into the cache at first start.
+        # So no prepare-models init container (it is for images built without the models).
+        "modelCache": {"sizeLimit": p.model_cache_size, "prepare": {"enabled": False}},
         # Pods outlive the slowest replica drain plus the proxy's own draining period.
         "shutdown": {"terminationGracePeriodSeconds": int(max_shutdown_s(serve)) + 30},
         "serve": serve,

@@ -8,9 +8,11 @@ the vendored KubeRay CRD schema, and Ray's own ServeDeploySchema plus our strict
 
 from __future__ import annotations
 
+import base64
 import copy
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from deployments.auth import ApiKeyAuth, AuthConfig, load_keys
 from deployments.config import DEPLOYMENTS, LLM, AppArgs
 from deployments.profiles import (
     PROFILE_NAMES,
@@ -129,8 +132,14 @@ def test_chart_serve_config_is_the_local_one(profile: str, rendered: dict[str, d
     assert serve_config_from_options(helm_values(profile)["serve"]) == local
 
 
+def without_generated_keys(rendered: dict[str, str]) -> dict[str, str]:
+    """The rendering with the chart-generated API key blanked (a fresh random one per render)."""
+    return {name: re.sub(r"(?m)^(  api-keys: ).*$", r"\1<generated>", text) for name, text in rendered.items()}
+
+
 def test_chart_defaults_are_the_cpu_profile() -> None:
-    assert render_k8s.render_chart({}) == render_k8s.render_chart(helm_values("cpu"))
+    assert without_generated_keys(render_k8s.render_chart({})) == \
+        without_generated_keys(render_k8s.render_chart(helm_values("cpu")))
 
 
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
@@ -187,7 +196,7 @@ def test_rayservice_cluster_shape(profile: str, rendered: dict[str, dict[str, st
     ports = {p["name"]: p for p in rs["spec"]["serveService"]["spec"]["ports"]}
     assert ports["serve-grpc"]["appProtocol"] == "kubernetes.io/h2c"
     kinds = sorted(d["kind"] for d in docs_of(rendered[profile]))
-    assert kinds == ["RayService", "Service", "ServiceMonitor"]
+    assert kinds == ["RayService", "Secret", "Service", "ServiceMonitor"]  # Secret: the generated API key
 
 
 # --- offline validation ---------------------------------------------------------------------------
@@ -338,3 +347,91 @@ def test_load_serve_config_overrides() -> None:
         load_serve_config("cpu", {"args": {"llm": {"modle": "x"}}})
     with pytest.raises(NotFound):
         load_serve_config("tpu")
+
+
+# --- API keys (auth.*) ----------------------------------------------------------------------------
+
+def _containers(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    """Every container and init container of the Ray pods."""
+    cluster = rayservice_of(rendered)["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    return [c for pod in pods for c in pod["containers"] + pod.get("initContainers", [])]
+
+
+def _key_env(container: dict[str, Any]) -> dict[str, Any] | None:
+    return next((e for e in container.get("env", []) if e["name"] == "VOXSERVE_API_KEYS"), None)
+
+
+@pytest.mark.parametrize("profile", PROFILE_NAMES)
+def test_auth_on_by_default_with_a_generated_secret(profile: str) -> None:
+    rendered = render_k8s.render_chart(helm_values(profile))
+    (secret,) = [d for d in docs_of(rendered) if d["kind"] == "Secret"]
+    assert secret["metadata"]["name"] == "voxserve-api-keys"
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    key = base64.b64decode(secret["data"]["api-keys"]).decode()
+    assert len(key) == 48 and key.isalnum()
+    for c in _containers(rendered):
+        assert _key_env(c) == {"name": "VOXSERVE_API_KEYS", "valueFrom": {"secretKeyRef": {
+            "name": "voxserve-api-keys", "key": "api-keys"}}}, c["name"]
+    # the key reaches the app only through the Secret, never through the Serve config
+    rs_text = yaml.safe_dump(rayservice_of(rendered))
+    assert key not in rs_text
+    # what the gateway does at start-up in that pod: the app args plus the environment
+    args = AppArgs.model_validate(yaml.safe_load(rayservice_of(rendered)["spec"]["serveConfigV2"])
+                                  ["applications"][0]["args"])
+    auth = ApiKeyAuth.from_config(args.auth, {"VOXSERVE_API_KEYS": key})
+    assert auth.enabled and auth.is_valid(key) and not auth.is_valid(key[:-1])
+    # every render makes a new key (lookup keeps the existing one on a live cluster)
+    again = next(d for d in docs_of(render_k8s.render_chart(helm_values(profile))) if d["kind"] == "Secret")
+    assert again["data"]["api-keys"] != secret["data"]["api-keys"]
+
+
+def test_auth_with_an_existing_secret() -> None:
+    rendered = render_k8s.render_chart(deep_merge(helm_values("cpu"), {
+        "auth": {"existingSecret": "my-keys", "secretKey": "keys"}}))
+    assert not [d for d in docs_of(rendered) if d["kind"] == "Secret"]
+    for c in _containers(rendered):
+        assert _key_env(c) == {"name": "VOXSERVE_API_KEYS", "valueFrom": {"secretKeyRef": {
+            "name": "my-keys", "key": "keys"}}}
+    # the variable follows the app's auth.api_keys_env
+    renamed = render_k8s.render_chart(deep_merge(helm_values("cpu"), {
+        "auth": {"existingSecret": "my-keys"}, "serve": {"args": {"auth": {"api_keys_env": "MY_KEYS"}}}}))
+    for c in _containers(renamed):
+        assert any(e["name"] == "MY_KEYS" for e in c["env"]) and _key_env(c) is None
+
+
+def test_plain_manifests_expect_a_user_secret() -> None:
+    """k8s/*.yaml hold no key (it would be committed to git): they read Secret voxserve-api-keys."""
+    for profile in PROFILE_NAMES:
+        text = (ROOT / "k8s" / f"voxserve-{profile}.yaml").read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        assert not [d for d in docs if d["kind"] == "Secret"]
+        assert "kubectl create secret generic voxserve-api-keys" in text
+        assert "name: voxserve-api-keys" in text
+
+
+def test_auth_off() -> None:
+    rendered = render_k8s.render_chart(deep_merge(helm_values("cpu"), {"auth": {"enabled": False}}))
+    assert not [d for d in docs_of(rendered) if d["kind"] == "Secret"]
+    assert all(_key_env(c) is None for c in _containers(rendered))
+
+
+@pytest.mark.parametrize(("values", "needle"), [
+    ({"auth": {"createSecret": False}}, "auth.existingSecret"),
+    ({"auth": {"existingSecret": "k"}, "serve": {"args": {"auth": {"api_keys_env": ""}}}}, "api_keys_env"),
+    ({"auth": {"enabeld": True}}, "enabeld"),
+    ({"auth": {"secretKey": ""}}, "secretKey"),
+])
+def test_bad_auth_values_fail(values: dict[str, Any], needle: str) -> None:
+    with pytest.raises(helm.HelmError, match=needle):
+        render_k8s.render_chart(deep_merge(helm_values("cpu"), values))
+
+
+def test_app_auth_config_defaults_keep_local_serving_open() -> None:
+    """The profiles carry AuthConfig's defaults: `voxserve serve` without VOXSERVE_API_KEYS runs
+    without keys, and the chart turns keys on through the environment alone."""
+    for profile in PROFILE_NAMES:
+        args = AppArgs.model_validate(serve_config(profile)["applications"][0]["args"])
+        assert args.auth == AuthConfig()
+        assert load_keys(args.auth, {}) == frozenset()

@@ -26,8 +26,20 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
+{{/* The image: tag defaults to "<appVersion>-<profile>", as docker/Dockerfile.<profile> builds it. */}}
 {{- define "voxserve.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- printf "%s:%s" .Values.image.repository (default (printf "%s-%s" .Chart.AppVersion .Values.profile) .Values.image.tag) -}}
+{{- end -}}
+
+{{/* Secret with the API keys: the user's, or the one the chart creates. */}}
+{{- define "voxserve.authSecretName" -}}
+{{- default (printf "%s-api-keys" (include "voxserve.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* Environment variable the Serve app reads keys from (deployments.auth.AuthConfig.api_keys_env). */}}
+{{- define "voxserve.authEnvName" -}}
+{{- $auth := get .Values.serve.args "auth" | default dict -}}
+{{- if hasKey $auth "api_keys_env" -}}{{ get $auth "api_keys_env" }}{{- else -}}VOXSERVE_API_KEYS{{- end -}}
 {{- end -}}
 
 {{/*
@@ -58,10 +70,19 @@ deployments.profiles.serve_config_from_options builds it in Python: the tests co
 
 {{/* Environment shared by every Ray container. */}}
 {{- define "voxserve.env" -}}
-- name: VOXSERVE_CACHE
-  value: {{ printf "%s/voxserve" .Values.modelCache.mountPath | quote }}
 - name: HF_HOME
   value: {{ printf "%s/hf" .Values.modelCache.mountPath | quote }}
+{{- if .Values.modelCache.prepare.enabled }}
+- name: VOXSERVE_CACHE
+  value: {{ printf "%s/voxserve" .Values.modelCache.mountPath | quote }}
+{{- end }}
+{{- if .Values.auth.enabled }}
+- name: {{ include "voxserve.authEnvName" . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "voxserve.authSecretName" . }}
+      key: {{ .Values.auth.secretKey }}
+{{- end }}
 - name: RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S
   value: {{ .Values.shutdown.proxyDrainSeconds | quote }}
 {{- if eq .Values.rayAuth.mode "disabled" }}
