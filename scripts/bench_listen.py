@@ -1,15 +1,16 @@
-"""Benchmark the listening side: model load times, VAD cost per 32 ms chunk, ASR real-time factor.
+"""Benchmark the listening side: model load times, VAD cost per 32 ms chunk, ASR real-time factor
+(Whisper base and Moonshine Tiny), and the Smart Turn end-of-turn model's cost per call.
 
     .venv/bin/python scripts/bench_listen.py [--out bench_listen.json] [--runs 3]
 
-Speech comes from Piper (the embedded voice), so no audio files are needed.
+Speech comes from Piper (the embedded voice), so no audio files are needed. Engine against engine
+on many utterances of several lengths and two voices: scripts/bench_asr.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -18,9 +19,12 @@ from typing import TypeVar
 
 import numpy as np
 
-from services.asr import ASRConfig, WhisperASR
+from services.asr import ASRConfig, PooledASR, WhisperASR
 from services.audio import MODEL_RATE, resample
+from services.cpu import machine_record
 from services.models import default_tts_voice
+from services.moonshine_asr import MoonshineASR
+from services.turn_detection import SmartTurnModel, TurnDetectorConfig
 from services.vad import WINDOW, SileroModel, StreamingVAD, VADConfig, VADState
 
 T = TypeVar("T")
@@ -70,13 +74,21 @@ def bench_vad(model: SileroModel, speech: np.ndarray) -> dict[str, float]:
     return res
 
 
-def bench_asr(asr: WhisperASR, speech: np.ndarray, runs: int, language: str | None
+def bench_turn(model: SmartTurnModel, speech: np.ndarray, runs: int) -> dict[str, float]:
+    warm_s = model.warm_up()
+    times = [timed(lambda: model.predict(speech))[1] for _ in range(runs)]
+    return {"warm_up_s": round(warm_s, 3), "ms_per_call": round(1000 * statistics.mean(times), 1),
+            "probability_complete": round(model.predict(speech), 3)}
+
+
+def bench_asr(asr: PooledASR, speech: np.ndarray, runs: int, language: str | None
               ) -> dict[str, object]:
     asr.transcribe_sync(speech[: MODEL_RATE], language)  # warm-up
     decodes = [asr.transcribe_sync(speech, language) for _ in range(runs)]
     times = [d.decode_s for d in decodes]
     dur = speech.size / MODEL_RATE
     return {
+        "engine": asr.name,
         "language": language or "auto",
         "audio_s": round(dur, 3),
         "decode_s_mean": round(statistics.mean(times), 3),
@@ -96,14 +108,21 @@ def main() -> None:
     speech, piper_load_s = synthesize(TEXT)
     vad_model, vad_load_s = timed(lambda: SileroModel.load(VADConfig()))
     asr, asr_load_s = timed(lambda: WhisperASR.load(ASRConfig(model=args.asr_model)))
+    moonshine, moonshine_load_s = timed(lambda: MoonshineASR.load(ASRConfig()))
+    turn, turn_load_s = timed(lambda: SmartTurnModel.load(TurnDetectorConfig()))
     results: dict[str, object] = {
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "machine": machine_record(),
         "load_s": {"vad": round(vad_load_s, 3), "asr": round(asr_load_s, 3),
+                   "moonshine": round(moonshine_load_s, 3), "smart_turn": round(turn_load_s, 3),
                    "piper_for_test_speech": round(piper_load_s, 3)},
         "vad": {k: round(v, 4) for k, v in bench_vad(vad_model, speech).items()},
-        "asr": [bench_asr(asr, speech, args.runs, None), bench_asr(asr, speech, args.runs, "en")],
+        "asr": [bench_asr(asr, speech, args.runs, None), bench_asr(asr, speech, args.runs, "en"),
+                bench_asr(moonshine, speech, args.runs, "en")],
+        "smart_turn": bench_turn(turn, speech, args.runs),
     }
     asr.close()
+    moonshine.close()
+    turn.close()
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
