@@ -3,10 +3,11 @@
 Each caller dials (one gRPC channel per call), speaks cached spoken questions at real-time pace
 through ``VoiceClient.converse`` (silence between turns, optional barge-ins), listens to the
 answer in simulated real time, hangs up and calls again until its slot in the ramp schedule
-ends. Everything is measured on the client clock: voice-to-voice latency (last speech sample sent
--> first answer audio received), time to first transcript and first text, playback underruns,
-and errors by gRPC status code. Replica counts per deployment are polled from Serve when this
-process is (or can become) a driver of the cluster, so autoscaling shows in the plot.
+ends. Everything is measured on the client clock: voice-to-voice latency (end of the speech in the
+audio sent, found by its energy, -> first answer audio received), time to first transcript and
+first text, playback underruns, and errors by gRPC status code. Replica counts per deployment
+are polled from Serve when this process is (or can become) a driver of the cluster, so
+autoscaling shows in the plot.
 
 Traffic goes only to loopback addresses unless ``allow_remote`` is set.
 """
@@ -32,9 +33,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from clients.errors import InvalidInput, MissingPackage
+from clients.loadtest_config import InvalidLoadTestConfig, LoadTestConfig, add_parser, config_from_args
 
-from services.errors import InvalidArgument
+__all__ = [
+    "CallRecord", "InvalidLoadTestConfig", "LoadTestConfig", "LoadTestReport", "Sample", "TurnRecord",
+    "add_parser", "caller_window", "check_address", "classify_error", "cmd_loadtest", "config_from_args",
+    "percentile", "plot", "run_loadtest", "summarize", "summary_dict", "target_callers", "write_outputs",
+]
 
 #: Percentiles reported in the summary.
 PERCENTILES = (50, 95, 99)
@@ -45,51 +51,6 @@ SERVER_METRICS = ("vad_end_delay_ms", "asr_ms", "llm_first_token_ms", "tts_first
 #: Server errors reach TurnResult.error as "CODE: message"; anything else there is a client note
 #: (e.g. a barge-in that came after the previous answer had finished), not an error.
 _SERVER_ERROR = re.compile(r"^([A-Z_]+): (.*)$", re.S)
-
-
-class LoadTestConfig(BaseModel):
-    """A load test: how many callers, their ramp schedule, what they say, where results go."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    address: str = Field(default="127.0.0.1:9000", description="gRPC address (host:port) of the voxserve server.")
-    allow_remote: bool = Field(default=False, description=(
-        "Allow a non-loopback address. Off by default: only 127.0.0.0/8, ::1 and localhost."))
-    callers: int = Field(default=4, ge=1, le=256, description="Peak number of concurrent simulated callers.")
-    ramp_up_s: float = Field(default=0.0, ge=0, description="Callers start evenly spread over this time (1 -> N).")
-    hold_s: float = Field(default=30.0, ge=0, description="Time all N callers keep calling after the ramp-up.")
-    ramp_down_s: float = Field(default=0.0, ge=0, description=(
-        "Callers stop evenly spread over this time after the hold (last started stops first)."))
-    turns_per_call: int = Field(default=2, ge=1, le=50, description="Spoken questions per call (one Converse stream).")
-    calls_per_caller: int = Field(default=0, ge=0, description=(
-        "Calls each caller makes at most; 0 = keep calling until its slot in the schedule ends. "
-        "Every caller makes at least one call."))
-    pause_s: float = Field(default=1.0, ge=0, description=(
-        "Silence after an answer finished playing before the next turn, and between calls."))
-    barge_in_rate: float = Field(default=0.0, ge=0, le=1, description=(
-        "Probability that a turn (not a call's first) interrupts the previous answer while it plays."))
-    barge_in_after_ms: tuple[float, float] = Field(default=(400.0, 1200.0), description=(
-        "An interrupting turn starts after a random [min, max] ms of the previous answer was played."))
-    max_duration_s: float = Field(default=600.0, gt=0, le=3600, description=(
-        "Hard bound on the whole test: calls still running then are cancelled (reported as cut)."))
-    turn_timeout_s: float = Field(default=60.0, gt=0, description=(
-        "A turn without an answer after this long is unanswered."))
-    language: str = Field(default="en", description="Language hint sent in the SessionConfig ('' = detect).")
-    questions: list[str] | None = Field(default=None, description=(
-        "Texts of the spoken questions (synthesized once with Piper and cached); None = the built-in set."))
-    seed: int = Field(default=0, description="Seed of the random choices (questions, barge-ins, jitter).")
-    out_dir: str | None = Field(default=None, description=(
-        "Folder for loadtest.json, summary.md and loadtest.png; None = none written."))
-    app_name: str = Field(default="voxserve", description="Serve application whose replicas are polled.")
-    replicas: str = Field(default="auto", description=(
-        "Replica polling: 'auto' (use this process's Ray connection, else attach to a local cluster "
-        "if one runs), 'off', or a Ray address to connect to."))
-    cooldown_s: float = Field(default=0.0, ge=0, le=3600, description=(
-        "Keep sampling the timeline (replica counts) this long after the last call ended, to show "
-        "scale-down; not counted in max_duration_s."))
-    sample_interval_s: float = Field(default=1.0, gt=0, description=(
-        "Period of the timeline samples (callers, replicas)."))
-    progress: bool = Field(default=True, description="Print a progress line to stderr while the test runs.")
 
 
 # --- records --------------------------------------------------------------------------------------
@@ -103,10 +64,14 @@ class TurnRecord:
     call: int
     turn: int
     question: str
-    t_s: float  # when the last speech sample was sent
+    t_s: float  # when the end of the speech was sent
     barge_in: bool = False
     answered: bool = False
     interrupted: bool = False
+    speculative: bool = False  # the server started the answer before the turn was over (TurnLatency)
+    paused: int = 0  # times the answer was paused by speech over it (ResponsePaused)
+    resumed: int = 0  # times it resumed after noise or a backchannel (ResponseResumed)
+    early_answers: int = 0  # answers to part of the turn, cut by the rest of it (a false end of turn)
     voice_to_voice_ms: float | None = None
     first_transcript_ms: float | None = None
     first_text_ms: float | None = None
@@ -205,7 +170,7 @@ def check_address(address: str, allow_remote: bool = False) -> str:
     """
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(f"address {address!r} must be host:port, e.g. 127.0.0.1:9000 or [::1]:9000")
+        raise InvalidInput(f"address {address!r} must be host:port, e.g. 127.0.0.1:9000 or [::1]:9000")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if allow_remote:
         return address
@@ -216,7 +181,7 @@ def check_address(address: str, allow_remote: bool = False) -> str:
     except ValueError:
         loopback = False
     if not loopback:
-        raise InvalidArgument(
+        raise InvalidInput(
             f"address {address!r} is not a loopback address; the load tester only calls 127.0.0.0/8, "
             f"::1 or localhost unless --allow-remote is given (only load-test servers you own)")
     return address
@@ -236,7 +201,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     if not xs:
         return None
     if not 0 <= q <= 100:
-        raise InvalidArgument(f"percentile {q} is outside [0, 100]")
+        raise InvalidInput(f"percentile {q} is outside [0, 100]")
     pos = (len(xs) - 1) * q / 100
     lo = math.floor(pos)
     hi = min(lo + 1, len(xs) - 1)
@@ -284,6 +249,8 @@ def summary_dict(report: LoadTestReport) -> dict[str, Any]:
         "turns": len(turns), "answered": sum(t.answered for t in turns),
         "unanswered": report.unanswered(), "interrupted": sum(t.interrupted for t in turns),
         "barge_ins": sum(t.barge_in for t in turns), "underrun_turns": sum(t.underruns > 0 for t in turns),
+        "speculative": sum(t.speculative for t in turns), "paused": sum(t.paused for t in turns),
+        "resumed": sum(t.resumed for t in turns), "early_answers": sum(t.early_answers for t in turns),
         "errors": report.errors(), "notes": dict(Counter(t.note for t in turns if t.note)),
         "peak_active_calls": peak, "max_replicas": replicas_max,
         "duration_s": report.duration_s, "ok": report.ok, "metrics": metrics,
@@ -311,8 +278,9 @@ def summarize(report: LoadTestReport, markdown: bool = False) -> str:
     replicas = ", ".join(f"{k} {v}" for k, v in s["max_replicas"].items()) or (report.replica_note or "not recorded")
     counts = (f"calls {s['calls']} (cut {s['calls_cut']}), turns {s['turns']}, answered {s['answered']}, "
               f"unanswered {s['unanswered']}, barge-ins {s['barge_ins']}, interrupted answers "
-              f"{s['interrupted']}, turns with underruns {s['underrun_turns']}, peak active calls "
-              f"{s['peak_active_calls']}, duration {s['duration_s']:.0f} s")
+              f"{s['interrupted']}, turns with underruns {s['underrun_turns']}, speculative answers "
+              f"{s['speculative']}, paused/resumed {s['paused']}/{s['resumed']}, early answers "
+              f"{s['early_answers']}, peak active calls {s['peak_active_calls']}, duration {s['duration_s']:.0f} s")
     sep = "\n\n" if markdown else "\n"
     parts = ["\n".join(lines), counts, f"errors: {errors}"]
     if s["notes"]:
@@ -340,7 +308,7 @@ def plot(report: LoadTestReport, path: str | Path, target_ms: float | None = 150
     try:
         import matplotlib
     except ImportError as exc:  # a dev/bench dependency, not needed to run the load itself
-        raise InvalidArgument("the plot needs matplotlib: pip install matplotlib") from exc
+        raise MissingPackage("the plot needs matplotlib: pip install matplotlib") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
@@ -563,6 +531,7 @@ async def _one_call(cfg: LoadTestConfig, caller: int, call: int, questions: list
             voice_to_voice_ms=tr.voice_to_voice_ms, first_transcript_ms=tr.first_transcript_ms,
             first_text_ms=tr.first_text_ms, underrun_ms=tr.underrun_ms, underruns=tr.underruns,
             audio_ms=tr.audio_ms, transcript=tr.transcript, response_text=tr.response_text,
+            speculative=tr.speculative, paused=tr.paused, resumed=tr.resumed, early_answers=tr.early_answers,
             error_code=code, error=err, note=note, server_latency=dict(tr.server_latency)))
         if tr.voice_to_voice_ms is not None:
             live.v2v.append(tr.voice_to_voice_ms)
@@ -599,7 +568,7 @@ async def run_loadtest(cfg: LoadTestConfig, *, questions: list[Any] | None = Non
     """Run the test described by ``cfg`` and return every turn, call and timeline sample.
 
     ``questions`` (``clients.speech_cache.SpokenQuestion``) default to ``cfg.questions`` spoken
-    by Piper (cached). Raises InvalidArgument for a non-loopback address without allow_remote.
+    by Piper (cached). Raises InvalidInput (a ValueError) for a non-loopback address without allow_remote.
     """
     check_address(cfg.address, cfg.allow_remote)
     if questions is None:
@@ -607,9 +576,9 @@ async def run_loadtest(cfg: LoadTestConfig, *, questions: list[Any] | None = Non
 
         questions = await asyncio.to_thread(load_questions, tuple(cfg.questions or QUESTIONS))
     if not questions:
-        raise InvalidArgument("no questions to ask")
+        raise InvalidInput("no questions to ask")
     poller, note = await asyncio.to_thread(attach_replica_poller, cfg.replicas, cfg.app_name, cfg.address)
-    report = LoadTestReport(config=cfg.model_dump(mode="json"), replica_note=note,
+    report = LoadTestReport(config=cfg.to_dict(), replica_note=note,
                             started_at=datetime.now(UTC).isoformat(timespec="seconds"))
     live = _Live()
     t0 = time.monotonic()
@@ -668,66 +637,12 @@ async def run_loadtest(cfg: LoadTestConfig, *, questions: list[Any] | None = Non
 # --- command line ---------------------------------------------------------------------------------
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``voxserve loadtest`` on the CLI's subparsers; the handler is ``cmd_loadtest``."""
-    d = LoadTestConfig()
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "loadtest", help="simulated callers speaking to a server over gRPC: latency, errors, replicas",
-        description="N concurrent simulated callers, each a real Converse stream sending cached speech at "
-                    "real-time pace, with a ramp schedule (1 -> N over --ramp-up, hold, ramp down). Writes "
-                    "loadtest.json (every turn), summary.md and loadtest.png to --out.")
-    p.add_argument("--address", default=d.address, help=f"server gRPC address (default: {d.address})")
-    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback address (servers you own)")
-    p.add_argument("--callers", type=int, default=d.callers, help=f"peak concurrent callers (default: {d.callers})")
-    p.add_argument("--ramp-up", type=float, default=d.ramp_up_s, help="seconds to go from 1 to N callers")
-    p.add_argument("--hold", type=float, default=d.hold_s, help=f"seconds at N callers (default: {d.hold_s:.0f})")
-    p.add_argument("--ramp-down", type=float, default=d.ramp_down_s, help="seconds to go from N callers to 0")
-    p.add_argument("--turns", type=int, default=d.turns_per_call, help="questions per call (default: 2)")
-    p.add_argument("--calls", type=int, default=d.calls_per_caller,
-                   help="calls per caller at most (default: 0 = until the schedule ends)")
-    p.add_argument("--pause", type=float, default=d.pause_s, help="seconds of silence between turns and calls")
-    p.add_argument("--barge-in-rate", type=float, default=d.barge_in_rate,
-                   help="share of turns that interrupt the previous answer (default: 0)")
-    p.add_argument("--max-duration", type=float, default=d.max_duration_s,
-                   help=f"hard limit on the whole test in seconds (default: {d.max_duration_s:.0f})")
-    p.add_argument("--cooldown", type=float, default=d.cooldown_s,
-                   help="seconds to keep recording replicas after the last call (shows scale-down)")
-    p.add_argument("--turn-timeout", type=float, default=d.turn_timeout_s, help="seconds to wait for an answer")
-    p.add_argument("--language", default=d.language, help="language hint (default: en; '' = detect)")
-    p.add_argument("--question", action="append", help="a question to speak (repeatable; default: built-in set)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
-    p.add_argument("--out", default="out/loadtest", help="output folder (default: out/loadtest)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to read replica counts from (default: attach to a local one if running)")
-    p.add_argument("--no-replicas", action="store_true", help="do not read replica counts")
-    p.add_argument("--app-name", default=d.app_name, help="Serve application name (default: voxserve)")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.set_defaults(func=cmd_loadtest)
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
-    return LoadTestConfig(
-        address=args.address, allow_remote=args.allow_remote, callers=args.callers, ramp_up_s=args.ramp_up,
-        hold_s=args.hold, ramp_down_s=args.ramp_down, turns_per_call=args.turns, calls_per_caller=args.calls,
-        pause_s=args.pause, barge_in_rate=args.barge_in_rate, max_duration_s=args.max_duration,
-        turn_timeout_s=args.turn_timeout, cooldown_s=args.cooldown, language=args.language,
-        questions=args.question, seed=args.seed,
-        out_dir=args.out, app_name=args.app_name, progress=not args.quiet,
-        replicas="off" if args.no_replicas else (args.ray_address or "auto"))
-
-
 def cmd_loadtest(args: argparse.Namespace) -> int:
     """Handler of ``voxserve loadtest``: 0 when every turn was answered without errors."""
-    from pydantic import ValidationError
-
-    from services.errors import VoxError
-
     try:
         cfg = config_from_args(args)
         check_address(cfg.address, cfg.allow_remote)
-    except (ValidationError, VoxError) as exc:
+    except InvalidInput as exc:
         print(f"voxserve loadtest: {exc}", file=sys.stderr)
         return 2
     print(f"voxserve loadtest: {cfg.callers} callers against {cfg.address} (ramp {cfg.ramp_up_s:.0f} s, "
@@ -738,7 +653,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     if cfg.out_dir:
         try:
             paths = write_outputs(report, cfg.out_dir, plot_png=not args.no_plot)
-        except VoxError as exc:  # no matplotlib: keep the measurements anyway
+        except MissingPackage as exc:  # no matplotlib: keep the measurements anyway
             print(f"voxserve loadtest: no plot: {exc}", file=sys.stderr)
             paths = write_outputs(report, cfg.out_dir, plot_png=False)
         print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -1,8 +1,10 @@
 """Live microphone conversation for ``voxserve talk --mic`` (needs the optional ``sounddevice``).
 
 The microphone is streamed as it is captured and the answer is played as it arrives; the
-playback position is reported to the server so barge-in keeps history true. Use headphones:
-no echo cancellation is done here, so a loudspeaker's answer would interrupt itself.
+playback position is reported to the server so barge-in keeps history true. When the server
+pauses the answer (``ResponsePaused``: the user started speaking over it) playback stops where it
+is, ``ResponseResumed`` continues it from there, and ``ResponseInterrupted`` drops what is left.
+Use headphones: no echo cancellation is done here, so a loudspeaker's answer would interrupt itself.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from clients.audio import float_to_pcm16
 from protos.voxserve.v1 import voice_pb2 as pb
-from services.audio import float_to_pcm16
 
 CHUNK_MS = 20
 
@@ -42,6 +44,7 @@ async def talk_live(stub: Any, config: pb.SessionConfig, on_event: Callable[[pb.
     mic: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=100)
     speaker: queue.Queue[np.ndarray] = queue.Queue(maxsize=1000)
     played = {"response": 0, "ms": 0.0}
+    paused = {"response": 0}  # the response the server paused (0: none); read by the audio thread
 
     def captured(data: np.ndarray, frames: int, t: Any, status: Any) -> None:
         with contextlib.suppress(asyncio.QueueFull):
@@ -51,6 +54,8 @@ async def talk_live(stub: Any, config: pb.SessionConfig, on_event: Callable[[pb.
 
     def play(out: np.ndarray, frames: int, t: Any, status: Any) -> None:
         out.fill(0)
+        if paused["response"] and paused["response"] == played["response"]:
+            return  # paused: silence, and the position does not advance
         filled = 0
         while filled < frames and not speaker.empty():
             chunk = speaker.queue[0]
@@ -90,9 +95,15 @@ async def talk_live(stub: Any, config: pb.SessionConfig, on_event: Callable[[pb.
                     if chunk.response_id != played["response"]:
                         played.update(response=chunk.response_id, ms=0.0)
                     speaker.put(np.frombuffer(chunk.data, "<i2").astype(np.float32) / 32768)
+                elif kind == "response_paused":
+                    paused["response"] = event.response_paused.response_id
+                elif kind == "response_resumed":
+                    if paused["response"] == event.response_resumed.response_id:
+                        paused["response"] = 0
                 elif kind == "response_interrupted":
                     with speaker.mutex:  # stop playing the interrupted answer at once
                         speaker.queue.clear()
+                    paused["response"] = 0
         finally:
             if output is not None:
                 output.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.audio import MODEL_RATE, read_wav, resample, write_wav
+from clients.audio import MODEL_RATE, read_wav, resample, write_wav
 
 #: Short questions a caller might ask a voice assistant (answers stay short with the CPU profile).
 QUESTIONS: tuple[str, ...] = (
@@ -65,7 +65,9 @@ def load_questions(texts: tuple[str, ...] | list[str] = QUESTIONS, sample_rate: 
                    folder: Path | None = None) -> list[SpokenQuestion]:
     """The spoken ``texts`` at ``sample_rate``; synthesizes (and caches) those not cached yet.
 
-    Blocking: the first call loads Piper (~0.5 s) and synthesizes ~0.3 s per question on CPU.
+    Blocking. Cached questions are read with the standard library; Piper (``services.tts``, the
+    server's TTS stack) is loaded only when a question is not cached yet: the first such call
+    loads it (~0.5 s) and synthesizes ~0.3 s per question on CPU.
     """
     from services.models import default_tts_voice
 

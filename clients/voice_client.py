@@ -2,9 +2,17 @@
 answer in simulated real time, and measures what a caller feels.
 
 Latency is measured on the client's clock only: ``voice_to_voice_ms`` runs from the moment the
-last speech sample of a turn was sent to the moment the first answer audio arrived. Between
-turns the client keeps streaming silence (a live microphone), which is what lets the server's
-VAD see the end of the turn.
+end of the speech in a turn's audio was sent (found by its energy, so a file's trailing silence
+does not shorten the figure) to the moment the first answer audio arrived. Between turns the
+client keeps streaming silence (a live microphone), which is what lets the server see the end of
+the turn; in push-to-talk sessions (``turn_detection.mode = MANUAL``) it instead ends each spoken
+turn with ``CommitInput`` and sends no audio between turns.
+
+Events are routed to turns by the server's ids: ``InputCommitted`` gives each user turn an
+``input_id``, ``FinalTranscript`` and ``ResponseStarted`` name it, and every later answer event
+names its ``response_id``. ``ResponsePaused`` / ``ResponseResumed`` / ``ResponseInterrupted``
+pause, resume and stop the simulated playback, so what the user "heard" (reported back with
+``PlaybackPosition``) is what a real player would have played.
 """
 
 from __future__ import annotations
@@ -12,16 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
 
+from clients.audio import float_to_pcm16, speech_end
 from protos.voxserve.v1 import voice_pb2 as pb
 from protos.voxserve.v1 import voice_pb2_grpc as pb_grpc
-from services.audio import float_to_pcm16
 
 MAX_MESSAGE = 16 * 1024 * 1024
 
@@ -57,6 +65,24 @@ class TurnResult:
     server_latency: dict[str, float] = field(default_factory=dict)
     error: str = ""
     t_speech_end: float = 0.0
+    """Client clock (time.monotonic) when the end of the speech was sent (text turns: when the text
+    was sent); 0 until then. Latencies above run from it."""
+    speech_end_ms: float = 0.0
+    """Where the speech ends in the turn's audio (ms from its start; the whole audio if no speech
+    was found). 0 for text turns."""
+    input_id: int = 0
+    """The server's id of the user input the answer answered (InputCommitted / ResponseStarted)."""
+    speculative: bool = False
+    """The server started the answer before the turn was over (TurnLatency.speculative)."""
+    paused: int = 0
+    """Times the answer was paused by speech over it (ResponsePaused)."""
+    resumed: int = 0
+    """Times the paused answer resumed (ResponseResumed: the speech was noise or a backchannel)."""
+    interrupt_reason: str = ""
+    """ResponseInterrupted.reason when the answer was cut off (barge_in, text_turn, error, ...)."""
+    early_answers: int = 0
+    """Answers the server started on part of this turn (its end of turn fired inside the turn)
+    that the rest of the turn then interrupted; the fields above describe the last answer."""
 
 
 @dataclass
@@ -80,7 +106,11 @@ class SessionResult:
 
 
 class _Player:
-    """Simulated real-time playback of one response: tracks underruns and what was heard."""
+    """Simulated real-time playback of one response: tracks underruns, pauses and what was heard.
+
+    The playback clock runs from the first chunk, minus the time the buffer was dry (stalls) and
+    the time it was paused; ``stop`` freezes it for good (an interrupted answer).
+    """
 
     def __init__(self) -> None:
         self.reset()
@@ -90,12 +120,26 @@ class _Player:
         self.queued_ms = 0.0
         self.stall_ms = 0.0
         self.underruns = 0
+        self.paused_at: float | None = None
+        self.paused_ms = 0.0
+        self.stopped_at: float | None = None
+
+    def _clock_ms(self, now: float) -> float:
+        assert self.start is not None
+        t = self.paused_at if self.paused_at is not None else now
+        if self.stopped_at is not None:
+            t = min(t, self.stopped_at)
+        return 1000 * (t - self.start) - self.stall_ms - self.paused_ms
 
     def add(self, now: float, ms: float) -> None:
+        if self.stopped_at is not None:
+            return  # the answer was stopped: nothing more of it is played
         if self.start is None:
             self.start = now
-        else:
-            ahead = self.queued_ms + self.stall_ms - 1000 * (now - self.start)
+            if self.paused_at is not None:  # paused before its first audio: the pause starts now
+                self.paused_at = now
+        elif self.paused_at is None:
+            ahead = self.queued_ms - self._clock_ms(now)
             if ahead < 0:  # the buffer ran dry before this chunk arrived: audible gap
                 self.stall_ms += -ahead
                 self.underruns += 1
@@ -104,10 +148,42 @@ class _Player:
     def played_ms(self, now: float) -> float:
         if self.start is None:
             return 0.0
-        return max(0.0, min(self.queued_ms, 1000 * (now - self.start) - self.stall_ms))
+        return max(0.0, min(self.queued_ms, self._clock_ms(now)))
+
+    def pause(self, now: float) -> None:
+        if self.paused_at is None and self.stopped_at is None:
+            self.paused_at = now
+
+    def resume(self, now: float) -> None:
+        if self.paused_at is not None:
+            if self.start is not None:
+                self.paused_ms += 1000 * (now - self.paused_at)
+            self.paused_at = None
+
+    def stop(self, now: float) -> None:
+        if self.stopped_at is None:
+            self.stopped_at = now
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None and self.stopped_at is None
 
     def done_at(self) -> float:
-        return (self.start or 0.0) + (self.queued_ms + self.stall_ms) / 1000
+        """When playback ends (infinity while paused: it ends only after a resume or a stop)."""
+        if self.stopped_at is not None:
+            return self.stopped_at
+        if self.paused_at is not None:
+            return float("inf")
+        return (self.start or 0.0) + (self.queued_ms + self.stall_ms + self.paused_ms) / 1000
+
+
+@dataclass
+class _TurnState:
+    """Routing state of one turn (private to ``converse``)."""
+
+    audio_turn: bool
+    inputs: dict[int, str] = field(default_factory=dict)  # input_id -> its final transcript
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class VoiceClient:
@@ -130,48 +206,72 @@ class VoiceClient:
         """Speak each turn, wait for its answer (and its playback), then the next one.
 
         A turn with ``barge_in_after_ms`` is spoken while the previous answer is still playing,
-        that long after its first audio. Answer events are matched to turns by response id.
+        that long into its playback. With ``config.turn_detection.mode == MANUAL`` (push-to-talk)
+        each spoken turn is followed by ``CommitInput`` and no audio is sent between turns.
         """
         cfg = config or pb.SessionConfig()
         rate = cfg.input_sample_rate or 16000
+        manual = cfg.turn_detection.mode == pb.MANUAL
         results: list[TurnResult] = []
+        states: list[_TurnState] = []
         session = SessionResult(turns=results)
-        finished: dict[int, asyncio.Event] = {}  # turn index -> its answer ended (any way)
         by_response: dict[int, int] = {}  # response id -> turn index
+        by_input: dict[int, int] = {}  # input id -> turn index
         player = _Player()  # playback of the response playing now
-        state: dict[str, int] = {"speaking": -1, "playing": 0}  # turn being spoken, response playing
-        samples_per_chunk = rate * chunk_ms // 1000
+        paused_early: set[int] = set()  # responses paused before their first audio arrived
+        # turn being spoken, latest spoken (audio) turn, response playing, turn of the last input
+        state: dict[str, int] = {"speaking": -1, "audio": -1, "playing": 0, "last_input": -1}
+        samples_per_chunk = max(1, rate * chunk_ms // 1000)
         silence = np.zeros(samples_per_chunk, np.float32)
 
         async def pace(t_next: float) -> None:
             if realtime:
                 await asyncio.sleep(max(0.0, t_next - time.monotonic()))
 
-        async def requests() -> Any:
+        def playback_report() -> pb.ClientMessage | None:
+            if not state["playing"]:
+                return None
+            return pb.ClientMessage(playback=pb.PlaybackPosition(
+                response_id=state["playing"], played_ms=int(player.played_ms(time.monotonic()))))
+
+        async def requests() -> AsyncIterator[pb.ClientMessage]:
             yield pb.ClientMessage(config=cfg)
             t_next = time.monotonic()
 
-            async def send_audio(x: np.ndarray) -> Any:
+            async def send_audio(x: np.ndarray, result: TurnResult | None = None,
+                                 end: int = 0) -> AsyncIterator[pb.ClientMessage]:
+                """Stream ``x`` in chunks at the pace of speech; ``result.t_speech_end`` is set when the
+                chunk holding sample ``end - 1`` leaves (at the time that sample is spoken)."""
                 nonlocal t_next
+                base = t_next
                 for i in range(0, x.size, samples_per_chunk):
                     piece = x[i:i + samples_per_chunk]
                     await pace(t_next)
                     t_next += piece.size / rate
+                    if result is not None and i < end <= i + piece.size:
+                        now = time.monotonic()
+                        result.t_speech_end = max(now, base + end / rate) if realtime else now
                     yield pb.ClientMessage(audio=pb.AudioInput(data=float_to_pcm16(piece)))
 
-            async def send_silence_until(cond: Callable[[], bool], max_s: float) -> Any:
+            async def wait_until(cond: Callable[[], bool], max_s: float) -> AsyncIterator[pb.ClientMessage]:
+                """Until ``cond``: a live microphone sends silence; push-to-talk sends nothing. Either
+                way, tell the server what the user has heard."""
+                nonlocal t_next
                 deadline = time.monotonic() + max_s
                 while not cond() and time.monotonic() < deadline:
-                    async for msg in send_audio(silence):
-                        yield msg
-                    if state["playing"]:  # tell the server what the user heard
-                        yield pb.ClientMessage(playback=pb.PlaybackPosition(
-                            response_id=state["playing"], played_ms=int(player.played_ms(time.monotonic()))))
+                    if manual:
+                        await asyncio.sleep(chunk_ms / 1000)
+                        t_next = time.monotonic()
+                    else:
+                        async for msg in send_audio(silence):
+                            yield msg
+                    if (report := playback_report()) is not None:
+                        yield report
 
             for index, turn in enumerate(turns):
                 result = TurnResult(label=turn.label or f"turn{index + 1}")
                 if turn.barge_in_after_ms is not None and index > 0:
-                    prev = finished[index - 1]
+                    prev = states[index - 1].finished
 
                     def reached(point: float = turn.barge_in_after_ms, prev: asyncio.Event = prev,
                                 before: TurnResult = results[index - 1]) -> bool:
@@ -183,49 +283,98 @@ class VoiceClient:
                             return True
                         return prev.is_set() and (not playing or now >= player.done_at())
 
-                    async for msg in send_silence_until(reached, turn_timeout_s):
+                    async for msg in wait_until(reached, turn_timeout_s):
                         yield msg
                     if prev.is_set() and not results[index - 1].interrupted and state["playing"] and \
                             time.monotonic() >= player.done_at():
                         result.error = "the previous answer finished playing before the barge-in point"
                 results.append(result)
-                finished[index] = asyncio.Event()
+                states.append(_TurnState(audio_turn=turn.text is None))
                 state["speaking"] = index
                 if turn.text is not None:
                     result.t_speech_end = time.monotonic()
                     yield pb.ClientMessage(text=pb.TextInput(text=turn.text))
                 else:
                     assert turn.audio is not None
-                    async for msg in send_audio(turn.audio):
+                    audio = np.asarray(turn.audio, dtype=np.float32)
+                    end = speech_end(audio, rate) or audio.size
+                    result.speech_end_ms = 1000 * end / rate
+                    state["audio"] = index
+                    async for msg in send_audio(audio, result, end):
                         yield msg
-                    # the last speech sample leaves now (paced: at t_next)
-                    result.t_speech_end = max(time.monotonic(), t_next if realtime else 0.0)
+                    if not result.t_speech_end:  # empty audio
+                        result.t_speech_end = time.monotonic()
+                    if manual:
+                        yield pb.ClientMessage(commit=pb.CommitInput())
                 if index + 1 < len(turns) and turns[index + 1].barge_in_after_ms is not None:
                     continue  # the next turn interrupts this answer
-                async for msg in send_silence_until(finished[index].is_set, turn_timeout_s):
+                async for msg in wait_until(states[index].finished.is_set, turn_timeout_s):
                     yield msg
                 if index + 1 < len(turns):
                     if wait_playback:
-                        async for msg in send_silence_until(lambda: time.monotonic() >= player.done_at(), 60):
+                        async for msg in wait_until(lambda: time.monotonic() >= player.done_at(), 60):
                             yield msg
                     pause_until = time.monotonic() + pause_ms / 1000
 
                     def paused(until: float = pause_until) -> bool:
                         return time.monotonic() >= until
 
-                    async for msg in send_silence_until(paused, 60):
+                    async for msg in wait_until(paused, 60):
                         yield msg
-            async for msg in send_audio(np.zeros(int(rate * trailing_silence_ms / 1000), np.float32)):
-                yield msg
+            if not manual:
+                async for msg in send_audio(np.zeros(int(rate * trailing_silence_ms / 1000), np.float32)):
+                    yield msg
+            if (report := playback_report()) is not None:
+                yield report
             yield pb.ClientMessage(end_of_input=pb.EndOfInput())
 
-        def turn_of(response_id: int) -> TurnResult | None:
-            index = by_response.get(response_id)
-            return results[index] if index is not None else None
+        def turn_of(response_id: int) -> int | None:
+            return by_response.get(response_id)
 
-        def end(turn: TurnResult) -> None:
-            turn.underrun_ms, turn.underruns = player.stall_ms, player.underruns
-            finished[results.index(turn)].set()
+        def adopt(response_id: int) -> int | None:
+            """A response the client never saw start (ended before ResponseStarted, e.g. nothing was
+            said): it belongs to the turn of the last committed input, else the turn being spoken."""
+            index = state["last_input"] if state["last_input"] >= 0 else state["speaking"]
+            if index < 0 or not response_id:
+                return None
+            by_response[response_id] = index
+            return index
+
+        def end(index: int) -> None:
+            turn = results[index]
+            if turn.response_id and state["playing"] == turn.response_id:
+                turn.underrun_ms, turn.underruns = player.stall_ms, player.underruns
+            states[index].finished.set()
+
+        def on_input_committed(e: pb.InputCommitted) -> None:
+            index = -1
+            if e.text:  # a typed turn: the first one sent with this text (else any) not committed yet
+                waiting = [i for i, st in enumerate(states) if not st.audio_turn and not st.inputs]
+                same = [i for i in waiting if (turns[i].text or "").strip() == e.text.strip()]
+                index = (same or waiting or [-1])[0]
+            if index < 0:
+                index = state["audio"] if state["audio"] >= 0 else state["speaking"]
+            if index < 0:
+                return
+            by_input[e.input_id] = index
+            states[index].inputs.setdefault(e.input_id, e.text)
+            state["last_input"] = index
+
+        def index_of_input(input_id: int) -> int | None:
+            if input_id and input_id in by_input:
+                return by_input[input_id]
+            return state["speaking"] if state["speaking"] >= 0 else None
+
+        def split_turn(index: int, rid: int, now: float) -> None:
+            """The answer to the first part of a turn was interrupted by the rest of it: wait for the
+            answer to the whole turn, and measure that one."""
+            turn = results[index]
+            turn.early_answers += 1
+            turn.response_text, turn.voice_to_voice_ms, turn.first_text_ms = "", None, None
+            turn.first_transcript_ms, turn.audio_ms, turn.heard_text = None, 0.0, ""
+            if state["playing"] == rid:
+                player.stop(now)
+            states[index].finished.clear()  # in case the early answer had already ended
 
         call = self.stub.Converse(requests())
         try:
@@ -235,53 +384,105 @@ class VoiceClient:
                     on_event(event)
                 kind = event.WhichOneof("event") or ""
                 session.events.append(kind)
-                speaking = results[state["speaking"]] if state["speaking"] >= 0 else None
+                index: int | None
+                speaking = state["speaking"]
                 if kind == "session_started":
                     session.session_id = event.session_started.session_id
                     session.output_sample_rate = event.session_started.output_sample_rate
-                elif kind == "partial_transcript" and speaking is not None:
-                    speaking.partials.append(event.partial_transcript.text)
-                elif kind == "final_transcript" and speaking is not None:
-                    speaking.transcript = event.final_transcript.text
-                    if speaking.first_transcript_ms is None:
-                        speaking.first_transcript_ms = 1000 * (now - speaking.t_speech_end)
-                elif kind == "response_started" and speaking is not None:
-                    speaking.response_id = event.response_started.response_id
-                    by_response[speaking.response_id] = state["speaking"]
-                elif kind == "text_delta" and (turn := turn_of(event.text_delta.response_id)):
-                    if turn.first_text_ms is None:
+                elif kind == "partial_transcript" and speaking >= 0:
+                    results[speaking].partials.append(event.partial_transcript.text)
+                elif kind == "input_committed":
+                    on_input_committed(event.input_committed)
+                elif kind == "final_transcript":
+                    e = event.final_transcript
+                    if (index := index_of_input(e.input_id)) is None:
+                        continue
+                    turn = results[index]
+                    states[index].inputs[e.input_id] = e.text
+                    turn.transcript = " ".join(t for t in states[index].inputs.values() if t) or e.text
+                    if turn.first_transcript_ms is None and turn.t_speech_end:
+                        turn.first_transcript_ms = 1000 * (now - turn.t_speech_end)
+                elif kind == "response_started":
+                    e = event.response_started
+                    if (index := index_of_input(e.input_id)) is None:
+                        continue
+                    by_response[e.response_id] = index
+                    results[index].response_id, results[index].input_id = e.response_id, e.input_id
+                elif kind == "text_delta" and (index := turn_of(event.text_delta.response_id)) is not None:
+                    turn = results[index]
+                    if turn.first_text_ms is None and turn.t_speech_end:
                         turn.first_text_ms = 1000 * (now - turn.t_speech_end)
                     turn.response_text += event.text_delta.text
-                elif kind == "audio" and (turn := turn_of(event.audio.response_id)):
+                elif kind == "audio" and (index := turn_of(event.audio.response_id)) is not None:
                     chunk = event.audio
+                    turn = results[index]
                     ms = 1000.0 * (len(chunk.data) // 2) / chunk.sample_rate
-                    if turn.voice_to_voice_ms is None:
+                    if turn.voice_to_voice_ms is None and turn.t_speech_end:
                         turn.voice_to_voice_ms = 1000 * (now - turn.t_speech_end)
                     if state["playing"] != chunk.response_id:  # a new answer starts playing
                         state["playing"] = chunk.response_id
                         player.reset()
+                        if chunk.response_id in paused_early:
+                            player.pause(now)
                     player.add(now, ms)
                     turn.audio_ms += ms
                     session.audio.append(chunk.data)
-                elif kind == "response_done" and (turn := turn_of(event.response_done.response_id)):
+                elif kind == "response_paused" and (index := turn_of(event.response_paused.response_id)) is not None:
+                    results[index].paused += 1
+                    if state["playing"] == event.response_paused.response_id:
+                        player.pause(now)
+                    else:
+                        paused_early.add(event.response_paused.response_id)
+                elif kind == "response_resumed" and (index := turn_of(event.response_resumed.response_id)) is not None:
+                    results[index].resumed += 1
+                    paused_early.discard(event.response_resumed.response_id)
+                    if state["playing"] == event.response_resumed.response_id:
+                        player.resume(now)
+                elif kind == "response_done" and (index := turn_of(event.response_done.response_id)) is not None:
                     d = event.response_done
+                    turn = results[index]
+                    if d.response_id != turn.response_id:
+                        continue  # an older answer of this turn: a newer one is under way
                     turn.response_text = d.text
                     turn.server_latency = {f.name: getattr(d.latency, f.name) for f in d.latency.DESCRIPTOR.fields}
-                    end(turn)
-                elif kind == "response_interrupted" and (turn := turn_of(event.response_interrupted.response_id)):
+                    turn.speculative = bool(d.latency.speculative)
+                    end(index)
+                elif kind == "response_interrupted":
+                    e = event.response_interrupted
+                    index = turn_of(e.response_id)
+                    if index is None and (index := adopt(e.response_id)) is None:
+                        continue
+                    turn = results[index]
+                    if turn.response_id and e.response_id != turn.response_id:
+                        continue  # an older answer of this turn: a newer one is under way
+                    if e.reason == "barge_in" and index == speaking and states[index].audio_turn:
+                        # no later turn was spoken: the speech over this answer was this turn's own rest
+                        split_turn(index, e.response_id, now)
+                        continue
                     turn.interrupted = True
-                    turn.heard_text = event.response_interrupted.heard_text
-                    turn.response_text = event.response_interrupted.generated_text
-                    end(turn)
-                elif kind == "error" and speaking is not None:
-                    speaking.error = f"{event.error.code}: {event.error.message}"
-                    finished[state["speaking"]].set()
+                    turn.interrupt_reason = e.reason
+                    turn.heard_text = e.heard_text
+                    turn.response_text = e.generated_text
+                    if state["playing"] == e.response_id:
+                        player.stop(now)
+                    end(index)
+                elif kind == "error":
+                    e = event.error
+                    index = turn_of(e.response_id) if e.response_id else None
+                    if index is None and e.response_id:
+                        index = adopt(e.response_id)
+                    if index is not None:
+                        # a turn's error: the answer's own end (ResponseInterrupted/Done) follows
+                        results[index].error = f"{e.code}: {e.message}"
+                    elif speaking >= 0:
+                        results[speaking].error = f"{e.code}: {e.message}"
+                        states[speaking].finished.set()
         except grpc.aio.AioRpcError as exc:
             session.status = exc.code().name
             session.details = exc.details() or ""
         finally:
-            for event_ in finished.values():
-                event_.set()
+            for st in states:
+                st.finished.set()
             with contextlib.suppress(Exception):
                 call.cancel()
         return session

@@ -94,13 +94,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _load_turns(args: argparse.Namespace, rate: int) -> list[Any]:
+    from clients.audio import load_audio
+    from clients.errors import ClientError
     from clients.voice_client import UserTurn
-    from services.audio import load_audio
 
-    turns = [UserTurn(audio=load_audio(w, rate), label=Path(w).stem) for w in args.wav or []]
+    wavs = [*(getattr(args, "files", None) or []), *(args.wav or [])]
+    try:
+        turns = [UserTurn(audio=load_audio(w, rate), label=Path(w).stem) for w in wavs]
+    except ClientError as exc:
+        raise SystemExit(f"voxserve talk: {exc}") from exc
     turns += [UserTurn(text=t, label="text") for t in args.text or []]
     if not turns:
-        raise SystemExit("voxserve talk: give --wav FILE (repeatable) and/or --text TEXT")
+        raise SystemExit("voxserve talk: give WAV files (voxserve talk question.wav, or --wav FILE) "
+                         "and/or --text TEXT, or --mic")
     return turns
 
 
@@ -111,6 +117,12 @@ def _print_event(event: Any) -> None:
         print(f"{t} speech started", flush=True)
     elif kind == "speech_stopped":
         print(f"{t} speech stopped ({event.speech_stopped.utterance_ms} ms)", flush=True)
+    elif kind == "input_committed" and event.input_committed.utterance_ms:
+        print(f"{t} turn over ({event.input_committed.utterance_ms} ms of speech)", flush=True)
+    elif kind == "response_paused":
+        print(f" [paused at {event.response_paused.played_ms} ms]", end="", flush=True)
+    elif kind == "response_resumed":
+        print(f" [resumed: {event.response_resumed.reason or 'noise'}]", end="", flush=True)
     elif kind == "partial_transcript":
         print(f"{t} partial: {event.partial_transcript.text}", flush=True)
     elif kind == "final_transcript":
@@ -122,31 +134,44 @@ def _print_event(event: Any) -> None:
     elif kind == "response_done":
         print(flush=True)
     elif kind == "response_interrupted":
-        print(f"\n{t} interrupted; heard: {event.response_interrupted.heard_text!r}", flush=True)
+        e = event.response_interrupted
+        print(f"\n{t} interrupted ({e.reason or 'barge_in'}); heard: {e.heard_text!r}", flush=True)
     elif kind == "error":
         print(f"{t} error {event.error.code}: {event.error.message}", flush=True)
 
 
 def print_turn_latency(results: Any) -> None:
+    """One line per turn: the client's voice-to-voice (from the end of speech in the audio sent)
+    and the server's breakdown (end-of-turn delay, ASR, LLM first token, TTS first audio)."""
     for turn in results.turns:
         v2v = f"{turn.voice_to_voice_ms:.0f}" if turn.voice_to_voice_ms is not None else "-"
         s = turn.server_latency
-        print(f"  {turn.label}: voice-to-voice {v2v} ms (client) | server: vad-end {s.get('vad_end_delay_ms', 0):.0f}"
-              f" + asr {s.get('asr_ms', 0):.0f} + llm-ttft {s.get('llm_first_token_ms', 0):.0f}"
-              f" + tts-first {s.get('tts_first_audio_ms', 0):.0f} -> first audio {s.get('first_audio_ms', 0):.0f} ms"
+        extra = "".join([f", interrupted ({turn.interrupt_reason})" if turn.interrupted else "",
+                         f", paused {turn.paused}x/resumed {turn.resumed}x" if turn.paused else "",
+                         f", {turn.early_answers} early answer(s)" if turn.early_answers else ""])
+        print(f"  {turn.label}: voice-to-voice {v2v} ms (client, from the end of speech)"
+              f" | server: end-of-turn {s.get('vad_end_delay_ms', 0):.0f} + asr {s.get('asr_ms', 0):.0f}"
+              f" + llm first token {s.get('llm_first_token_ms', 0):.0f}"
+              f" + tts first audio {s.get('tts_first_audio_ms', 0):.0f}"
+              f" -> first audio {s.get('first_audio_ms', 0):.0f} ms after the turn ended"
+              f" | speculative {'yes' if turn.speculative else 'no'}"
               f" | {s.get('llm_tokens', 0):.0f} tokens @ {s.get('llm_tokens_per_s', 0):.1f}/s"
-              f" | audio {turn.audio_ms / 1000:.1f} s, underruns {turn.underruns}")
+              f" | audio {turn.audio_ms / 1000:.1f} s, underruns {turn.underruns}{extra}")
 
 
 async def _talk(args: argparse.Namespace) -> int:
+    from clients.audio import write_wav
     from clients.voice_client import VoiceClient
     from protos.voxserve.v1 import voice_pb2 as pb
-    from services.audio import write_wav
 
     rate = args.rate
     config = pb.SessionConfig(input_encoding=pb.PCM16, input_sample_rate=rate, language=args.language,
                               system_prompt=args.system_prompt, partial_transcripts=args.partials,
                               response_mode=pb.SPEECH_NATIVE if args.speech_native else pb.CASCADE)
+    if getattr(args, "push_to_talk", False):
+        if args.mic:
+            raise SystemExit("voxserve talk: --push-to-talk works with WAV files, not --mic")
+        config.turn_detection.mode = pb.MANUAL  # each WAV is one turn, ended by CommitInput
     if args.mic:
         from clients.mic import talk_live
 
@@ -237,14 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-cpus", type=int, default=None, help="Ray logical CPUs (default: max(8, cores))")
     s.set_defaults(func=cmd_serve)
 
-    t = sub.add_parser("talk", help="reference client: speak WAV files (or text) to a server, print events")
+    t = sub.add_parser("talk", help="reference client: speak WAV files (or text) to a server, print events",
+                       description="Stream WAV files as spoken turns at real-time pace (silence between turns, "
+                                   "like a live microphone), print the events, write the answer audio and the "
+                                   "latency of each turn. Example: voxserve talk question.wav")
+    t.add_argument("files", nargs="*", metavar="WAV", help="spoken turns, one per file (WAV; FLAC needs soundfile)")
     t.add_argument("--address", default="127.0.0.1:9000", help="server gRPC address (default: 127.0.0.1:9000)")
     t.add_argument("--wav", action="append", help="a spoken turn (WAV/FLAC, any rate); repeat for more turns")
     t.add_argument("--text", action="append", help="a typed turn; repeat for more")
     t.add_argument("--mic", action="store_true",
                    help="talk live through the microphone until Ctrl-C (needs `pip install sounddevice`)")
+    t.add_argument("--push-to-talk", action="store_true",
+                   help="each WAV is one whole turn, ended by CommitInput (turn detection MANUAL), no silence sent")
     t.add_argument("--rate", type=int, default=16000, help="sample rate to stream at (default: 16000)")
-    t.add_argument("--language", default="", help="ISO 639-1 language hint (default: detect)")
+    t.add_argument("--language", default="",
+                   help="ISO 639-1 language hint, or auto to detect (default: the server's, en)")
     t.add_argument("--system-prompt", default="", help="system prompt (default: the server's)")
     t.add_argument("--partials", action="store_true", help="ask for partial transcripts")
     t.add_argument("--speech-native", action="store_true", help="ask for speech-native mode")
@@ -260,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grpc-port", type=int, default=0, help="gRPC port (default: a free one)")
     d.set_defaults(func=cmd_demo)
 
-    from clients.loadtest import add_parser as add_loadtest_parser
+    # the options only: clients.loadtest (gRPC, the load tester) is imported when the command runs
+    from clients.loadtest_config import add_parser as add_loadtest_parser
 
     add_loadtest_parser(sub)
 

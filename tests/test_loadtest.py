@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
+from clients.errors import InvalidInput, MissingPackage
 from clients.loadtest import (
     CallRecord,
+    InvalidLoadTestConfig,
     LoadTestConfig,
     LoadTestReport,
     Sample,
@@ -35,7 +37,7 @@ from clients.loadtest import (
     write_outputs,
 )
 from deployments.metrics import METRICS, GatewayMetrics, StageMetrics
-from services import events as ev
+from services.conversation import events as ev
 from services.errors import InvalidArgument
 
 # --- pure helpers ---------------------------------------------------------------------------------
@@ -49,7 +51,7 @@ def test_percentile_interpolates_like_numpy() -> None:
         assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
     assert percentile([], 50) is None
     assert percentile([5.0], 99) == 5.0
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidInput):
         percentile(xs, 101)
 
 
@@ -62,14 +64,14 @@ def test_loopback_addresses_pass(address: str) -> None:
 @pytest.mark.parametrize("address", ["10.0.0.5:9000", "0.0.0.0:9000", "example.com:9000", "[2001:db8::1]:9000",
                                      "192.168.1.2:9000", "voxserve.internal:443"])
 def test_remote_addresses_are_refused_unless_allowed(address: str) -> None:
-    with pytest.raises(InvalidArgument, match="loopback"):
+    with pytest.raises(InvalidInput, match="loopback"):
         check_address(address)
     assert check_address(address, allow_remote=True) == address
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:port", ":9000", "127.0.0.1:70000"])
 def test_malformed_addresses_are_refused(address: str) -> None:
-    with pytest.raises(InvalidArgument, match="host:port"):
+    with pytest.raises(ValueError, match="host:port"):
         check_address(address, allow_remote=True)
 
 
@@ -91,6 +93,46 @@ def test_ramp_schedule_goes_one_to_n_and_back() -> None:
     assert [caller_window(i, flat) for i in range(3)] == [(0, 0), (0, 0), (0, 0)]
 
 
+def test_config_defaults_and_json() -> None:
+    cfg = LoadTestConfig()
+    assert (cfg.address, cfg.callers, cfg.hold_s, cfg.turns_per_call, cfg.barge_in_after_ms, cfg.language) == (
+        "127.0.0.1:9000", 4, 30.0, 2, (400.0, 1200.0), "en")
+    d = LoadTestConfig(callers=3, ramp_up_s=2, questions=["Hi?"]).to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert d["callers"] == 3 and d["ramp_up_s"] == 2.0 and isinstance(d["ramp_up_s"], float)
+    assert d["barge_in_after_ms"] == [400.0, 1200.0] and d["questions"] == ["Hi?"]
+    assert LoadTestConfig(**d) == LoadTestConfig(callers=3, ramp_up_s=2, questions=["Hi?"])  # a report's config
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"callers": 0}, "callers must be >= 1"),
+    ({"callers": 257}, "callers must be <= 256"),
+    ({"callers": 2.5}, "callers must be an integer"),
+    ({"callers": True}, "callers must be an integer"),
+    ({"ramp_up_s": -1}, "ramp_up_s must be >= 0"),
+    ({"turns_per_call": 51}, "turns_per_call must be <= 50"),
+    ({"barge_in_rate": 1.5}, "barge_in_rate must be <= 1"),
+    ({"barge_in_after_ms": (100,)}, "barge_in_after_ms must be two numbers"),
+    ({"max_duration_s": 0}, "max_duration_s must be > 0"),
+    ({"max_duration_s": 4000}, "max_duration_s must be <= 3600"),
+    ({"turn_timeout_s": float("nan")}, "turn_timeout_s must be a finite number"),
+    ({"sample_interval_s": 0}, "sample_interval_s must be > 0"),
+    ({"questions": "What?"}, "questions must be a list of texts"),
+    ({"questions": ["  "]}, "questions must not hold empty texts"),
+    ({"address": 9000}, "address must be a string"),
+    ({"progress": "yes"}, "progress must be true or false"),
+])
+def test_config_refuses_bad_values_with_clear_messages(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidLoadTestConfig, match=message) as info:
+        LoadTestConfig(**kwargs)
+    assert isinstance(info.value, ValueError)
+
+
+def test_config_refuses_unknown_fields() -> None:
+    with pytest.raises(TypeError, match="nope"):
+        LoadTestConfig(nope=1)  # type: ignore[call-arg]
+
+
 def _report() -> LoadTestReport:
     turns = [
         TurnRecord(caller=0, call=0, turn=0, question="q", t_s=1.0, answered=True, voice_to_voice_ms=800,
@@ -102,7 +144,7 @@ def _report() -> LoadTestReport:
     calls = [CallRecord(0, 0, 0.0, 9.0, "OK", turns_planned=2, turns_done=2),
              CallRecord(1, 0, 0.5, 7.0, "RESOURCE_EXHAUSTED", "busy", turns_planned=2, turns_done=1)]
     timeline = [Sample(float(t), 2 if t < 8 else 0, 2, t // 3, {"ASR": 1 + (t > 4), "LLM": 1}) for t in range(10)]
-    return LoadTestReport(config=LoadTestConfig(callers=2).model_dump(mode="json"), started_at="now",
+    return LoadTestReport(config=LoadTestConfig(callers=2).to_dict(), started_at="now",
                           duration_s=10.0, turns=turns, calls=calls, timeline=timeline)
 
 
@@ -157,6 +199,18 @@ def test_cli_parses_and_refuses_remote_targets(capsys: pytest.CaptureFixture[str
     assert "loopback" in capsys.readouterr().err
     bad = parser.parse_args(["loadtest", "--callers", "0"])
     assert cmd_loadtest(bad) == 2
+    assert "callers must be >= 1" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_is_a_clear_missing_package(monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingPackage, match="pip install matplotlib"):
+        plot(_report(), tmp_path / "x.png")
+    paths = write_outputs(_report(), tmp_path, plot_png=False)
+    assert set(paths) == {"json", "summary"}
 
 
 # --- metrics dispatch -----------------------------------------------------------------------------
