@@ -7,6 +7,7 @@ override them per profile (replicas, CPUs, GPU fractions).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -108,13 +109,13 @@ class LLMDeployment:
     async def num_unfinished(self) -> int:
         return sum(e.num_unfinished_requests() for e in self._engines())
 
-    async def audio_stats(self) -> dict[str, Any]:
-        """What the audio LLM last received (tests assert the engine really got audio)."""
-        e = self.audio_engine
-        if e is None:
-            return {"audio_requests": 0}
-        return {"arch": e.audio_arch, "audio_requests": e.audio_requests,
-                "last_audio_samples": e.last_audio_samples, "last_prompt_tokens": e.last_prompt_tokens}
+    async def recent_requests(self, n: int = 16) -> list[dict[str, Any]]:
+        """The latest LLM requests (newest last), finished or aborted: finish reason ("stop",
+        "length", "abort", "error"), tokens, timing, and audio samples for speech-native turns."""
+        rows = [{**dataclasses.asdict(s), "engine": e.model, "audio_arch": e.audio_arch or ""}
+                for e in self._engines() for s in e.recent]
+        rows.sort(key=lambda r: r["finished_at"])
+        return rows[-n:]
 
     async def info(self) -> dict[str, Any]:
         return {"model": self.config.model or "SmolLM2-135M-Instruct (embedded)",

@@ -20,6 +20,7 @@ the KV cache at once (barge-in, client disconnect). ``abort(request_id)`` does i
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import logging
@@ -56,6 +57,8 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 _GIB = 1 << 30
+#: Finished or aborted requests an engine remembers (``LLMEngine.recent``).
+RECENT_REQUESTS = 64
 _ROLES = frozenset({"system", "user", "assistant"})
 
 
@@ -157,6 +160,8 @@ class GenerationStats:
     ttft_s: float | None = None
     total_s: float = 0.0
     finish_reason: str | None = None  # "stop", "length", "abort" (cancelled), "error"
+    audio_samples: int = 0  # speech-native: 16 kHz samples of the user's audio in the prompt
+    finished_at: float = 0.0  # wall clock (time.time) when the stream ended
 
     @property
     def tokens_per_s(self) -> float:
@@ -255,9 +260,8 @@ class LLMEngine:
         self.model = model
         self.on_cpu = on_cpu
         self.audio_arch = audio_arch
-        self.audio_requests = 0  # audio turns accepted (speech-native)
-        self.last_audio_samples = 0  # samples of the last audio turn handed to vLLM
-        self.last_prompt_tokens = 0  # its prompt length in vLLM, audio placeholders expanded
+        #: The latest requests, finished or aborted (operators: what happened to them, and why)
+        self.recent: collections.deque[GenerationStats] = collections.deque(maxlen=RECENT_REQUESTS)
         self.tokenizer = llm.get_tokenizer()
         self.max_model_len: int = llm.model_config.max_model_len
         if not getattr(self.tokenizer, "chat_template", None):
@@ -481,14 +485,13 @@ class LLMEngine:
             messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
         text = build_audio_prompt(self.audio_arch, self.tokenizer, messages, audio_count=1)
         n_text = len(self.tokenizer.encode(text, add_special_tokens=False))
-        self.audio_requests += 1
-        self.last_audio_samples = int(x.size)
         prompt = {"prompt": text, "multi_modal_data": {"audio": (x, AUDIO_RATE)}}
         return prompt, n_text + audio_token_count(self.audio_arch, seconds)
 
     async def _generate(self, result: _Result, request_id: str, prompt: Any, prompt_tokens: int,
                         params: Any) -> AsyncGenerator[str, None]:
-        stats = GenerationStats(request_id, prompt_tokens)
+        audio = prompt.get("multi_modal_data", {}).get("audio") if isinstance(prompt, dict) else None
+        stats = GenerationStats(request_id, prompt_tokens, audio_samples=int(audio[0].size) if audio else 0)
         t0 = time.monotonic()
         finished = False
         gen = self._llm.generate(prompt, params, request_id)
@@ -499,8 +502,6 @@ class LLMEngine:
                     if out.prompt_token_ids is not None and stats.tokens == 0:
                         # What the engine really got: audio placeholders expanded to embeddings.
                         stats.prompt_tokens = len(out.prompt_token_ids)
-                        if self.audio_arch is not None:
-                            self.last_prompt_tokens = stats.prompt_tokens
                     comp = out.outputs[0]
                     stats.tokens += len(comp.token_ids)
                     if out.finished:
@@ -521,7 +522,9 @@ class LLMEngine:
             if not finished and stats.finish_reason is None:
                 stats.finish_reason = "abort"
             stats.total_s = time.monotonic() - t0
+            stats.finished_at = time.time()
             result.stats = stats
+            self.recent.append(stats)
 
     @staticmethod
     def _map_error(exc: Exception) -> Exception:

@@ -234,6 +234,16 @@ async def test_typed_turns_after_each_answer_are_not_barge_ins() -> None:
     assert stages.llm_calls[-1][-2] == {"role": "assistant", "content": "answer number 6"}
 
 
+async def test_text_turn_with_nothing_to_answer_is_reported_and_ignored() -> None:
+    """Defect 14: an emoji-only turn got an answer with no audio."""
+    stages = FakeStages(answer="hello")
+    async with Harness(stages) as h:
+        await h.conv.push_text("🙂🎉")
+        await h.conv.push_text("hi")
+        await h.until(lambda: h.of(ev.ResponseDone))
+    assert h.of(ev.ErrorEvent)[0].code == "INVALID_ARGUMENT" and len(stages.llm_calls) == 1
+
+
 async def test_typed_turn_that_interrupts_keeps_what_was_heard() -> None:
     stages = FakeStages(answer=" ".join(f"w{i}" for i in range(100)), word_s=0.01)
     async with Harness(stages, playback="reported") as h:

@@ -436,6 +436,10 @@ class Conversation:
         ``respond`` False it only joins the conversation (answered by ``create_response``)."""
         async with self._lock:
             self._check_open()
+            if not any(ch.isalnum() for ch in text):
+                await self.emit(ev.ErrorEvent(code="INVALID_ARGUMENT", message=(
+                    "text turn has nothing to answer (no letters or digits, e.g. only emojis); ignored")))
+                return
             now = self._clock()
             if interrupt:
                 await self._cancel_current("text_turn")
