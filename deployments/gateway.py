@@ -33,6 +33,8 @@ from deployments.protocol import (
     settings_from_config,
     status_code,
 )
+from deployments.realtime import RealtimeAdapter
+from deployments.realtime import app as realtime_app
 from deployments.remote import RemoteStages
 from deployments.sessions import SessionHub
 from protos.voxserve.v1 import voice_pb2 as pb
@@ -71,6 +73,7 @@ def _fail(context: RayServegRPCContext | None, exc: BaseException) -> str:
 
 
 @serve.deployment(name="Gateway", max_ongoing_requests=48, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(realtime_app)  # HTTP/WebSocket (the realtime API, the page) beside the gRPC methods
 class Gateway:
     """``voxserve.v1.VoiceAssistant``: Converse, Transcribe, Synthesize; gRPC health Check."""
 
@@ -86,6 +89,7 @@ class Gateway:
         self.stages = RemoteStages(vad, asr, llm, tts, local_vad, turn_model)
         self.metrics = GatewayMetrics()
         self.hub = SessionHub(self.args, self.stages, observer=self.metrics)
+        self.realtime = RealtimeAdapter(self.args, self.hub, self.auth, self.metrics)  # /v1/realtime
         await self._warm_up()
 
     async def _warm_up(self) -> None:
