@@ -2,15 +2,20 @@
 
 ``Converse`` drives one ``services.conversation.Conversation`` per stream, opened through the
 shared ``SessionHub``: a reader task validates and feeds the client's messages while this method
-streams the conversation's events back, so a reply never blocks listening. Errors end the stream
-with their status code, set on the gRPC context before returning normally: Serve passes that
-through (raising would turn it into INTERNAL and log a traceback for every client mistake).
+streams the conversation's events back, so a reply never blocks listening.
+
+Errors end a stream with their status code. Serve's proxy copies the replica's gRPC context onto
+the call with each streamed message, so the code is set and then one last message carries it
+(Converse: an Error event with the same code; Transcribe/Synthesize: an empty message). Raising
+instead would also work, but Serve then logs a traceback for every client mistake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -40,10 +45,11 @@ from deployments.sessions import SessionHub
 from protos.voxserve.v1 import voice_pb2 as pb
 from services.audio import MODEL_RATE, StreamResampler
 from services.codecs import check_encoding_rate, decoder
-from services.conversation import Conversation
-from services.conversation.aio import cancel_and_wait
+from services.conversation import Conversation, SessionSettings
+from services.conversation.aio import TaskGroup, cancel_and_wait
 from services.conversation.events import ErrorEvent
 from services.errors import (
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -61,6 +67,14 @@ HEALTH_SERVICES = ("", "voxserve.v1.VoiceAssistant")
 #: could not decode one of its messages (it ends the input stream the same way).
 CUT_STREAM = ("the stream was cut: the client cancelled it, or sent bytes that are not a "
               "voxserve.v1.ClientMessage")
+
+
+class _Liveness:
+    """When a Converse client last sent anything, and whether it streams audio."""
+
+    def __init__(self) -> None:
+        self.last_message = time.monotonic()
+        self.audio = False
 
 
 def _fail(context: RayServegRPCContext | None, exc: BaseException) -> str:
@@ -89,6 +103,7 @@ class Gateway:
         self.stages = RemoteStages(vad, asr, llm, tts, local_vad, turn_model)
         self.metrics = GatewayMetrics()
         self.hub = SessionHub(self.args, self.stages, observer=self.metrics)
+        self._tasks = TaskGroup()  # Converse supervisors: they outlive a generator Ray stops pulling
         self.realtime = RealtimeAdapter(self.args, self.hub, self.auth, self.metrics)  # /v1/realtime
         await self._warm_up()
 
@@ -133,8 +148,14 @@ class Gateway:
 
     async def Converse(self, request_stream: gRPCInputStream,
                        grpc_context: RayServegRPCContext | None = None) -> AsyncIterator[pb.ServerEvent]:
-        status = "OK"
-        self.metrics.session_started()
+        """Relays the conversation's events; the session itself is owned by a supervisor task.
+
+        Ray's proxy can lose a client's hang-up: it then neither cancels this generator nor ends
+        the input stream, and may stop pulling this generator for good. So nothing that must
+        happen (reading, the liveness watchdog, closing the conversation, freeing the slot) runs
+        in this generator: the supervisor does it whatever becomes of the generator.
+        """
+        supervisor: asyncio.Task[None] | None = None
         try:
             self._authorize(grpc_context)
             self.hub.admit()
@@ -145,51 +166,86 @@ class Gateway:
             info = await self.hub.stage_info()
             settings, wire = settings_from_config(first.config, self.args, voice_rate=info["voice_rate"],
                                                   speech_native_available=info["speech_native"])
+            opened: asyncio.Future[Conversation] = asyncio.get_running_loop().create_future()
+            supervisor = self._tasks.spawn(self._supervise(request_stream, settings, wire, opened),
+                                           name="converse-supervisor")
+            conv = await opened
+            async for event in conv.events():
+                self.metrics.observe(event)
+                message = event_to_proto(event, wire)
+                if message is not None:
+                    yield message
+            await supervisor  # the reader's or the watchdog's error, if any, is this stream's status
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            err = to_vox_error(exc)
+            _fail(grpc_context, err)
+            if supervisor is None:
+                self.metrics.session_started()
+                self.metrics.session_ended(err.code)
+            yield pb.ServerEvent(error=pb.Error(code=err.code, message=err.message))  # carries the status
+        finally:
+            if supervisor is not None and not supervisor.done():
+                supervisor.cancel()  # the client is gone: the supervisor stops everything
+
+    async def _supervise(self, stream: gRPCInputStream, settings: SessionSettings, wire: WireFormat,
+                         opened: asyncio.Future[Conversation]) -> None:
+        """Owns one Converse session: opens it, runs the reader and the liveness watchdog, and
+        closes everything (LLM requests aborted, slot freed) however the stream ends."""
+        status = "OK"
+        self.metrics.session_started()
+        try:
             async with self.hub.session(settings) as conv:
-                reader = asyncio.create_task(self._read(request_stream, conv, wire))
+                opened.set_result(conv)
+                alive = _Liveness()
+                reader = asyncio.create_task(self._read(stream, conv, wire, alive))
+                watchdog = asyncio.create_task(self._watch(alive))
                 try:
-                    async for event in conv.events():
-                        self.metrics.observe(event)
-                        message = event_to_proto(event, wire)
-                        if message is not None:
-                            yield message
-                    await reader  # the reader's error, if any, is this stream's status
+                    done, _ = await asyncio.wait({reader, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()  # the reader's error, or the watchdog's verdict
                 finally:
-                    await cancel_and_wait(reader)
+                    await cancel_and_wait(reader, watchdog)
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise
         except Exception as exc:
-            status = _fail(grpc_context, exc)
+            status = to_vox_error(exc).code
+            raise
         finally:
+            if not opened.done():
+                opened.set_exception(InvalidArgument("the session could not be opened"))
             self.metrics.session_ended(status)
 
-    async def _read(self, stream: gRPCInputStream, conv: Conversation, wire: WireFormat) -> None:
-        """Reader task: validate each client message and feed the conversation.
+    async def _watch(self, alive: _Liveness) -> None:
+        """Ends the session when the client stops sending: after audio, ``client_audio_timeout_s``
+        (a live microphone never stops); before any, ``client_idle_timeout_s``."""
+        g = self.args.gateway
+        while True:
+            limit = g.client_audio_timeout_s if alive.audio else g.client_idle_timeout_s
+            quiet = time.monotonic() - alive.last_message
+            if quiet > limit:
+                raise DeadlineExceeded(
+                    f"no message for {limit:g} s: a live audio stream must keep sending (silence included) "
+                    "until EndOfInput; the stream is taken as hung up" if alive.audio else
+                    f"no message for {limit:g} s; closing the idle stream")
+            await asyncio.sleep(min(0.25, limit - quiet + 0.01))
 
-        Liveness: Ray's proxy can lose a client's hang-up (it then neither cancels this replica
-        nor ends the input stream), so a stream that has sent audio and then nothing for
-        ``client_audio_timeout_s`` is taken as gone, and its work stopped.
-        """
+    async def _read(self, stream: gRPCInputStream, conv: Conversation, wire: WireFormat, alive: _Liveness) -> None:
+        """Reader task: validate each client message and feed the conversation."""
         g = self.args.gateway
         max_samples = int(g.max_stream_s * conv.settings.input_sample_rate)
         received = 0
+        half_closed = False
         try:
-            while True:
-                timeout = g.client_audio_timeout_s if received else g.client_idle_timeout_s
-                try:
-                    msg = await asyncio.wait_for(anext(stream), timeout)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"no message for {timeout:g} s: a live audio stream must keep sending (silence "
-                        "included) until EndOfInput; the stream is taken as hung up" if received else
-                        f"no message for {timeout:g} s; closing the idle stream") from None
+            async for msg in stream:
+                alive.last_message = time.monotonic()
                 kind = msg.WhichOneof("message")
                 if kind == "audio":
                     samples = decode_audio(msg.audio.data, g.max_message_bytes, wire.decode)
                     received += samples.size
+                    alive.audio = True
                     if received > max_samples:
                         raise ResourceExhausted(f"stream exceeded its {g.max_stream_s:.0f} s audio limit")
                     if samples.size:
@@ -201,6 +257,7 @@ class Gateway:
                 elif kind in ("commit", "clear", "cancel_response"):
                     await self._control(conv, kind)
                 elif kind == "end_of_input":
+                    half_closed = True
                     break
                 elif kind == "config":
                     raise FailedPrecondition("SessionConfig may only be sent once, as the first message")
@@ -212,6 +269,14 @@ class Gateway:
                 # cannot decode a message: stop everything; the status reaches a client still there.
                 await conv.aclose()
                 raise InvalidArgument(CUT_STREAM)
+            if not half_closed:
+                # When a client hangs up, Ray's proxy may end the input like a normal half-close and
+                # then stop relaying: only EndOfInput means "finish the answer, then end".
+                await conv.aclose()
+                raise Cancelled("the request stream ended without EndOfInput: taken as a hang-up, everything "
+                                "in progress was stopped (send EndOfInput to let the answer finish)")
+            alive.audio = False  # half-closed: the answer may take longer than the audio timeout
+            alive.last_message = math.inf
             await conv.end_input()  # finish the turn in progress, then close the event stream
         except BaseException:
             await conv.aclose()
@@ -243,6 +308,7 @@ class Gateway:
             raise
         except Exception as exc:
             _fail(grpc_context, exc)
+            yield pb.TranscriptEvent()  # empty: it carries the status
 
     async def _transcribe(self, request_stream: gRPCInputStream) -> AsyncIterator[pb.TranscriptEvent]:
         first = await self._first(request_stream, "TranscribeConfig")
@@ -313,3 +379,5 @@ class Gateway:
             raise
         except Exception as exc:
             _fail(grpc_context, exc)
+            yield pb.AudioChunk()  # empty: it carries the status
+
