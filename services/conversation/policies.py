@@ -11,28 +11,9 @@ import re
 from typing import Literal
 
 from services.conversation.settings import Interruptions, TurnDetection
+from services.turn_detection import transcript_looks_incomplete
 
-#: Words after which an English sentence is not finished ("What is the capital of").
-FUNCTION_WORDS = frozenset(
-    "a an the of to for from with without about into onto over under at in on by as than and or but "
-    "nor so because if when while that which who whose whom where my your his her its our their this "
-    "these those is are was were be been am do does did can could would should will shall may might "
-    "must have has had not very more most like such some any".split())
 _WORD = re.compile(r"[a-z0-9']+")
-
-
-def transcript_looks_incomplete(text: str) -> bool:
-    """True when a transcript stops where a sentence cannot end: on a function word, or on a
-    comma, dash or ellipsis ("I would like to order..."). Audio alone misses these."""
-    stripped = text.strip()
-    if not stripped:
-        return False
-    if stripped.endswith((",", "-", "—", "–", "...", "…", ":")):
-        return True
-    if stripped[-1] in ".?!":
-        return False
-    words = _WORD.findall(stripped.lower())
-    return bool(words) and words[-1] in FUNCTION_WORDS
 
 
 class EndOfTurn:
