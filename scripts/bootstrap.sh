@@ -25,4 +25,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
   echo "$want" > "$stamp"
 fi
+# The browser test (tests/test_realtime_graph.py) drives Debian's chromium headless through
+# Playwright; browser downloads are not possible here, so the system package is used. Installed
+# when missing and this runs as root with apt-get (CI: a fresh clone as root); else it is skipped.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "[bootstrap] installing chromium (apt-get) for the browser test"
+  DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+fi
 "$VENV/bin/voxserve" models prepare

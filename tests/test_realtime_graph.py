@@ -1,0 +1,290 @@
+"""/v1/realtime over the real Ray Serve app and models, driven by clients nobody here wrote: the
+official `openai` SDK's realtime client, and the browser page in Debian's chromium (headless,
+Playwright, a fake microphone fed from a WAV of a Piper question). The gRPC API is served by the
+same Gateway deployment beside it.
+
+Set VOXSERVE_UPDATE_SCREENSHOT=1 to refresh docs/realtime-page.png from the browser test (otherwise
+the screenshot goes to .cache/, so that a test run leaves the tree clean).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from services.audio import float_to_pcm16, pcm16_to_float, resample
+from tests.conftest import ROOT, cer, handle, say, wer
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(1200)]
+
+RATE = 24000
+CHUNK_S = 0.1
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def server():  # type: ignore[no-untyped-def]
+    from deployments.profiles import load_serve_config
+    from deployments.server import free_port, start_local
+
+    srv = start_local(load_serve_config("cpu"), grpc_port=free_port(), app_overrides={
+        "gateway": {"max_sessions": 4, "max_stream_s": 120}})
+    yield srv
+    srv.stop()
+
+
+class Session:
+    """An SDK realtime connection whose events are read all the time (as a real client's are)."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.events: list[Any] = []
+        self.arrived: list[float] = []
+        self._new = asyncio.Event()
+        self._cursor = 0
+        self._reader = asyncio.create_task(self._read())
+        self.mic_open = True
+        self.session_id = ""
+        self.strict = True  # an error event fails the wait
+
+    async def _read(self) -> None:
+        try:
+            async for event in self.conn:
+                self.events.append(event)
+                self.arrived.append(time.monotonic())
+                self._new.set()
+        finally:
+            self._new.set()
+
+    async def until(self, type_: str, where: Callable[[Any], bool] = lambda e: True, within_s: float = 120) -> Any:
+        async with asyncio.timeout(within_s):
+            while True:
+                while self._cursor < len(self.events):
+                    event = self.events[self._cursor]
+                    self._cursor += 1
+                    if event.type == "error" and type_ != "error" and self.strict:
+                        raise AssertionError(f"error event: {event.error}")
+                    if event.type == type_ and where(event):
+                        return event
+                if self._reader.done():
+                    raise AssertionError(f"connection closed before {type_}")
+                self._new.clear()
+                await self._new.wait()
+
+    def of(self, type_: str) -> list[Any]:
+        return [e for e in self.events if e.type == type_]
+
+    async def speak(self, audio24k: np.ndarray) -> None:
+        """Microphone audio at real-time pace, in 100 ms appends."""
+        step = int(RATE * CHUNK_S)
+        for i in range(0, audio24k.size, step):
+            await self.conn.input_audio_buffer.append(
+                audio=base64.b64encode(float_to_pcm16(audio24k[i:i + step])).decode())
+            await asyncio.sleep(CHUNK_S)
+
+    async def open_mic(self) -> None:
+        """A live microphone between turns: silence, until closed."""
+        while self.mic_open:
+            await self.speak(np.zeros(int(RATE * CHUNK_S), np.float32))
+
+    async def close(self) -> None:
+        self.mic_open = False
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+@asynccontextmanager
+async def realtime(server: Any, **session: Any) -> AsyncIterator[Session]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(api_key="sk-no-key-needed-on-loopback", base_url=f"http://127.0.0.1:{server.http_port}/v1")
+    async with client.realtime.connect(model="voxserve") as conn:
+        s = Session(conn)
+        try:
+            created = await s.until("session.created")
+            s.session_id = created.session.id.removeprefix("sess_")
+            await conn.session.update(session={
+                "type": "realtime",
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE},
+                                    "transcription": {"model": "whisper-1", "language": "en"},
+                                    "turn_detection": {"type": "semantic_vad"}},
+                          "output": {"format": {"type": "audio/pcm", "rate": RATE}, "voice": "marin"}},
+                **session})
+            await s.until("session.updated")
+            yield s
+        finally:
+            await s.close()
+
+
+def answer_audio(s: Session, response_id: str) -> np.ndarray:
+    pcm = b"".join(base64.b64decode(e.delta) for e in s.of("response.output_audio.delta")
+                   if e.response_id == response_id)
+    return pcm16_to_float(pcm)
+
+
+async def test_openai_sdk_spoken_question_gets_transcript_and_spoken_answer(server) -> None:  # type: ignore[no-untyped-def]
+    from services.asr import WhisperASR
+
+    question = "What is the capital of France?"
+    async with realtime(server) as s:
+        await s.speak(say(question, RATE))
+        mic = asyncio.create_task(s.open_mic())
+        try:
+            done = await s.until("response.done")
+        finally:
+            s.mic_open = False
+            await mic
+    response = done.response
+    assert response.status == "completed", response.status_details
+    transcript = s.of("conversation.item.input_audio_transcription.completed")[0].transcript
+    assert wer(question, transcript) < 0.2, transcript
+    said = s.of("response.output_audio_transcript.done")[0].transcript
+    assert said.strip() and response.output[0].content[0].transcript == said
+    audio = answer_audio(s, response.id)
+    assert audio.size / RATE > 0.5, "no answer audio"
+    assert float(np.sqrt(np.mean(audio ** 2))) > 0.01, "the answer audio is silent"
+    heard = await WhisperASR.load().transcribe(resample(audio, RATE, 16000), "en")
+    assert cer(said, heard.text) <= 0.2, (said, heard.text)  # the audio says the transcript
+    assert response.usage.output_tokens > 0
+    latency = response.model_extra["voxserve"]["latency"]
+    assert latency["voice_to_voice_ms"] > 0 and latency["llm_tokens"] > 0, latency
+
+
+async def test_openai_sdk_barge_in_truncate_and_cancel_keep_what_was_heard(server) -> None:  # type: ignore[no-untyped-def]
+    async with realtime(server, max_output_tokens=150) as s:
+        s.strict = False  # the server may end the answer itself before our cancel: checked below
+        await s.speak(say("Tell me a long story about a brave knight who fights a dragon.", RATE))
+        mic = asyncio.create_task(s.open_mic())
+        first = (await s.until("response.created")).response
+        await s.until("response.output_audio.delta")
+        playing_since = time.monotonic()  # this client plays the answer as it arrives
+        await asyncio.sleep(1.5)
+        s.mic_open = False
+        await mic
+        barge = asyncio.create_task(s.speak(np.concatenate([say("Stop. What is two plus two?", RATE),
+                                                            np.zeros(RATE * 3, np.float32)])))
+        await s.until("input_audio_buffer.speech_started")
+        received_ms = 1000 * answer_audio(s, first.id).size / RATE
+        played_ms = int(min(received_ms, 1000 * (time.monotonic() - playing_since)))
+        item_id = s.of("response.output_item.added")[0].item.id
+        # what a client does when the user talks over the answer: stop, say what was heard
+        await s.conn.response.cancel(response_id=first.id)
+        await s.conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=played_ms)
+        done = await s.until("response.done", lambda e: e.response.id == first.id)
+        assert done.response.status == "cancelled", done.response.status_details
+        truncated = await s.until("conversation.item.truncated")
+        assert truncated.item_id == item_id and truncated.audio_end_ms == played_ms
+        await barge
+        mic = asyncio.create_task(s.open_mic())
+        second = await s.until("response.done", lambda e: e.response.id != first.id)
+        s.mic_open = False
+        await mic
+        assert second.response.status == "completed"
+        await asyncio.sleep(1000 * answer_audio(s, second.response.id).size / RATE / 1000)  # hear it out
+        errors = [e.error for e in s.of("error")]
+        # the server may have ended the answer itself (speech over it) before the cancel arrived
+        assert all(e.code == "response_cancel_not_active" for e in errors), errors
+    generated = "".join(e.delta for e in s.of("response.output_audio_transcript.delta")
+                        if e.response_id == first.id).split()
+    history = await handle("Gateway").session_history.remote(s.session_id)
+    chat = [m for m in history if m["role"] != "system"]
+    assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"], chat
+    heard = chat[1]["content"].split()
+    assert chat[1]["interrupted"] and 0 < len(heard) < len(generated), (heard, generated)
+    assert heard == generated[:len(heard)], (heard, generated)
+    assert wer("Stop. What is two plus two?", chat[2]["content"]) < 0.34, chat[2]
+    transcripts = [e.transcript for e in s.of("conversation.item.input_audio_transcription.completed")]
+    assert len(transcripts) == 2, transcripts
+
+
+async def test_openai_sdk_bad_events_get_errors_and_the_session_goes_on(server) -> None:  # type: ignore[no-untyped-def]
+    async with realtime(server) as s:
+        await s.conn.send_raw('{"type": "response.make_it_so"}')
+        err = await s.until("error")
+        assert err.error.code == "invalid_value" and err.error.param == "type", err.error
+        await s.conn.send_raw("{not json")
+        err = await s.until("error")
+        assert err.error.code == "invalid_json", err.error
+        await s.conn.send_raw('{"type": "input_audio_buffer.append", "audio": "@@@"}')
+        assert (await s.until("error")).error.code == "invalid_value"
+        await s.conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                    "content": [{"type": "input_text", "text": "Say hello."}]})
+        await s.conn.response.create()
+        done = await s.until("response.done")
+        assert done.response.status == "completed" and done.response.output[0].content[0].transcript.strip()
+
+
+async def test_grpc_is_served_by_the_same_gateway(server) -> None:  # type: ignore[no-untyped-def]
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos.voxserve.v1 import voice_pb2 as pb
+    from protos.voxserve.v1 import voice_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        chunks = [c async for c in pb_grpc.VoiceAssistantStub(channel).Synthesize(
+            pb.SynthesizeRequest(text="Hello there."), timeout=60)]
+        assert sum(len(c.data) for c in chunks) > 4000
+    import httpx
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        page = await http.get(f"http://127.0.0.1:{server.http_port}/")
+    assert page.status_code == 200 and "/web/realtime.js" in page.text
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: apt-get install chromium "
+                    "(scripts/bootstrap.sh does, as root)")
+async def test_browser_page_in_headless_chromium_answers_a_spoken_question(server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import soundfile as sf
+    from playwright.async_api import async_playwright
+
+    question = "What is the capital of France?"
+    wav = tmp_path / "question.wav"
+    sf.write(wav, np.concatenate([np.zeros(8000, np.float32), say(question, 16000),
+                                  np.zeros(16000 * 8, np.float32)]), 16000, subtype="PCM_16")
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}%noloop",
+            "--autoplay-policy=no-user-gesture-required"]
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            page = await browser.new_page(viewport={"width": 1000, "height": 720})
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            await page.goto(f"http://127.0.0.1:{server.http_port}/")
+            await page.click("#start")
+            stats: dict[str, Any] = {}
+            async with asyncio.timeout(180):
+                while not (stats.get("responsesCompleted") and stats.get("playedRms", 0) > 0.01):
+                    await asyncio.sleep(0.5)
+                    stats = await page.evaluate("window.voxStats")
+                    assert not stats["errors"] and not problems, (stats["errors"], problems)
+            await asyncio.sleep(1.0)  # let the answer play a little more for the screenshot
+            stats = await page.evaluate("window.voxStats")
+            shot = ROOT / ".cache" / "realtime-page.png"
+            shot.parent.mkdir(exist_ok=True)
+            await page.screenshot(path=str(shot), full_page=True)
+            if os.environ.get("VOXSERVE_UPDATE_SCREENSHOT"):
+                shutil.copy(shot, Path(ROOT / "docs" / "realtime-page.png"))
+            latency_text = await page.locator(".turn.assistant .latency").first.inner_text()
+        finally:
+            await browser.close()
+    assert wer(question, stats["userTranscripts"][0]) < 0.34, stats["userTranscripts"]
+    assert stats["assistantTexts"][0].strip(), stats
+    assert stats["audioMs"] > 500 and stats["rms"] > 0.01, stats  # the answer arrived, not silent
+    assert stats["playedRms"] > 0.01, stats  # and went out through Web Audio
+    assert "voice-to-voice" in latency_text, latency_text
+    assert stats["latencies"][0]["voice_to_voice_ms"] > 0
