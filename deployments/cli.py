@@ -75,11 +75,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"voxserve serve: {exc}") from exc
     print(f"voxserve: starting the {args.profile} profile (first start loads models: ~30-60 s) ...", flush=True)
     t0 = time.monotonic()
-    server = start_local(config, grpc_port=args.grpc_port, num_cpus=args.num_cpus)
+    server = start_local(config, grpc_port=args.grpc_port, http_port=args.http_port, num_cpus=args.num_cpus)
     import ray
 
     print(f"voxserve: ready in {time.monotonic() - t0:.0f} s; gRPC at {server.grpc_address} "
-          f"(service voxserve.v1.VoiceAssistant); Ray at {ray.get_runtime_context().gcs_address} "
+          f"(service voxserve.v1.VoiceAssistant); OpenAI Realtime API at ws://127.0.0.1:{server.http_port}"
+          f"/v1/realtime, browser page at http://127.0.0.1:{server.http_port}/; "
+          f"Ray at {ray.get_runtime_context().gcs_address} "
           "(for `voxserve loadtest --ray-address`). Ctrl-C or SIGTERM stops it.", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -259,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the voice pipeline on a local Ray cluster until Ctrl-C/SIGTERM")
     s.add_argument("--profile", default="cpu", help="cpu, gpu, or a Serve config YAML path (default: cpu)")
     s.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default: 9000)")
+    s.add_argument("--http-port", type=int, default=8000,
+                   help="HTTP port: the OpenAI Realtime WebSocket /v1/realtime and the page at / (default: 8000)")
     s.add_argument("--num-cpus", type=int, default=None, help="Ray logical CPUs (default: max(8, cores))")
     s.set_defaults(func=cmd_serve)
 

@@ -160,6 +160,28 @@ async def test_openai_sdk_spoken_question_gets_transcript_and_spoken_answer(serv
     assert latency["voice_to_voice_ms"] > 0 and latency["llm_tokens"] > 0, latency
 
 
+async def test_openai_sdk_phone_call_in_g711_mulaw_both_ways(server) -> None:  # type: ignore[no-untyped-def]
+    """Telephony audio: an 8 kHz mu-law question is understood and answered in mu-law."""
+    from services.codecs import float_to_mulaw, mulaw_to_float
+
+    question = "How many days are in a week?"
+    phone = {"format": {"type": "audio/pcmu"}}
+    async with realtime(server, audio={"input": {**phone, "transcription": {"model": "whisper-1", "language": "en"},
+                                                 "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}},
+                                       "output": phone}) as s:
+        audio = np.concatenate([say(question, 8000), np.zeros(8000 * 2, np.float32)])
+        for i in range(0, audio.size, 800):  # 100 ms of 8 kHz mu-law per append
+            await s.conn.input_audio_buffer.append(audio=base64.b64encode(float_to_mulaw(audio[i:i + 800])).decode())
+            await asyncio.sleep(CHUNK_S)
+        done = await s.until("response.done")
+    assert done.response.status == "completed"
+    assert done.response.audio.output.format.type == "audio/pcmu"
+    transcript = s.of("conversation.item.input_audio_transcription.completed")[0].transcript
+    assert wer(question, transcript) < 0.25, transcript
+    answer = mulaw_to_float(b"".join(base64.b64decode(e.delta) for e in s.of("response.output_audio.delta")))
+    assert answer.size / 8000 > 0.5 and float(np.sqrt(np.mean(answer ** 2))) > 0.01
+
+
 async def test_openai_sdk_barge_in_truncate_and_cancel_keep_what_was_heard(server) -> None:  # type: ignore[no-untyped-def]
     async with realtime(server, max_output_tokens=150) as s:
         s.strict = False  # the server may end the answer itself before our cancel: checked below
