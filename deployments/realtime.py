@@ -57,6 +57,7 @@ from services.conversation.aio import cancel_and_wait
 from services.errors import (
     DeadlineExceeded,
     FailedPrecondition,
+    OutOfRange,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -235,7 +236,7 @@ class RealtimeSession:
         if settings.system_prompt and settings.system_prompt != self.conv.settings.system_prompt:
             try:
                 await self.hub.check_system_prompt(settings.system_prompt)
-            except VoxError as exc:
+            except OutOfRange as exc:  # too many tokens (a stage failing is a server error)
                 raise RealtimeError(exc.message, "invalid_value", "session.instructions") from None
         await self.conv.update_settings(settings)
         self.config = self.mapper.config = config

@@ -273,6 +273,17 @@ async def test_bad_session_update_is_an_error_and_changes_nothing(rig, session, 
         assert (await c.until("session.updated"))["session"]["instructions"] == "Be brief."
 
 
+async def test_instructions_over_the_token_limit_are_refused(rig) -> None:  # type: ignore[no-untyped-def]
+    r = rig(max_system_prompt_tokens=16)
+    async with r.connect() as c:
+        await c.send("session.update", session={"instructions": "Be kind. " * 10})
+        err = await c.error("invalid_value")
+        assert err["param"] == "session.instructions" and "tokens" in err["message"], err
+        await c.send("session.update", session={"instructions": "Be kind."})
+        assert (await c.until("session.updated"))["session"]["instructions"] == "Be kind."
+        assert r.hub.live[c.session_id].settings.system_prompt == "Be kind."
+
+
 # --- turns ------------------------------------------------------------------------------------------------------
 
 
@@ -385,6 +396,22 @@ async def test_truncate_keeps_what_was_heard_in_the_history(rig) -> None:  # typ
         await c.error("response_cancel_not_active")
     await asyncio.sleep(0.2)
     assert r.stages.llm_running == 0
+
+
+async def test_truncate_after_response_done_cuts_the_history_without_a_second_done(rig) -> None:  # type: ignore[no-untyped-def]
+    r = rig()
+    async with r.connect() as c:
+        await c.send("conversation.item.create", item={"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "Count"}]})
+        await c.send("response.create")
+        done = (await c.until("response.done"))["response"]
+        assert done["status"] == "completed"  # all sent; the client is still playing it
+        await c.send("conversation.item.truncate", item_id=done["output"][0]["id"], content_index=0, audio_end_ms=500)
+        await c.until("conversation.item.truncated")
+        await asyncio.sleep(0.2)
+        assert len(c.of("response.done")) == 1, c.types()
+        role, text, interrupted = (await r.history(c.session_id, live=True))[1]
+        assert role == "assistant" and interrupted and ANSWER.startswith(text) and 2 <= len(text.split()) <= 3
 
 
 async def test_response_cancel_stops_the_answer_and_aborts_the_llm(rig) -> None:  # type: ignore[no-untyped-def]
