@@ -212,10 +212,13 @@ class Gateway:
             raise
         except Exception as exc:
             status = to_vox_error(exc).code
+            if not opened.done():  # it could not open: Converse reports why
+                opened.set_exception(exc)
+                return
             raise
         finally:
             if not opened.done():
-                opened.set_exception(InvalidArgument("the session could not be opened"))
+                opened.cancel()
             self.metrics.session_ended(status)
 
     async def _watch(self, alive: _Liveness) -> None:

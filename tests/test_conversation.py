@@ -200,6 +200,28 @@ async def test_tts_outage_mid_answer_gives_an_error_event_not_dead_air() -> None
         assert h.of(ev.AudioOut) and h.of(ev.ResponseInterrupted)
 
 
+async def test_tts_failure_mid_answer_stops_the_llm_at_once() -> None:
+    """A TTS replica that dies mid-answer ends the turn now: the LLM is not left generating."""
+    stages = FakeStages(answer=" ".join(f"w{i}," for i in range(300)), word_s=0.01)
+    synth = stages.synthesize
+    calls = {"n": 0}
+
+    async def dies_after_first(text: str, **k: Any):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise Unavailable("a stage replica died; retry shortly")
+        async for pcm in synth(text, **k):
+            yield pcm
+
+    stages.synthesize = dies_after_first  # type: ignore[method-assign]
+    async with Harness(stages) as h:
+        await h.conv.push_text("go")
+        await h.until(lambda: h.of(ev.ErrorEvent))
+        assert h.of(ev.ErrorEvent)[0].code == "UNAVAILABLE"
+        await h.until(lambda: stages.llm_running == 0)
+    assert stages.llm_aborted == 1 and len(h.of(ev.TextDelta)) < 100
+
+
 async def test_barge_in_off_answers_the_user_afterwards() -> None:
     """Defect 8: with barge-in off, words said during an answer were thrown away."""
     stages = FakeStages(answer="a b c d e f", word_s=0.05)

@@ -54,7 +54,12 @@ class TaskGroup:
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("background task %s failed", task.get_name(), exc_info=exc)
+            from services.errors import VoxError
+
+            if isinstance(exc, VoxError):  # an expected failure, reported to the client elsewhere
+                log.debug("task %s ended with %s: %s", task.get_name(), exc.code, exc.message)
+            else:
+                log.error("background task %s failed", task.get_name(), exc_info=exc)
 
     def __len__(self) -> int:
         return len(self._tasks)

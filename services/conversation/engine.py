@@ -732,6 +732,8 @@ class Conversation:
                     tokens += 1
                     turn.generated += delta
                     await turn.put(ev.TextDelta(response_id=turn.response_id, text=delta))
+                    if speaker.done():  # TTS failed: end the turn now, not when the LLM is done
+                        speaker.result()
                     tts.push_text(delta)
                 gen_s = self._clock() - t_llm
                 lat.llm_tokens = tokens
