@@ -11,8 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.auth import AuthConfig
 from services.asr import ASRConfig
+from services.conversation.settings import Interruptions, StageTimeouts, TurnDetection
 from services.llm import LLMConfig
 from services.tts import TTSConfig
+from services.turn_detection import TurnDetectorConfig
 from services.vad import VADConfig
 
 #: Deployment names, as they appear in a Serve config's ``deployments:`` list.
@@ -43,6 +45,24 @@ class GatewayConfig(BaseModel):
     output_chunk_ms: int = Field(100, ge=20, le=1000,
         description="Answer audio is sent in chunks of about this length.")
     history_turns: int = Field(8, ge=0, description="User+assistant turn pairs kept as LLM context.")
+    turn: TurnDetection = Field(default_factory=TurnDetection,
+        description="Default end-of-turn detection of a session (a client may change it).")
+    interruptions: Interruptions = Field(default_factory=Interruptions,
+        description="Default barge-in behaviour of a session (a client may change it).")
+    timeouts: StageTimeouts = Field(default_factory=StageTimeouts,
+        description="Deadlines of stage calls; a missed one ends that turn with an Error event.")
+    turn_detector: TurnDetectorConfig = Field(default_factory=TurnDetectorConfig,
+        description="End-of-turn model (Smart Turn), run in the gateway for semantic turn detection.")
+    turn_detector_enabled: bool = Field(True,
+        description="Load the end-of-turn model; off: semantic turns are judged on the transcript alone.")
+    client_audio_timeout_s: float = Field(5.0, gt=0,
+        description="A Converse stream that has sent audio and then sends nothing for this long is taken "
+                    "as hung up (a live microphone never stops; send silence); its work is stopped.")
+    client_idle_timeout_s: float = Field(900.0, gt=0,
+        description="A Converse stream that has sent no audio and no message for this long is closed.")
+    max_system_prompt_tokens: int = Field(1024, ge=16,
+        description="Longest system prompt a session may set, in LLM tokens (bounds each session's "
+                    "prefill, so one session cannot stall the others).")
 
 
 class AppArgs(BaseModel):
