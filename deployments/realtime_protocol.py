@@ -555,6 +555,7 @@ class _Response:
     max_output_tokens: int | None
     transcript: list[str] = field(default_factory=list)
     deltas: int = 0
+    done: bool = False  # response.done was sent: final (a later cut is a conversation.item.truncated)
     audio_ms: float = 0.0
     error: dict[str, Any] | None = None
 
@@ -807,6 +808,10 @@ class EventMapper:
             # response.done follows its response.created
             out += self._started(e.response_id)
         r = self._responses[e.response_id]
+        if r.done:
+            # all of it was sent (response.done: completed) and the client cut the playback: the
+            # item's truncation says so, as OpenAI does; a response has one response.done
+            return out
         if e.reason == "error":
             details: dict[str, Any] = {"type": "failed", "error": r.error or {
                 "type": "server_error", "code": "internal", "message": "the response failed"}}
@@ -821,8 +826,9 @@ class EventMapper:
                 latency: ev.TurnLatency | None = None, tokens: int = 0,
                 extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         r = self._responses.get(rid)
-        if r is None:
+        if r is None or r.done:
             return []
+        r.done = True
         if self.current is r:
             self.current = None
         ref = {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
