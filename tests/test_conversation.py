@@ -292,6 +292,26 @@ async def test_speculation_is_released_when_the_turn_ends() -> None:
     assert h.counts.get("speculation_started") == 1 and h.counts.get("speculation_used") == 1
     assert len(stages.llm_calls) == 1 and len(stages.transcribed) == 1  # no second ASR, no second LLM
     assert h.of(ev.ResponseDone)[0].latency.speculative
+    input_id = h.of(ev.InputCommitted)[0].input_id
+    assert h.of(ev.FinalTranscript)[0].input_id == h.of(ev.ResponseStarted)[0].input_id == input_id
+
+
+async def test_settings_update_keeps_listening_state_unless_listening_changes() -> None:
+    stages = FakeStages()
+    async with Harness(stages) as h:
+        await h.feed(question(0.6))
+        s = h.conv.settings
+        await h.conv.update_settings(s.model_copy(update={"system_prompt": "be brief"}))
+        assert h.conv._vad.segmenter.in_speech  # the open utterance survived
+        await h.feed(np.concatenate([speech(0.4), silence(0.6)]))
+        await h.until(lambda: h.of(ev.InputCommitted))
+        assert h.conv.history.system_prompt == "be brief"
+        stopped = h.of(ev.SpeechStopped)[0]
+        assert stopped.audio_time_ms > 1000  # input time, not the VAD's own clock
+        await h.conv.update_settings(s.model_copy(update={"turn": TurnDetection(mode="silence")}))
+        await h.feed(np.concatenate([speech(0.5), silence(0.7)]))
+        await h.until(lambda: len(h.of(ev.SpeechStarted)) == 2)
+        assert h.of(ev.SpeechStarted)[1].audio_time_ms > stopped.audio_time_ms  # continues after a new VAD
 
 
 async def test_speculation_discarded_when_the_user_speaks_on_aborts_and_sends_nothing() -> None:

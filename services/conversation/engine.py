@@ -123,18 +123,25 @@ class Conversation:
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)  # (input ms, wall time)
         self._manual: list[np.ndarray] = []
         self._manual_samples = 0
+        self._vad_origin_ms = 0.0
         self._setup_listening()
 
     # --- set-up ------------------------------------------------------------------------------------
 
-    def _setup_listening(self) -> None:
+    def _setup_listening(self, previous: SessionSettings | None = None) -> bool:
+        """(Re)build what listening needs from the settings; True if an open utterance was dropped."""
         s = self.settings
-        self._resampler = StreamResampler(s.input_sample_rate, MODEL_RATE)
+        if previous is None or previous.input_sample_rate != s.input_sample_rate:
+            self._resampler = StreamResampler(s.input_sample_rate, MODEL_RATE)
+        if previous is not None and (previous.vad, previous.turn) == (s.vad, s.turn):
+            return False
         # The VAD ends an utterance by itself only at the fallback silence; EndOfTurn ends it earlier.
         fallback = s.turn.max_silence_ms if s.turn.mode == "semantic" else s.turn.min_silence_ms
         vad_cfg = s.vad.model_copy(update={"min_silence_ms": fallback})
         self._vad = VADStream(self._score_vad, vad_cfg)
+        self._vad_origin_ms = self._in_ms  # a new VAD counts from 0: event times are offset by this
         self._eot = EndOfTurn(s.turn)
+        return True
 
     async def _score_vad(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
         return await self.stages.vad_probs(audio16k, state)
@@ -212,7 +219,7 @@ class Conversation:
 
     async def _on_vad(self, event: VADEvent) -> None:
         if isinstance(event, SpeechStart):
-            await self.emit(ev.SpeechStarted(), audio_ms=event.start_ms)
+            await self.emit(ev.SpeechStarted(), audio_ms=self._vad_origin_ms + event.start_ms)
             self._paused_key = None
             await self._speech_over_answer()
         elif isinstance(event, SpeechEnd):
@@ -328,8 +335,9 @@ class Conversation:
         self._paused_key = None
         self._cancel_partial()
         audio = event.audio
-        await self.emit(ev.SpeechStopped(utterance_ms=int(1000 * audio.size / MODEL_RATE)), audio_ms=event.end_ms)
-        user_stop = self._wall_at(event.end_ms)
+        end_ms = self._vad_origin_ms + event.end_ms
+        await self.emit(ev.SpeechStopped(utterance_ms=int(1000 * audio.size / MODEL_RATE)), audio_ms=end_ms)
+        user_stop = self._wall_at(end_ms)
         spec, key = self._spec, self._spec_key
         self._spec, self._spec_key = None, None
         input_id = self._take_input_id()
@@ -530,15 +538,16 @@ class Conversation:
             await self.emit(ev.Truncated(response_id=response_id, audio_end_ms=audio_end_ms, heard_text=heard))
 
     async def update_settings(self, settings: SessionSettings) -> None:
-        """Apply a new session configuration (open utterances and speculation are dropped)."""
+        """Apply a new session configuration. A change of the listening settings (VAD, turn
+        detection) drops the open utterance and any speculation; other changes keep them."""
         async with self._lock:
-            await self._discard_speculation()
-            self.settings = settings
+            previous, self.settings = self.settings, settings
             if settings.system_prompt:
                 self.history.system_prompt = settings.system_prompt
-            self._manual, self._manual_samples = [], 0
-            self._paused_key = None
-            self._setup_listening()
+            if self._setup_listening(previous):
+                await self._discard_speculation()
+                self._manual, self._manual_samples = [], 0
+                self._paused_key = None
 
     # --- answering -----------------------------------------------------------------------------
 

@@ -221,6 +221,9 @@ class Turn:
         """PENDING -> ACTIVE: the turn was confirmed; held output starts flowing."""
         self._to(TurnState.ACTIVE)
         self.user.t_end = self._clock()
+        for event in self._held:  # made before the turn had its input id
+            if isinstance(event, ev.FinalTranscript | ev.ResponseStarted):
+                event.input_id = self.user.input_id
         self._measure_end_of_turn()
         self._notify()
 
