@@ -36,7 +36,8 @@ def _sounddevice() -> Any:
     return sounddevice
 
 
-async def talk_live(stub: Any, config: pb.SessionConfig, on_event: Callable[[pb.ServerEvent], None]) -> None:
+async def talk_live(stub: Any, config: pb.SessionConfig, on_event: Callable[[pb.ServerEvent], None],
+                    metadata: tuple[tuple[str, str], ...] = ()) -> None:
     """Converse with the microphone until Ctrl-C."""
     sd = _sounddevice()
     rate = config.input_sample_rate or 16000
@@ -82,7 +83,7 @@ async def talk_live(stub: Any, config: pb.SessionConfig, on_event: Callable[[pb.
     with sd.InputStream(samplerate=rate, channels=1, dtype="float32", blocksize=blocksize, callback=captured):
         output: Any = None
         try:
-            async for event in stub.Converse(requests()):
+            async for event in stub.Converse(requests(), metadata=metadata):
                 on_event(event)
                 kind = event.WhichOneof("event")
                 if kind == "audio":

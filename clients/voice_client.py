@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ from clients.audio import float_to_pcm16, speech_end
 from protos.voxserve.v1 import voice_pb2 as pb
 from protos.voxserve.v1 import voice_pb2_grpc as pb_grpc
 
+#: Environment variable the reference client reads its API key from.
+API_KEY_ENV = "VOXSERVE_API_KEY"
 MAX_MESSAGE = 16 * 1024 * 1024
 
 
@@ -189,11 +192,15 @@ class _TurnState:
 class VoiceClient:
     """One gRPC channel; ``converse`` runs a whole conversation of user turns."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, api_key: str | None = None) -> None:
+        """``api_key`` (default: $VOXSERVE_API_KEY) is sent as ``authorization: Bearer <key>``."""
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
         self.stub = pb_grpc.VoiceAssistantStub(self.channel)
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+        #: Call metadata every RPC of this client sends (the API key, if any).
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {key}"),) if key else ()
 
     async def close(self) -> None:
         await self.channel.close()
@@ -376,7 +383,7 @@ class VoiceClient:
                 player.stop(now)
             states[index].finished.clear()  # in case the early answer had already ended
 
-        call = self.stub.Converse(requests())
+        call = self.stub.Converse(requests(), metadata=self.metadata)
         try:
             async for event in call:
                 now = time.monotonic()
@@ -488,12 +495,14 @@ class VoiceClient:
         return session
 
 
-async def synthesize(address: str, text: str, sample_rate: int = 0) -> tuple[bytes, int]:
+async def synthesize(address: str, text: str, sample_rate: int = 0,
+                     api_key: str | None = None) -> tuple[bytes, int]:
     """Call the Synthesize RPC; returns PCM16 and its rate."""
-    client = VoiceClient(address)
+    client = VoiceClient(address, api_key)
     try:
         chunks, rate = [], 0
-        async for chunk in client.stub.Synthesize(pb.SynthesizeRequest(text=text, sample_rate=sample_rate)):
+        async for chunk in client.stub.Synthesize(pb.SynthesizeRequest(text=text, sample_rate=sample_rate),
+                                                  metadata=client.metadata):
             chunks.append(chunk.data)
             rate = chunk.sample_rate
         return b"".join(chunks), rate

@@ -73,9 +73,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = _serve_config(args)
     except VoxError as exc:
         raise SystemExit(f"voxserve serve: {exc}") from exc
+    from deployments.auth import ApiKeyAuth, AuthConfig, open_server_warning
+
+    app_args = next(a for a in config["applications"] if a["import_path"].startswith("deployments."))["args"]
+    # Ray Serve's gRPC proxy listens on every interface whatever the HTTP host: warn if keyless.
+    warning = open_server_warning(ApiKeyAuth.from_config(AuthConfig.model_validate(app_args.get("auth", {}))), "[::]")
+    if warning:
+        print(f"voxserve: warning: {warning}", file=sys.stderr, flush=True)
     print(f"voxserve: starting the {args.profile} profile (first start loads models: ~30-60 s) ...", flush=True)
     t0 = time.monotonic()
-    server = start_local(config, grpc_port=args.grpc_port, http_port=args.http_port, num_cpus=args.num_cpus)
+    server = start_local(config, grpc_port=args.grpc_port, http_port=args.http_port, num_cpus=args.num_cpus,
+                         http_host=args.host)
     import ray
 
     print(f"voxserve: ready in {time.monotonic() - t0:.0f} s; gRPC at {server.grpc_address} "
@@ -177,14 +185,14 @@ async def _talk(args: argparse.Namespace) -> int:
     if args.mic:
         from clients.mic import talk_live
 
-        client = VoiceClient(args.address)
+        client = VoiceClient(args.address, getattr(args, "api_key", None))
         try:
-            await talk_live(client.stub, config, _print_event)
+            await talk_live(client.stub, config, _print_event, client.metadata)
         finally:
             await client.close()
         return 0
     turns = _load_turns(args, rate)
-    client = VoiceClient(args.address)
+    client = VoiceClient(args.address, getattr(args, "api_key", None))
     try:
         result = await client.converse(turns, config, realtime=not args.fast,
                                        on_event=None if args.quiet else _print_event)
@@ -264,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=8000,
                    help="HTTP port: the OpenAI Realtime WebSocket /v1/realtime and the page at / (default: 8000)")
     s.add_argument("--num-cpus", type=int, default=None, help="Ray logical CPUs (default: max(8, cores))")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="interface of the HTTP proxy (WebSocket API, page); 0.0.0.0 in a container "
+                        "(default: 127.0.0.1; gRPC always listens on every interface)")
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("talk", help="reference client: speak WAV files (or text) to a server, print events",
@@ -272,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "latency of each turn. Example: voxserve talk question.wav")
     t.add_argument("files", nargs="*", metavar="WAV", help="spoken turns, one per file (WAV; FLAC needs soundfile)")
     t.add_argument("--address", default="127.0.0.1:9000", help="server gRPC address (default: 127.0.0.1:9000)")
+    t.add_argument("--api-key", default=None,
+                   help="API key sent as 'authorization: Bearer <key>' (default: $VOXSERVE_API_KEY)")
     t.add_argument("--wav", action="append", help="a spoken turn (WAV/FLAC, any rate); repeat for more turns")
     t.add_argument("--text", action="append", help="a typed turn; repeat for more")
     t.add_argument("--mic", action="store_true",

@@ -49,7 +49,7 @@ class LocalServer:
 
 def start_local(serve_config: dict[str, Any], *, grpc_port: int | None = None, http_port: int | None = None,
                 num_cpus: int | None = None, object_store_mb: int = 256, app_overrides: dict[str, Any] | None = None,
-                timeout_s: float = 600.0) -> LocalServer:
+                timeout_s: float = 600.0, http_host: str = "127.0.0.1") -> LocalServer:
     """Start Ray + Serve in this machine and deploy the app described by a Serve config dict.
 
     ``app_overrides`` is merged into the app's ``args`` (e.g. {"gateway": {"max_sessions": 4}}).
@@ -73,7 +73,7 @@ def start_local(serve_config: dict[str, Any], *, grpc_port: int | None = None, h
     ray.init(num_cpus=num_cpus or max(8, os.cpu_count() or 2), include_dashboard=False,
              object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=False,
              runtime_env={"env_vars": dict(LOCAL_ENV)}, ignore_reinit_error=True)
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+    serve.start(http_options=HTTPOptions(host=http_host, port=http_port),
                 grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=config.get(
                     "grpc_options", {}).get("grpc_servicer_functions", [GRPC_SERVICER])))
     t0 = time.monotonic()

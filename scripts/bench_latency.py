@@ -147,7 +147,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     from services.cpu import machine_record
     from services.local import LocalStages
 
-    new = LocalStages.load()
+    from services.llm import LLMConfig
+
+    new = LocalStages.load(llm=LLMConfig(cpu_threads=args.llm_threads))
     old_asr = ASRRouter.load(ASRConfig(engine="whisper"))
     old_asr.warm_up()
     old = LocalStages(new.vad, old_asr, new.llm, new.tts, new.turn_model)
@@ -200,6 +202,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--questions", type=int, default=8, help="spoken questions (from the load tester's set)")
     p.add_argument("--repeats", type=int, default=2, help="times each question is asked per path")
+    p.add_argument("--llm-threads", type=int, default=0, help="vLLM CPU threads (0 = the engine's default)")
     p.add_argument("--out", default="out/bench/latency.json", help="results JSON")
     a = p.parse_args()
     res = asyncio.run(main(a))

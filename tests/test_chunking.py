@@ -81,8 +81,10 @@ def test_delta_ending_mid_word_is_not_cut() -> None:
 
 
 def test_first_chunk_cut_at_clause_when_long_enough() -> None:
-    chunks = run(["Sure, I can help, it is easy to do and quick."])
+    chunks = run(["Sure, I can help, it is easy to do and quick."], ChunkerConfig(first_min_words=3, first_max_words=6))
     assert chunks[0] == "Sure, I can help,"  # 'Sure,' alone is too short
+    chunks = run(["Sure, I can help, it is easy to do and quick."])  # defaults: 2-3 words
+    assert chunks[0] == "Sure, I can"
     chunks = run(["Of course, that is right."], ChunkerConfig(first_min_words=2))
     assert chunks[0] == "Of course,"
 

@@ -105,7 +105,8 @@ def test_runs_as_non_root_with_labels_and_healthcheck(name: str) -> None:
     assert "COPY --chown=1000:100 docker/healthcheck.py /opt/voxserve/healthcheck.py" in \
         [f"COPY {a}" for a in args_of(path, "COPY")]
     (cmd,) = args_of(path, "CMD")
-    assert json.loads(cmd) == ["voxserve", "serve", "--profile", name]
+    # the HTTP proxy (WebSocket API, page) must listen beyond the container's loopback
+    assert json.loads(cmd) == ["voxserve", "serve", "--profile", name, "--host", "0.0.0.0"]
     assert "9000" in args_of(path, "EXPOSE")[0]
 
 

@@ -42,7 +42,9 @@ class TurnDetection(BaseModel):
         True, description="Start ASR, LLM and the first TTS chunk when the silence begins; release on "
         "end of turn, discard if the user speaks on.")
     speculate_after_ms: int = Field(
-        150, ge=0, le=2000, description="Silence after which speculation (and the semantic check) starts.")
+        0, ge=0, le=2000,
+        description="Silence after which speculation (and the semantic check) starts; the VAD itself "
+        "notices silence ~30-60 ms late, and a speculation that the user talks over is only aborted.")
     completion_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="End-of-turn model probability above which the turn is complete.")
 
