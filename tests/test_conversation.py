@@ -14,6 +14,7 @@ import pytest
 from services.conversation import events as ev
 from services.conversation.engine import Conversation
 from services.conversation.history import ChatHistory
+from services.conversation.policies import EndOfTurn
 from services.conversation.settings import Interruptions, SessionSettings, StageTimeouts, TurnDetection
 from services.conversation.turn import UNTRANSCRIBED, PlaybackClock, heard_text
 from services.errors import Unavailable
@@ -394,6 +395,24 @@ async def test_manual_turns_push_to_talk() -> None:
     assert h.history()[0] == ("user", "what is the capital of france")
 
 
+def test_end_of_turn_rescores_an_incomplete_verdict_as_the_silence_grows() -> None:
+    eot = EndOfTurn(TurnDetection())  # 300 / 1500 ms
+    assert eot.wants_score(60)
+    eot.start_score(60)
+    assert not eot.wants_score(100)  # one call at a time
+    eot.set_score(0.1)
+    eot.set_transcript("can you tell me a fun fact about cats?")
+    assert not eot.decide(300) and not eot.wants_score(200)
+    assert eot.wants_score(300)  # asked again at min_silence, with 300 ms of silence heard
+    eot.start_score(300)
+    eot.set_score(0.8)
+    assert eot.decide(320) and not eot.wants_score(600)
+    eot.reset()
+    eot.set_score(0.9)
+    eot.set_transcript("what is the capital of?")  # the transcript wins: unfinished
+    assert not eot.decide(1000) and eot.decide(1500)
+
+
 # --- interruptions --------------------------------------------------------------------------------
 
 
@@ -436,6 +455,7 @@ async def test_real_turn_over_the_answer_interrupts_it_and_keeps_what_was_heard(
     stages.answers = [stages.answer, "spain is in europe"]
     async with Harness(stages, playback="reported") as h:
         await _answer_playing(h, stages)
+        await h.until(lambda: h.conv._response is not None and h.conv._response.playback.sent_ms >= 1000)
         h.conv.playback(1, 700)
         await h.feed(np.concatenate([speech(1.0, "stop please what about spain"), silence(0.6)]))
         await h.until(lambda: h.of(ev.ResponseDone))

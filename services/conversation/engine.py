@@ -265,6 +265,11 @@ class Conversation:
         if self._paused_key != key and silence >= self.settings.turn.speculate_after_ms:
             self._paused_key = key
             await self._on_pause(seg.utterance_so_far())
+        if self._paused_key == key and self._eot.wants_score(silence):
+            self._eot.start_score(silence)
+            audio = seg.current_audio()  # with the silence so far: the model hears the pause too
+            if audio is not None:
+                self._tasks.spawn(self._score_end_of_turn(self._eot, audio), name="end-of-turn")
         if self._paused_key == key and self._eot.decide(silence):
             event = seg.end_now()
             if event is not None:
@@ -273,15 +278,13 @@ class Conversation:
     # --- end of turn and speculation -----------------------------------------------------------
 
     async def _on_pause(self, audio: np.ndarray | None) -> None:
-        """The silence after speech reached ``speculate_after_ms``: start the end-of-turn signals and,
-        if the output is free, a speculative answer."""
+        """The silence after speech reached ``speculate_after_ms``: start the transcript the end of
+        turn needs and, if the output is free, a speculative answer (which makes that transcript)."""
         if audio is None or audio.size == 0:
             return
         self._eot.reset()
         eot = self._eot
         semantic = self.settings.turn.mode == "semantic"
-        if semantic:
-            self._tasks.spawn(self._score_end_of_turn(eot, audio), name="end-of-turn")
         await self._discard_speculation()
         r = self._response
         output_free = r is None or r.ended or r.state is TurnState.SENT

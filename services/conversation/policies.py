@@ -32,11 +32,33 @@ class EndOfTurn:
     def reset(self) -> None:
         """A new pause begins: forget the signals of the last one."""
         self.score: float | None = None
-        self.scored = False  # the model call finished (score None then means: no model)
+        self.scored = False  # a model call finished (score None then means: no model)
+        self.scoring = False  # a model call is in flight
+        self.scored_at_ms = -1  # the silence its audio ended with
         self.transcript: str | None = None
 
+    def _levels(self) -> list[int]:
+        """Silences at which an 'incomplete' score is asked again: the model hears the growing
+        silence too, and scores more finished sentences complete after 300 ms than after 100 ms."""
+        cfg = self.cfg
+        return sorted({cfg.min_silence_ms, 2 * cfg.min_silence_ms, (cfg.min_silence_ms + cfg.max_silence_ms) // 2}
+                      - {cfg.max_silence_ms})
+
+    def wants_score(self, silence_ms: int) -> bool:
+        """Should the end-of-turn model (re)score the utterance now?"""
+        if self.cfg.mode != "semantic" or self.scoring:
+            return False
+        if self.scored_at_ms < 0:
+            return True
+        if self.score is None or self.score >= self.cfg.completion_threshold:
+            return False  # no model, or already complete
+        return any(self.scored_at_ms < level <= silence_ms for level in self._levels())
+
+    def start_score(self, silence_ms: int) -> None:
+        self.scoring, self.scored_at_ms = True, silence_ms
+
     def set_score(self, score: float | None) -> None:
-        self.score, self.scored = score, True
+        self.score, self.scored, self.scoring = score, True, False
 
     def set_transcript(self, text: str) -> None:
         self.transcript = text
