@@ -27,7 +27,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -132,6 +132,15 @@ class LLMConfig(BaseModel):
         description="Tokens one engine step may prefill: longer prompts are prefilled in chunks between other "
         "requests' decode steps, so one long prompt cannot stall every session.",
     )
+    delta_interval_ms: int = Field(
+        default=100, ge=0,
+        description="Where deltas cross a process boundary (Ray), they are joined into pieces at least this "
+        "far apart after the first few words: fewer hops per answer (0 = one piece per token).",
+    )
+    delta_eager_words: int = Field(
+        default=4, ge=0,
+        description="Words sent token by token before pieces are joined: the first TTS chunk must not wait.",
+    )
     enable_prefix_caching: bool = Field(
         default=True,
         description="Reuse the KV cache of prompt prefixes (system prompt and history shared by a session's turns).",
@@ -172,6 +181,26 @@ class GenerationStats:
         if self.ttft_s is None or self.tokens < 2 or self.total_s <= self.ttft_s:
             return 0.0
         return (self.tokens - 1) / (self.total_s - self.ttft_s)
+
+
+async def coalesce_deltas(stream: AsyncIterator[str], interval_s: float, eager_words: int = 0,
+                          clock: Callable[[], float] = time.monotonic) -> AsyncIterator[str]:
+    """Text deltas joined into pieces at least ``interval_s`` apart, except the first
+    ``eager_words`` words, which pass one delta at a time (the first TTS chunk waits for them).
+
+    A joined piece is sent when the next delta arrives late enough, or at the end: text is never
+    held longer than one token interval past ``interval_s``.
+    """
+    pending, last, words = "", -1e18, 0
+    async for delta in stream:
+        pending += delta
+        now = clock()
+        if words < eager_words or now - last >= interval_s:
+            words += len(pending.split())
+            yield pending
+            pending, last = "", now
+    if pending:
+        yield pending
 
 
 class _Result:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from services.errors import InvalidArgument, NotFound, OutOfRange
 from services.conversation.history import ChatHistory
+from services.errors import InvalidArgument, NotFound, OutOfRange
 from services.llm import LLMConfig, LLMEngine, _cpu_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -188,3 +188,22 @@ def test_cpu_engine_leaves_a_core_free() -> None:
     assert _cpu_env(LLMConfig()) == {"OMP_NUM_THREADS": str(max(1, cores - 1))}
     assert _cpu_env(LLMConfig(cpu_threads=3)) == {"OMP_NUM_THREADS": "3"}
     assert _cpu_env(LLMConfig(cpu_multiprocessing=True)) == {}
+
+
+async def test_deltas_are_joined_after_the_first_words() -> None:
+    """Fewer Ray hops per answer: token deltas cross in timed pieces once the first words are out."""
+    from services.llm import coalesce_deltas
+
+    now = [0.0]
+
+    async def tokens():  # type: ignore[no-untyped-def]
+        for i, tok in enumerate(["The", " sky", " is", " blue", " and", " the", " sun", " is", " warm", "."]):
+            now[0] = i * 0.02  # a token every 20 ms
+            yield tok
+
+    pieces = [p async for p in coalesce_deltas(tokens(), 0.1, eager_words=3, clock=lambda: now[0])]
+    assert pieces[:3] == ["The", " sky", " is"]  # one by one until 3 words are out
+    assert "".join(pieces) == "The sky is blue and the sun is warm."
+    assert len(pieces) < 10 and all(len(p.split()) >= 1 for p in pieces)
+    passthrough = [p async for p in coalesce_deltas(tokens(), 0.0, clock=lambda: now[0])]
+    assert len(passthrough) == 10
