@@ -32,7 +32,14 @@ class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_sessions: int = Field(32, ge=1,
-        description="Concurrent Converse streams per gateway replica; more get RESOURCE_EXHAUSTED.")
+        description="Concurrent sessions (Converse, realtime) per gateway replica; more get RESOURCE_EXHAUSTED.")
+    admission_first_audio_ms: float = Field(1500.0, gt=0,
+        description="New sessions are refused while this replica's answers take longer than this to start "
+                    "(p95 over admission_window_s): sessions already running keep their latency.")
+    admission_window_s: float = Field(30.0, gt=0,
+        description="Window of the first-audio latencies admission control looks at.")
+    retry_after_s: float = Field(2.0, gt=0,
+        description="Retry hint sent with RESOURCE_EXHAUSTED (gRPC trailer retry-after-ms).")
     max_message_bytes: int = Field(256 * 1024, ge=1024,
         description="Largest single client message (audio chunk) accepted.")
     max_stream_s: float = Field(3600.0, gt=0, description="Longest input audio per stream, in seconds of audio.")

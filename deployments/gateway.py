@@ -83,6 +83,9 @@ def _fail(context: RayServegRPCContext | None, exc: BaseException) -> str:
     if context is not None:
         context.set_code(status_code(err))
         context.set_details(err.message)
+        retry = getattr(err, "retry_after_s", None)
+        if retry:
+            context.set_trailing_metadata([("retry-after-ms", str(int(retry * 1000)))])
     return err.code
 
 
@@ -141,8 +144,9 @@ class Gateway:
         """The recorded history of a live or recently ended session (with interruption flags)."""
         return self.hub.history(session_id)
 
-    async def stats(self) -> dict[str, int]:
-        return {"active_sessions": self.hub.active}
+    async def stats(self) -> dict[str, Any]:
+        """Active sessions, capacity, recent p95 time to first audio (operators, autoscaling)."""
+        return self.hub.stats()
 
     # --- Converse -------------------------------------------------------------------------------
 

@@ -129,6 +129,9 @@ class GatewayMetrics:
     def turn_ended(self, state: str, reason: str) -> None:
         self._m["voxserve_turn_ends_total"].inc(1, tags={"state": state, "reason": reason or "done"})
 
+    def answered(self, latency: ev.TurnLatency) -> None:
+        pass  # recorded from the ResponseDone event in observe()
+
     def turn_latency(self, lat: ev.TurnLatency) -> None:
         """Record an answered turn's latency breakdown (``ResponseDone.latency``)."""
         self._m["voxserve_turns_total"].inc(1, tags={"outcome": "done"})

@@ -137,25 +137,32 @@ def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, g
 # A voice conversation is one long gRPC stream: the gateway drains longer than the stages so that
 # turns in flight can finish while a node goes away.
 GATEWAY_SHUTDOWN_S = 60.0
-# Serve lets a gateway replica take a few more streams than the gateway admits, so the surplus
-# reaches the gateway's own check and gets RESOURCE_EXHAUSTED at once instead of waiting in a
-# queue; the short queue bounds what waits while every replica is full.
-GATEWAY_HEADROOM = 8
+# Serve lets a gateway replica take many more streams than the gateway admits, so a burst reaches
+# the gateway's own admission check and gets RESOURCE_EXHAUSTED at once, with our message and a
+# retry hint, instead of Ray's "Request dropped due to backpressure"; a refusal ends within
+# milliseconds, so the headroom never holds real work. The short queue bounds what waits while
+# every replica is full.
+GATEWAY_HEADROOM = 128
 GATEWAY_QUEUE = 8
+#: Sessions one CPU-profile gateway replica admits: what 2 cores hold with p95 voice-to-voice
+#: under 1.5 s (BENCHMARKS.md, concurrency sweep); admission control refuses earlier if answers slow.
+CPU_MAX_SESSIONS = 8
 
 
 def _gateway(args: AppArgs) -> DeploymentOptions:
-    return _dep(args.gateway.max_sessions + GATEWAY_HEADROOM, 1, 4, 16, cpus=0.25,
-                shutdown_s=GATEWAY_SHUTDOWN_S, max_queued=GATEWAY_QUEUE)
+    # the autoscaler adds a gateway replica when sessions reach 3/4 of what one admits
+    return _dep(args.gateway.max_sessions + GATEWAY_HEADROOM, 1, 4, max(1.0, 0.75 * args.gateway.max_sessions),
+                cpus=0.25, shutdown_s=GATEWAY_SHUTDOWN_S, max_queued=GATEWAY_QUEUE)
 
 
 def cpu_profile() -> Profile:
     """Embedded default models on CPUs only. Fractions sum to < 2 CPUs at min replicas, so the
     same config also starts on a 2-core laptop; on Kubernetes the CPU group adds pods."""
-    args = AppArgs()
+    args = AppArgs.model_validate({"gateway": {"max_sessions": CPU_MAX_SESSIONS}})
     return Profile(
         name="cpu",
-        description="embedded default models (whisper base, SmolLM2-135M, Piper joe) on CPU only",
+        description="embedded default models (Moonshine Tiny for English, Whisper base for other languages, "
+                    "Smart Turn, SmolLM2-135M, Piper joe) on CPU only",
         args=args,
         deployments={
             VAD: _dep(64, 1, 2, 16, cpus=0.1),

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from deployments.config import AppArgs
 from services.conversation import Conversation, Observer, SessionSettings
+from services.conversation.events import TurnLatency
 from services.conversation.history import ChatHistory
 from services.conversation.stages import Stages
 from services.errors import OutOfRange, ResourceExhausted, Unavailable, to_vox_error
@@ -43,13 +44,61 @@ class GatewayStages(Stages, Protocol):
         ...
 
 
+class LatencyWindow:
+    """First-audio latencies of the answers of the last ``window_s`` seconds (admission control)."""
+
+    def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self._samples: deque[tuple[float, float]] = deque(maxlen=4096)
+
+    def add(self, ms: float) -> None:
+        self._samples.append((self.clock(), ms))
+
+    def p95(self, min_samples: int = 5) -> float | None:
+        """p95 of the window; None with fewer than ``min_samples`` (too few to judge)."""
+        cutoff = self.clock() - self.window_s
+        while self._samples and self._samples[0][0] < cutoff:
+            self._samples.popleft()
+        values = sorted(ms for _, ms in self._samples)
+        if len(values) < min_samples:
+            return None
+        return values[min(len(values) - 1, int(0.95 * len(values)))]
+
+
+class _HubObserver:
+    """Forwards a conversation's reports to the metrics, and keeps the hub's latency window."""
+
+    def __init__(self, hub: SessionHub, inner: Observer | None) -> None:
+        self.hub, self.inner = hub, inner
+
+    def speculation(self, outcome: str) -> None:
+        if self.inner is not None:
+            self.inner.speculation(outcome)
+
+    def interruption(self, outcome: str) -> None:
+        if self.inner is not None:
+            self.inner.interruption(outcome)
+
+    def turn_ended(self, state: str, reason: str) -> None:
+        if self.inner is not None:
+            self.inner.turn_ended(state, reason)
+
+    def answered(self, latency: TurnLatency) -> None:
+        if latency.first_audio_ms > 0:
+            self.hub.first_audio.add(latency.first_audio_ms)
+        if self.inner is not None:
+            self.inner.answered(latency)
+
+
 class SessionHub:
     """Sessions of one gateway replica."""
 
     def __init__(self, args: AppArgs, stages: GatewayStages, observer: Observer | None = None) -> None:
         self.args = args
         self.stages = stages
-        self.observer = observer
+        self.observer: Observer = _HubObserver(self, observer)
+        self.first_audio = LatencyWindow(args.gateway.admission_window_s)
         self.active = 0
         self.live: dict[str, Conversation] = {}
         self._recent: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
@@ -84,11 +133,23 @@ class SessionHub:
     # --- sessions --------------------------------------------------------------------------------
 
     def admit(self) -> None:
-        """RESOURCE_EXHAUSTED at once when this replica is full (the caller should retry)."""
-        limit = self.args.gateway.max_sessions
-        if self.active >= limit:
-            raise ResourceExhausted(
-                f"server busy: {limit} sessions already active on this replica; retry in a few seconds")
+        """RESOURCE_EXHAUSTED at once (with a retry hint) when this replica cannot take one more
+        session without slowing the ones it has: at ``max_sessions``, or while its answers' p95
+        time to first audio is over ``admission_first_audio_ms``."""
+        g = self.args.gateway
+        if self.active >= g.max_sessions:
+            raise ResourceExhausted(f"server busy: {g.max_sessions} sessions already active on this replica; "
+                                    f"retry in {g.retry_after_s:g} s", retry_after_s=g.retry_after_s)
+        p95 = self.first_audio.p95()
+        if self.active and p95 is not None and p95 > g.admission_first_audio_ms:
+            raise ResourceExhausted(f"server at capacity: answers take {p95:.0f} ms to start (p95, target "
+                                    f"{g.admission_first_audio_ms} ms); retry in {g.retry_after_s:g} s",
+                                    retry_after_s=g.retry_after_s)
+
+    def stats(self) -> dict[str, Any]:
+        """What an operator or an autoscaler wants to know about this replica now."""
+        return {"active_sessions": self.active, "max_sessions": self.args.gateway.max_sessions,
+                "first_audio_p95_ms": self.first_audio.p95(min_samples=1)}
 
     async def check_system_prompt(self, prompt: str) -> None:
         """OUT_OF_RANGE for a system prompt over the token limit (it would stall every session's

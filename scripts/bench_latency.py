@@ -70,6 +70,9 @@ class Counter:
     def turn_ended(self, state: str, reason: str) -> None:
         pass
 
+    def answered(self, latency: Any) -> None:
+        pass
+
 
 async def ask(stages: Any, path: str, audio: np.ndarray) -> dict[str, Any]:
     """One conversation, one utterance fed at real-time pace (then silence until the answer)."""
@@ -145,9 +148,8 @@ def summarize(rows: list[dict[str, Any]], path: str) -> dict[str, Any]:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     from services.asr import ASRConfig, ASRRouter
     from services.cpu import machine_record
-    from services.local import LocalStages
-
     from services.llm import LLMConfig
+    from services.local import LocalStages
 
     new = LocalStages.load(llm=LLMConfig(cpu_threads=args.llm_threads))
     old_asr = ASRRouter.load(ASRConfig(engine="whisper"))

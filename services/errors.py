@@ -49,6 +49,11 @@ class ResourceExhausted(VoxError):
 
     code = "RESOURCE_EXHAUSTED"
 
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        #: When a retry may succeed (server at capacity); adapters send it as a hint.
+        self.retry_after_s = retry_after_s
+
 
 class NotFound(VoxError):
     """A model, voice or file could not be found (missing package or path)."""

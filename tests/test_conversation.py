@@ -45,6 +45,9 @@ class Harness:
     def turn_ended(self, state: str, reason: str) -> None:
         self._count(f"turn_{state}")
 
+    def answered(self, latency: ev.TurnLatency) -> None:
+        self._count("answered")
+
     def _count(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
 

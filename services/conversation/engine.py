@@ -62,6 +62,9 @@ class Observer(Protocol):
     def turn_ended(self, state: str, reason: str) -> None:
         """committed | interrupted | discarded, and why"""
 
+    def answered(self, latency: ev.TurnLatency) -> None:
+        """An answer was sent whole (its latency breakdown is final)."""
+
 
 class NullObserver:
     def speculation(self, outcome: str) -> None:
@@ -71,6 +74,9 @@ class NullObserver:
         pass
 
     def turn_ended(self, state: str, reason: str) -> None:
+        pass
+
+    def answered(self, latency: ev.TurnLatency) -> None:
         pass
 
 
@@ -601,6 +607,7 @@ class Conversation:
         return turn
 
     def _on_sent(self, turn: Turn) -> None:
+        self.observer.answered(turn.latency)
         self._notify()
         if self._queue and turn is self._response:
             self._tasks.spawn(self._next_queued(), name="next-turn")
