@@ -17,6 +17,7 @@ from ray import serve
 from deployments.metrics import StageMetrics
 from services.asr import ASRConfig, ASRRouter
 from services.audio import StreamResampler, float_to_pcm16
+from services.batching import Priority
 from services.errors import FailedPrecondition
 from services.llm import LLMConfig, LLMEngine
 from services.tts import PiperTTS, TTSConfig
@@ -50,14 +51,20 @@ class ASRDeployment:
         self.metrics = StageMetrics("asr")
         self.asr.warm_up()  # every loaded engine: a session in any language gets a warm one
 
-    async def transcribe(self, audio16k: np.ndarray, language: str | None = None) -> dict[str, Any]:
+    async def transcribe(self, audio16k: np.ndarray, language: str | None = None,
+                         priority: int | str = 0) -> dict[str, Any]:
+        """One utterance, batched with the other sessions' utterances on this replica.
+        ``priority`` (services.batching.Priority, as int or name): 0 final (default),
+        1 barge-in, 2 speculative, 3 partial; more urgent work is decoded first."""
         with self.metrics.time("transcribe"):
-            result = await self.asr.transcribe(audio16k, language)
+            result = await self.asr.transcribe(audio16k, language, Priority.parse(priority))
         return {"text": result.text, "language": result.language, "engine": result.engine,
-                "duration_s": result.duration_s, "decode_s": result.decode_s}
+                "duration_s": result.duration_s, "decode_s": result.decode_s,
+                "batch_size": result.batch_size}
 
     async def partial(self, audio16k: np.ndarray, language: str | None = None) -> str | None:
-        """Best effort: None at once when every decode slot is busy, so finals never wait."""
+        """Best effort: None at once unless the engine has a free worker and a free seat in its
+        next batch, so finals never wait for partials."""
         result = await self.asr.try_transcribe(audio16k, language)
         return result.text if result is not None else None
 

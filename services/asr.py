@@ -8,20 +8,19 @@
   (~45 ms per second of speech): the fast CPU default for English.
 
 ``ASRRouter`` loads what ``ASRConfig.engine`` needs and routes each call by language. Engines
-decode whole utterances (already cut by our VAD) in a small dedicated thread pool, so decodes
-never block an event loop and concurrent sessions queue instead of fighting over the CPU.
-``PartialTranscriber`` re-decodes a growing utterance for live partial text, as best-effort work
-that yields to final decodes.
+decode whole utterances (already cut by our VAD) in worker threads behind a cross-session
+micro-batcher (services/batching.py): utterances of different sessions that arrive together are
+decoded in one batch, so decodes never block an event loop, concurrent sessions share model runs
+instead of fighting over the CPU, and a final transcript goes before speculative work and
+partials (``Priority``). ``PartialTranscriber`` re-decodes a growing utterance for live partial
+text, as best-effort work that yields to final decodes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -29,13 +28,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.audio import MODEL_RATE
-from services.errors import (
-    InvalidArgument,
-    NotFound,
-    OutOfRange,
-    ResourceExhausted,
-    Unavailable,
-)
+from services.batching import Deliver, MicroBatcher, Priority
+from services.errors import InvalidArgument, NotFound, OutOfRange
 from services.models import default_asr_model, resolve
 
 #: A session language (or ``default_language``) that asks for language detection.
@@ -88,13 +82,23 @@ class ASRConfig(BaseModel):
     )
     max_concurrent: int = Field(
         default=0, ge=0, le=64,
-        description="Decodes run at once per engine (each a worker with its own model state); "
-                    "0 = 1 on CPU, 2 for Whisper on GPU. More only helps with spare cores.",
+        description="Batches decoded at once per engine (one worker thread each); 0 = 1 on CPU, "
+                    "2 for Whisper on GPU. More only helps with spare cores.",
+    )
+    max_batch: int = Field(
+        default=0, ge=0, le=64,
+        description="Most utterances of different sessions decoded together in one batch; 0 = "
+                    "auto: 8 for Moonshine and for Whisper on GPU, 1 for Whisper on CPU (its fixed "
+                    "30 s window makes a CPU batch cost as much as one decode after another).",
+    )
+    batch_wait_ms: float = Field(
+        default=5.0, ge=0, le=100,
+        description="How long an idle engine waits for more utterances to fill a batch.",
     )
     max_queued: int = Field(
         default=64, ge=0,
-        description="Decodes allowed to wait for a free worker, per engine; beyond this "
-                    "transcribe() raises ResourceExhausted.",
+        description="Decodes allowed to wait for a batch, per engine; beyond this transcribe() "
+                    "raises ResourceExhausted.",
     )
     allow_download: bool = Field(
         default=False,
@@ -121,6 +125,16 @@ class Transcript:
     language_probability: float = 1.0
     engine: str = ""
     """Name of the engine that decoded it (e.g. 'moonshine-tiny-en', 'whisper-base')."""
+    batch_size: int = 1
+    """Utterances decoded together with this one (itself included)."""
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """One utterance for ``decode_batch``: checked audio and the language (None = detect)."""
+
+    audio: np.ndarray
+    language: str | None
 
 
 @runtime_checkable
@@ -138,18 +152,22 @@ class ASREngine(Protocol):
         """Decodes running or waiting right now."""
         ...
 
-    def transcribe_sync(self, audio16k: np.ndarray, language: str | None = None) -> Transcript:
-        """Blocking decode (for threads and scripts); waits for a free decode slot."""
+    def transcribe_sync(self, audio16k: np.ndarray, language: str | None = None,
+                        priority: Priority | int | str = Priority.FINAL) -> Transcript:
+        """Blocking decode (for threads and scripts); queues like ``transcribe``."""
         ...
 
-    async def transcribe(self, audio16k: np.ndarray, language: str | None = None) -> Transcript:
-        """Decode one utterance in the engine's thread pool (queues behind running decodes)."""
+    async def transcribe(self, audio16k: np.ndarray, language: str | None = None,
+                         priority: Priority | int | str = Priority.FINAL) -> Transcript:
+        """Decode one utterance, batched with other sessions' utterances; more urgent
+        ``priority`` goes first (FINAL before BARGE_IN before SPECULATIVE before PARTIAL)."""
         ...
 
     async def try_transcribe(
         self, audio16k: np.ndarray, language: str | None = None
     ) -> Transcript | None:
-        """Best-effort decode: None at once if every decode slot is busy (for partials)."""
+        """Best-effort decode at PARTIAL priority: None at once unless the engine has a free
+        worker and a free seat in its next batch (for partials)."""
         ...
 
     def warm_up(self) -> float:
@@ -162,29 +180,29 @@ class ASREngine(Protocol):
 
 
 class PooledASR:
-    """Shared mechanics of an engine: input checks, a bounded queue in front of ``concurrency``
-    decode threads, best-effort decodes that never wait, and warm-up.
+    """Shared mechanics of an engine: input checks, a bounded priority queue in front of a
+    cross-session micro-batcher (``concurrency`` worker threads, up to ``max_batch`` utterances
+    per decode), best-effort decodes that never wait, and warm-up.
 
-    Subclasses set ``name``, ``languages`` and implement ``transcribe_sync``, which must itself
-    wait for a free decode slot (it is also called directly from other threads).
+    Subclasses set ``name``, ``languages`` and implement ``decode_batch``.
     """
 
     name = "asr"
     languages: frozenset[str] = frozenset()
 
-    def __init__(self, cfg: ASRConfig, concurrency: int) -> None:
+    def __init__(self, cfg: ASRConfig, concurrency: int, max_batch: int = 1) -> None:
         self.cfg = cfg
         self.concurrency = concurrency
-        # own pool: queued decodes must not occupy the loop's default executor threads
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="asr")
-        self._lock = threading.Lock()
-        self._pending = 0  # decodes submitted and not finished (running + queued)
+        self.max_batch = max_batch
+        self.batcher: MicroBatcher[DecodeRequest, Transcript] = MicroBatcher(
+            self._run_batch, max_batch=max_batch, max_wait_s=cfg.batch_wait_ms / 1000,
+            max_queued=cfg.max_queued, workers=concurrency, name="speech recognition")
         self.warm_up_s: float | None = None
 
     @property
     def pending(self) -> int:
         """Decodes running or waiting right now."""
-        return self._pending
+        return self.batcher.pending
 
     def check_audio(self, audio16k: np.ndarray) -> np.ndarray:
         x = np.asarray(audio16k, dtype=np.float32)
@@ -212,53 +230,41 @@ class PooledASR:
             )
         return lang
 
-    def transcribe_sync(self, audio16k: np.ndarray, language: str | None = None) -> Transcript:
+    def request(self, audio16k: np.ndarray, language: str | None = None) -> DecodeRequest:
+        """A checked ``DecodeRequest`` (raises InvalidArgument / OutOfRange for bad input)."""
+        return DecodeRequest(self.check_audio(audio16k), self._language(language))
+
+    def decode_batch(self, requests: Sequence[DecodeRequest],
+                     deliver: Deliver | None = None) -> list[Transcript]:
+        """Decode utterances together (blocking; results in order). ``deliver(i, transcript)``
+        may be called as soon as one is done, before the others."""
         raise NotImplementedError
 
-    def _reserve(self, best_effort: bool) -> bool:
-        with self._lock:
-            if best_effort and self._pending >= self.concurrency:
-                return False
-            if self._pending >= self.concurrency + self.cfg.max_queued:
-                raise ResourceExhausted(
-                    f"speech recognition is saturated ({self._pending} decodes in progress); "
-                    "retry shortly"
-                )
-            self._pending += 1
-            return True
+    def _run_batch(self, requests: list[DecodeRequest], deliver: Deliver) -> list[Transcript]:
+        n = len(requests)
 
-    def _release(self) -> None:
-        with self._lock:
-            self._pending -= 1
+        def sized(i: int, t: Transcript) -> None:
+            deliver(i, replace(t, batch_size=n))
 
-    async def _run(self, x: np.ndarray, lang: str | None) -> Transcript:
-        try:
-            fut = self._pool.submit(self.transcribe_sync, x, lang or DETECT)
-        except RuntimeError as exc:  # pool shut down
-            self._release()
-            raise Unavailable("speech recognition engine is closed") from exc
-        # released when the decode really finishes (or is dropped from the queue), not when a
-        # cancelled caller stops waiting, so `pending` counts what occupies the workers
-        fut.add_done_callback(lambda _: self._release())
-        # cancelling the caller cancels a decode that has not started yet
-        return await asyncio.wrap_future(fut)
+        return [replace(r, batch_size=n) for r in self.decode_batch(requests, sized)]
 
-    async def transcribe(self, audio16k: np.ndarray, language: str | None = None) -> Transcript:
-        """Decode one utterance in the engine's thread pool (queues behind running decodes)."""
-        x = self.check_audio(audio16k)
-        lang = self._language(language)
-        self._reserve(best_effort=False)
-        return await self._run(x, lang)
+    def transcribe_sync(self, audio16k: np.ndarray, language: str | None = None,
+                        priority: Priority | int | str = Priority.FINAL) -> Transcript:
+        """Blocking decode (for threads and scripts); queues like ``transcribe``."""
+        return self.batcher.run_sync(self.request(audio16k, language), Priority.parse(priority))
+
+    async def transcribe(self, audio16k: np.ndarray, language: str | None = None,
+                         priority: Priority | int | str = Priority.FINAL) -> Transcript:
+        """Decode one utterance, batched with other sessions' utterances; more urgent
+        ``priority`` goes first. Cancelling the caller drops a decode that has not started."""
+        return await self.batcher.submit(self.request(audio16k, language), Priority.parse(priority))
 
     async def try_transcribe(
         self, audio16k: np.ndarray, language: str | None = None
     ) -> Transcript | None:
-        """Best-effort decode: None at once if every decode slot is busy (for partials)."""
-        x = self.check_audio(audio16k)
-        lang = self._language(language)
-        if not self._reserve(best_effort=True):
-            return None
-        return await self._run(x, lang)
+        """Best-effort decode at PARTIAL priority: None at once unless the engine has a free
+        worker and a free seat in its next batch, so partials never hold up final decodes."""
+        return await self.batcher.try_submit(self.request(audio16k, language), Priority.PARTIAL)
 
     def warm_up(self) -> float:
         """One decode of a short tone sweep: the first decode allocates buffers and picks kernels
@@ -270,7 +276,8 @@ class PooledASR:
         return self.warm_up_s
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Refuse new decodes and drop queued ones (Unavailable); a running batch finishes."""
+        self.batcher.close()
 
 
 def warm_up_audio(seconds: float = 2.0) -> np.ndarray:
@@ -288,15 +295,22 @@ def whisper_name(model: str) -> str:
 
 
 class WhisperASR(PooledASR):
-    """One faster-whisper model shared by every session of a process (or replica)."""
+    """One faster-whisper model shared by every session of a process (or replica).
+
+    A batch is one CTranslate2 ``encode`` and one ``generate`` over every utterance's 30 s
+    window, with the same options and the same post-processing as ``WhisperModel.transcribe``
+    (greedy or beam, temperature 0, no timestamps, no-speech check), so a batched transcript
+    equals the one decoded alone.
+    """
 
     def __init__(self, model: Any, cfg: ASRConfig) -> None:
-        super().__init__(cfg, cfg.max_concurrent or (2 if _is_gpu(cfg.device) else 1))
+        gpu = _is_gpu(cfg.device)
+        super().__init__(cfg, cfg.max_concurrent or (2 if gpu else 1),
+                         cfg.max_batch or (8 if gpu else 1))
         self.model = model
         self.name = whisper_name(cfg.model)
-        # guards direct transcribe_sync callers from other threads as well
-        self._slots = threading.BoundedSemaphore(self.concurrency)
         self.languages = frozenset(model.supported_languages)
+        self._suppress: list[int] | None = None
 
     @classmethod
     def load(cls, cfg: ASRConfig | None = None) -> WhisperASR:
@@ -328,20 +342,90 @@ class WhisperASR(PooledASR):
             raise InvalidArgument(f"cannot load Whisper model '{name}': {exc}") from exc
         return cls(model, cfg)
 
-    def transcribe_sync(self, audio16k: np.ndarray, language: str | None = None) -> Transcript:
-        """Blocking decode (for threads and scripts); waits for a free decode slot."""
-        x = self.check_audio(audio16k)
-        lang = self._language(language)
-        with self._slots:
-            t0 = time.perf_counter()
-            segments, info = self.model.transcribe(
-                x, language=lang, beam_size=self.cfg.beam_size, best_of=1, temperature=0.0,
-                condition_on_previous_text=False, without_timestamps=True, vad_filter=False,
-            )
-            text = " ".join(s.text.strip() for s in segments).strip()  # decoding happens here
-            decode_s = time.perf_counter() - t0
-        return Transcript(text, info.language, x.size / MODEL_RATE, decode_s,
+    def decode_one(self, request: DecodeRequest) -> Transcript:
+        """``WhisperModel.transcribe`` on one utterance: the reference a batch must equal (and the
+        path for audio longer than one 30 s window)."""
+        x = request.audio
+        t0 = time.perf_counter()
+        segments, info = self.model.transcribe(
+            x, language=request.language, beam_size=self.cfg.beam_size, best_of=1,
+            temperature=0.0, condition_on_previous_text=False, without_timestamps=True,
+            vad_filter=False,
+        )
+        text = " ".join(s.text.strip() for s in segments).strip()  # decoding happens here
+        return Transcript(text, info.language, x.size / MODEL_RATE, time.perf_counter() - t0,
                           float(info.language_probability), self.name)
+
+    def decode_batch(self, requests: Sequence[DecodeRequest],
+                     deliver: Deliver | None = None) -> list[Transcript]:
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        wm = self.model
+        fe = wm.feature_extractor
+        t0 = time.perf_counter()
+        out: list[Transcript | None] = [None] * len(requests)
+        windows: list[int] = []  # requests that fit one 30 s window: decoded together
+        features: list[np.ndarray] = []
+        for i, r in enumerate(requests):
+            f = fe(r.audio)
+            if f.shape[-1] - 1 > fe.nb_max_frames:
+                out[i] = self.decode_one(r)  # several windows: transcribe() seeks through them
+            else:
+                windows.append(i)
+                features.append(f)
+        if windows:
+            languages = self._languages_of([requests[i].language for i in windows], features)
+            tokenizers = {lang: Tokenizer(wm.hf_tokenizer, wm.model.is_multilingual,
+                                          task="transcribe", language=lang)
+                          for lang, _ in set(languages)}
+            if self._suppress is None:
+                self._suppress = list(get_suppressed_tokens(next(iter(tokenizers.values())), [-1]))
+            # transcribe() drops the extractor's last frame, then pads the window to 30 s
+            batch = np.stack([pad_or_trim(f[:, : f.shape[-1] - 1]) for f in features])
+            encoded = wm.encode(batch)
+            prompts = [[*tokenizers[lang].sot_sequence, tokenizers[lang].no_timestamps]
+                       for lang, _ in languages]
+            results = wm.model.generate(
+                encoded, prompts, length_penalty=1, repetition_penalty=1, no_repeat_ngram_size=0,
+                max_length=wm.max_length, return_scores=True, return_no_speech_prob=True,
+                suppress_blank=True, suppress_tokens=self._suppress,
+                max_initial_timestamp_index=round(1.0 / wm.time_precision),  # transcribe()'s 1 s
+                beam_size=self.cfg.beam_size, patience=1,
+            )
+            decode_s = time.perf_counter() - t0
+            for i, (lang, prob), result in zip(windows, languages, results, strict=True):
+                tokens = result.sequences_ids[0]
+                # transcribe()'s no-speech check: a likely silent window with unsure words is
+                # empty (its temperature fallback has nothing to fall back to at temperature 0)
+                avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+                silent = result.no_speech_prob > 0.6 and not avg_logprob > -1.0
+                text = "" if silent else tokenizers[lang].decode(tokens).strip()
+                x = requests[i].audio
+                out[i] = Transcript(text, lang, x.size / MODEL_RATE, decode_s, prob, self.name,
+                                    len(requests))
+        return [t for t in out if t is not None]
+
+    def _languages_of(self, wanted: list[str | None], features: list[np.ndarray]
+                      ) -> list[tuple[str, float]]:
+        """(language, probability) per window: the requested one, or detected as
+        ``WhisperModel.detect_language`` does (first 30 s, features not trimmed)."""
+        from faster_whisper.audio import pad_or_trim
+
+        wm = self.model
+        out = [(lang, 1.0) if lang else ("", 0.0) for lang in wanted]
+        detect = [k for k, lang in enumerate(wanted) if not lang]
+        if detect and not wm.model.is_multilingual:
+            for k in detect:
+                out[k] = ("en", 1.0)
+        elif detect:
+            n = wm.feature_extractor.nb_max_frames
+            encoded = wm.encode(np.stack([pad_or_trim(features[k][:, :n]) for k in detect]))
+            for k, ranked in zip(detect, wm.model.detect_language(encoded), strict=True):
+                token, prob = ranked[0]
+                out[k] = (token[2:-2], float(prob))
+        return out
 
 
 def _is_gpu(device: str) -> bool:
@@ -426,11 +510,13 @@ class ASRRouter:
     def pending(self) -> int:
         return sum(e.pending for e in self.engines.values())
 
-    def transcribe_sync(self, audio16k: np.ndarray, language: str | None = None) -> Transcript:
-        return self.engine_for(language).transcribe_sync(audio16k, language)
+    def transcribe_sync(self, audio16k: np.ndarray, language: str | None = None,
+                        priority: Priority | int | str = Priority.FINAL) -> Transcript:
+        return self.engine_for(language).transcribe_sync(audio16k, language, priority)
 
-    async def transcribe(self, audio16k: np.ndarray, language: str | None = None) -> Transcript:
-        return await self.engine_for(language).transcribe(audio16k, language)
+    async def transcribe(self, audio16k: np.ndarray, language: str | None = None,
+                         priority: Priority | int | str = Priority.FINAL) -> Transcript:
+        return await self.engine_for(language).transcribe(audio16k, language, priority)
 
     async def try_transcribe(
         self, audio16k: np.ndarray, language: str | None = None
@@ -451,7 +537,8 @@ class ASRRouter:
         return {
             "model": default,
             "engines": {
-                name: {"languages": _languages_text(e.languages), "warm_up_s": self.warm_up_s.get(name)}
+                name: {"languages": _languages_text(e.languages), "warm_up_s": self.warm_up_s.get(name),
+                       "max_batch": getattr(e, "max_batch", 1)}
                 for name, e in self.engines.items()
             },
             "default_language": self.cfg.default_language,

@@ -20,6 +20,7 @@ from services.asr import (
     whisper_name,
 )
 from services.audio import MODEL_RATE, resample
+from services.batching import Priority
 from services.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from services.models import default_tts_voice
 from services.moonshine_asr import MoonshineASR
@@ -100,17 +101,24 @@ def test_missing_local_model() -> None:
         WhisperASR.load(ASRConfig(model="/nonexistent/whisper-ct2"))
 
 
+async def until(check: object) -> None:
+    for _ in range(3000):
+        if check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never met")
+
+
 async def test_busy_engine_queue_bound_and_cancel(
     asr: WhisperASR, speech: list[np.ndarray]
 ) -> None:
     engine = WhisperASR(asr.model, asr.cfg.model_copy(update={"max_queued": 1}))
     try:
         running = asyncio.create_task(engine.transcribe(speech[0]))
-        await asyncio.sleep(0)  # the task reserves its slot before its first await
-        assert engine.pending == 1
-        assert await engine.try_transcribe(speech[1]) is None  # best effort: no free slot
+        await until(lambda: engine.pending == 1 and engine.batcher.queued == 0)  # it runs
+        assert await engine.try_transcribe(speech[1]) is None  # best effort: no free worker
         queued = asyncio.create_task(engine.transcribe(speech[1]))
-        await asyncio.sleep(0)
+        await until(lambda: engine.batcher.queued == 1)
         assert engine.pending == 2
         with pytest.raises(ResourceExhausted):
             await engine.transcribe(speech[1])
@@ -118,9 +126,37 @@ async def test_busy_engine_queue_bound_and_cancel(
         with pytest.raises(asyncio.CancelledError):
             await queued
         assert "fox" in normalize((await running).text)
-        assert engine.pending == 0
+        await until(lambda: engine.pending == 0)
+        assert engine.batcher.stats.items == 1  # the cancelled decode never ran
     finally:
         engine.close()
+
+
+def test_batched_whisper_equals_transcribe(asr: WhisperASR, speech: list[np.ndarray]) -> None:
+    """One CTranslate2 batch (fixed language, detected language, a silent window) gives what
+    faster-whisper's own transcribe() gives each utterance alone."""
+    engine = WhisperASR(asr.model, asr.cfg.model_copy(update={"max_batch": 4}))
+    try:
+        requests = [engine.request(speech[0], "en"), engine.request(speech[1], "auto"),
+                    engine.request(np.zeros(SR, np.float32), "en"), engine.request(speech[2], "en")]
+        batched = engine.decode_batch(requests)
+        for request, got in zip(requests, batched, strict=True):
+            alone = engine.decode_one(request)
+            assert (got.text, got.language) == (alone.text, alone.language)
+            assert got.language_probability == pytest.approx(alone.language_probability, abs=1e-6)
+            assert got.batch_size == 4
+        assert batched[1].language == "en" and "kitchen" in normalize(batched[1].text)
+    finally:
+        engine.close()
+
+
+def test_whisper_batch_defaults(asr: WhisperASR) -> None:
+    assert asr.max_batch == 1 and asr.concurrency == 1  # CPU: a batch costs as much as singles
+    gpu = WhisperASR(asr.model, ASRConfig(device="cuda"))  # the choice only (the model is on CPU)
+    try:
+        assert gpu.max_batch == 8 and gpu.concurrency == 2
+    finally:
+        gpu.close()
 
 
 async def test_partial_transcriber(asr: WhisperASR, speech: list[np.ndarray]) -> None:
@@ -219,6 +255,9 @@ async def test_router_transcribes_each_language_with_its_engine(
     assert detected.engine == "whisper-base" and detected.language == "en"
     partial = await router.try_transcribe(say("Good morning."), "en")
     assert partial is not None and partial.engine == "moonshine-tiny-en"
+    speculative = await router.transcribe(say("Good morning."), "en", Priority.SPECULATIVE)
+    assert speculative.text == partial.text
+    assert router.transcribe_sync(say("Good morning."), "en", "barge_in").text == partial.text
     assert router.pending == 0
 
 
@@ -246,5 +285,10 @@ def test_asr_deployment_warms_every_engine() -> None:
             assert info["engines"][name]["warm_up_s"] > 0
         result = asyncio.run(deployment.transcribe(say("Set a timer for ten minutes."), None))
         assert result["engine"] == "moonshine-tiny-en" and "timer" in normalize(result["text"])
+        assert result["batch_size"] == 1 and info["engines"]["moonshine-tiny-en"]["max_batch"] == 8
+        spec = asyncio.run(deployment.transcribe(say("Set a timer for ten minutes."), None, 2))
+        assert spec["text"] == result["text"]
+        with pytest.raises(InvalidArgument, match="unknown priority"):
+            asyncio.run(deployment.transcribe(say("Hi."), None, "urgent"))
     finally:
         deployment.asr.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,14 +12,17 @@ import pytest
 
 from services.asr import ASRConfig, ASREngine, PartialTranscriber, Transcript
 from services.audio import MODEL_RATE
+from services.batching import Priority
 from services.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unavailable
 from services.models import moonshine_source
 from services.moonshine_asr import (
-    SINGLE_THREAD_ENV,
+    MAX_SEGMENT_S,
     MoonshineASR,
+    MoonshineTokenizer,
     clean_line,
     model_arch_name,
     model_language,
+    split_for_model,
     with_quiet_edges,
 )
 from tests.conftest import normalize, say, word_errors
@@ -55,9 +57,82 @@ def test_interface(asr: MoonshineASR) -> None:
     assert asr.name == "moonshine-tiny-en"
     assert asr.languages == frozenset({"en"})
     assert asr.concurrency == 1 and asr.pending == 0
-    assert os.environ[SINGLE_THREAD_ENV] == "1"
-    # never imported: the microphone library (PortAudio) and the transcriber's optional deps
+    # batching is on by default, with the decoder made batch-safe (checked bit for bit at load)
+    assert asr.max_batch == 8 and asr.model.batch_decoder is not None
+    # never imported: the microphone library (PortAudio)
     assert "sounddevice" not in sys.modules
+
+
+def reference_texts(audios: list[np.ndarray]) -> list[str]:
+    """What Moonshine's own C library (moonshine-voice) makes of the same audio, as the engine
+    used it before batching: quiet edges added, its VAD off (one segment), lines cleaned."""
+    from moonshine_voice.moonshine_api import ModelArch
+    from moonshine_voice.transcriber import Transcriber
+
+    transcriber = Transcriber(str(moonshine_source()), ModelArch.TINY,
+                              options={"vad_threshold": "0", "return_audio_data": "false"})
+    try:
+        out = []
+        for audio in audios:
+            lines = transcriber.transcribe_without_streaming(with_quiet_edges(audio).tolist(), SR).lines
+            out.append(" ".join(filter(None, (clean_line(line.text) for line in lines))))
+        return out
+    finally:
+        transcriber.close()
+
+
+def test_batched_decodes_equal_single_decodes_and_moonshines_own(
+        asr: MoonshineASR, speech: list[np.ndarray]) -> None:
+    requests = [asr.request(a, "en") for a in speech]
+    alone = [asr.decode_batch([r])[0].text for r in requests]
+    together = [t.text for t in asr.decode_batch(requests)]
+    assert together == alone
+    shuffled = [requests[i] for i in (5, 2, 7, 0, 3)]  # other companions, other padding
+    assert [t.text for t in asr.decode_batch(shuffled)] == [alone[i] for i in (5, 2, 7, 0, 3)]
+    # Moonshine's C library links its own onnxruntime build, whose int8 kernels may round a
+    # borderline case differently: equal on 40 of 40 Piper sentences in one check, 7 of 8 in
+    # another ("a good book" / "the good book")
+    reference = reference_texts(speech)
+    assert sum(a == b for a, b in zip(alone, reference, strict=True)) >= len(speech) - 1
+    for a, b in zip(alone, reference, strict=True):
+        assert word_errors(normalize(b), normalize(a)) <= 1, (a, b)
+
+
+async def test_concurrent_sessions_share_batches(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
+    alone = [asr.decode_batch([asr.request(a, "en")])[0].text for a in speech]
+    results = await asyncio.gather(*(asr.transcribe(a) for a in speech))
+    assert [r.text for r in results] == alone
+    assert max(r.batch_size for r in results) > 1
+    assert asr.pending == 0
+
+
+def test_short_utterance_returns_before_the_long_one(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
+    """Rows leave the batch when they end: the short transcript is handed back first."""
+    short, long = asr.decode_batch([asr.request(say("Yes."), "en"),
+                                    asr.request(np.concatenate(speech[:3]), "en")])
+    assert normalize(short.text) == ["yes"]
+    assert short.decode_s < long.decode_s and short.batch_size == long.batch_size == 2
+
+
+def test_long_utterance_is_decoded_in_pieces(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
+    audio = np.concatenate(speech)  # ~25 s
+    pieces = split_for_model(audio)
+    assert len(pieces) == 2 and all(p.size <= MAX_SEGMENT_S * SR for p in pieces)
+    assert np.array_equal(np.concatenate(pieces), audio)
+    text = asr.transcribe_sync(audio).text
+    words = normalize(text)
+    assert "fox" in words and "science" in words, text
+    errors = word_errors([w for s in SENTENCES for w in normalize(s)], words)
+    assert errors / len(words) < 0.15, text
+
+
+def test_tokenizer_file(tmp_path: Path) -> None:
+    tok = MoonshineTokenizer.load(moonshine_source() / "tokenizer.bin")
+    assert len(tok.pieces) == 32768 and tok.pieces[1] == b"<s>" and tok.pieces[2] == b"</s>"
+    assert tok.decode([1, 2]) == ""  # special tokens are not text
+    (tmp_path / "t.bin").write_bytes(bytes([3]) + b"ab")  # says 3 bytes, has 2
+    with pytest.raises(InvalidArgument, match="truncated"):
+        MoonshineTokenizer.load(tmp_path / "t.bin")
 
 
 async def test_wer_on_piper(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
@@ -132,29 +207,64 @@ async def test_forced_english_and_default_language(asr: MoonshineASR, speech: li
         no_default.close()
 
 
-async def test_busy_engine_queue_bound_and_cancel(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
-    engine = MoonshineASR.load(ASRConfig(max_queued=1))
+async def until(check: object) -> None:
+    for _ in range(3000):
+        if check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never met")
+
+
+async def test_busy_engine_queue_bound_and_cancel(speech: list[np.ndarray]) -> None:
+    engine = MoonshineASR.load(ASRConfig(max_queued=1, max_batch=1))
+    long = np.concatenate(speech)  # ~25 s: a decode that runs for a while
     try:
-        running = asyncio.create_task(engine.transcribe(speech[1]))
-        await asyncio.sleep(0)  # the task reserves its slot before its first await
-        assert engine.pending == 1
-        assert await engine.try_transcribe(speech[0]) is None  # best effort: no free slot
+        running = asyncio.create_task(engine.transcribe(long))
+        await until(lambda: engine.pending == 1 and engine.batcher.queued == 0)  # it runs
+        assert await engine.try_transcribe(speech[0]) is None  # best effort: no free worker
         queued = asyncio.create_task(engine.transcribe(speech[0]))
-        await asyncio.sleep(0)
+        await until(lambda: engine.batcher.queued == 1)
         assert engine.pending == 2
         with pytest.raises(ResourceExhausted):
             await engine.transcribe(speech[0])
         queued.cancel()  # e.g. barge-in: a decode that has not started is dropped
         with pytest.raises(asyncio.CancelledError):
             await queued
+        assert engine.batcher.queued == 0
         assert "kitchen" in normalize((await running).text)
-        assert engine.pending == 0
+        await until(lambda: engine.pending == 0)
+        assert engine.batcher.stats.items == 1  # the cancelled decode never ran
     finally:
         engine.close()
     with pytest.raises(Unavailable):
         await engine.transcribe(speech[0])
     with pytest.raises(Unavailable):
         engine.transcribe_sync(speech[0])
+
+
+async def test_finals_go_before_speculative_work(asr: MoonshineASR, speech: list[np.ndarray]) -> None:
+    """While a long decode runs, three speculative decodes queue, then a final: the final goes
+    in the next batch (two seats) and completes before the speculative work queued before it."""
+    engine = MoonshineASR(asr.model, asr.cfg.model_copy(update={"max_batch": 2}), asr.name, asr.languages)
+    done: list[str] = []
+
+    async def ask(name: str, audio: np.ndarray, priority: Priority) -> Transcript:
+        result = await engine.transcribe(audio, "en", priority)
+        done.append(name)
+        return result
+
+    try:
+        blocker = asyncio.create_task(ask("long", np.concatenate(speech), Priority.FINAL))
+        await until(lambda: engine.pending == 1 and engine.batcher.queued == 0)
+        specs = [asyncio.create_task(ask(f"spec{i}", speech[i], Priority.SPECULATIVE)) for i in range(3)]
+        await until(lambda: engine.batcher.queued == 3)
+        final = asyncio.create_task(ask("final", speech[4], Priority.parse("final")))
+        await until(lambda: engine.batcher.queued == 4)
+        await asyncio.gather(blocker, final, *specs)
+        assert done.index("final") < done.index("spec1") and done.index("final") < done.index("spec2")
+        assert engine.batcher.stats.sizes[2] == 2  # [final, spec0], then [spec1, spec2]
+    finally:
+        engine.close()
 
 
 async def test_two_decode_slots(speech: list[np.ndarray]) -> None:
@@ -208,8 +318,17 @@ def test_bad_model_folders(tmp_path: Path) -> None:
         MoonshineASR.load(ASRConfig(moonshine_model=str(tmp_path)))
     (tmp_path / "tokenizer.bin").write_bytes(b"junk")
     (tmp_path / "encoder_model.ort").write_bytes(b"junk")
+    with pytest.raises(NotFound, match=r"decoder_model_merged\.ort missing"):
+        MoonshineASR.load(ASRConfig(moonshine_model=str(tmp_path)))
+    (tmp_path / "decoder_model_merged.ort").write_bytes(b"junk")
     with pytest.raises(InvalidArgument, match="cannot load the Moonshine model"):
         MoonshineASR.load(ASRConfig(moonshine_model=str(tmp_path)))
+    streaming = tmp_path / "tiny-streaming-en"
+    streaming.mkdir()
+    (streaming / "tokenizer.bin").write_bytes(b"junk")
+    (streaming / "encoder.ort").write_bytes(b"junk")
+    with pytest.raises(InvalidArgument, match="streaming"):
+        MoonshineASR.load(ASRConfig(moonshine_model=str(streaming)))
 
 
 def test_folder_names() -> None:
