@@ -2,6 +2,9 @@
 
 VAD and the end-of-turn model run in the gateway process by default: a Ray hop (2-6 ms) costs
 more than scoring a 32 ms window, and both are needed on every chunk or pause of every session.
+Both are batched across the gateway's sessions: the chunks of every session that arrive within
+one VAD tick are scored in one model call (``VADBatcher``), and end-of-turn checks queue for the
+detector's own thread (batched up to ``turn_detector.max_batch``) instead of one thread each.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from typing import Any
 import numpy as np
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
+from services.batching import Priority
 from services.turn_detection import SmartTurnModel
-from services.vad import SileroModel, VADState
+from services.vad import SileroModel, VADBatcher, VADState
 
 
 async def _stream(gen: DeploymentResponseGenerator | DeploymentResponse) -> AsyncIterator[Any]:
@@ -54,15 +58,24 @@ class RemoteStages:
         self.vad, self.asr, self.llm, self.tts = vad, asr, llm, tts
         self.local_vad = local_vad
         self.turn_model = turn_model
+        # local VAD: one model call per tick for every session (batch_tick_ms 0 = inline calls)
+        self.vad_batcher = (VADBatcher(local_vad) if local_vad is not None and local_vad.cfg.batch_tick_ms > 0
+                            else None)
 
     async def vad_probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
+        if self.vad_batcher is not None:
+            return await self.vad_batcher.score(audio16k, state)
         if self.local_vad is not None:
             return self.local_vad.probs(audio16k, state)
         result: tuple[np.ndarray, VADState] = await _call(self.vad.probs.remote(audio16k, state))
         return result
 
-    async def transcribe(self, audio16k: np.ndarray, language: str | None) -> Any:
-        return SimpleNamespace(**await _call(self.asr.transcribe.remote(audio16k, language)))
+    async def transcribe(self, audio16k: np.ndarray, language: str | None,
+                         priority: Priority | int | str = Priority.FINAL) -> Any:
+        """Transcript of one utterance; ``priority``: FINAL (a turn waits for it), BARGE_IN,
+        SPECULATIVE or PARTIAL: the ASR replica decodes more urgent work first."""
+        level = int(Priority.parse(priority))  # a plain int crosses Ray
+        return SimpleNamespace(**await _call(self.asr.transcribe.remote(audio16k, language, level)))
 
     async def partial_transcribe(self, audio16k: np.ndarray, language: str | None) -> str | None:
         text: str | None = await _call(self.asr.partial.remote(audio16k, language))
@@ -71,7 +84,7 @@ class RemoteStages:
     async def end_of_turn(self, audio16k: np.ndarray) -> float | None:
         if self.turn_model is None:
             return None
-        return await asyncio.to_thread(self.turn_model.predict, audio16k)
+        return await self.turn_model.apredict(audio16k)
 
     async def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:

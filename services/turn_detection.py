@@ -10,11 +10,9 @@ finished thought. The conversation combines both with a longer fallback silence.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.audio import MODEL_RATE
+from services.batching import MicroBatcher, Priority
 from services.errors import InvalidArgument, NotFound, Unavailable
 from services.models import default_turn_model
 
@@ -50,9 +49,26 @@ class TurnDetectorConfig(BaseModel):
     )
     max_batch: int = Field(
         default=1, ge=1, le=256,
-        description="Most turns scored in one ONNX call by predict_many. The model takes a batch, "
-                    "but on one CPU thread a batch was slower per turn (61-68 ms vs 47 ms).",
+        description="Most turns of different sessions scored in one ONNX call. The model takes a "
+                    "batch, but on CPU a batch costs as much per turn as single calls "
+                    "(scripts/bench_batching.py); more helps on a GPU.",
     )
+    batch_wait_ms: float = Field(
+        default=5.0, ge=0, le=100,
+        description="With max_batch > 1: how long an idle detector waits for more turns to batch.",
+    )
+
+
+def check_turn_audio(audio16k: np.ndarray) -> np.ndarray:
+    """``audio16k`` as float32, or InvalidArgument when it cannot be scored."""
+    x = np.asarray(audio16k, dtype=np.float32)
+    if x.ndim != 1:
+        raise InvalidArgument(f"expected mono 16 kHz audio (1-D array); got shape {x.shape}")
+    if x.size == 0:
+        raise InvalidArgument("cannot score an empty turn")
+    if not np.isfinite(x[-WINDOW:]).all():
+        raise InvalidArgument("audio contains NaN or infinite samples")
+    return x
 
 
 class SmartTurnModel:
@@ -64,8 +80,12 @@ class SmartTurnModel:
         self.cfg = cfg
         self.path = path
         self.name = "smart-turn-v3.2" if not cfg.model else f"smart-turn:{Path(path).name}"
-        # decodes of many sessions queue here instead of crowding the CPU
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="turn")
+        # turns of many sessions queue here (one thread) instead of crowding the CPU; a caller
+        # that gives up (the user spoke again) takes its turn out of the queue
+        self.batcher: MicroBatcher[np.ndarray, float] = MicroBatcher(
+            lambda items, _: self.predict_many(items), max_batch=cfg.max_batch,
+            max_wait_s=cfg.batch_wait_ms / 1000 if cfg.max_batch > 1 else 0.0,
+            max_queued=64, name="the turn detector")
         self._closed = threading.Event()
         self.warm_up_s: float | None = None
         from faster_whisper.feature_extractor import FeatureExtractor
@@ -102,14 +122,7 @@ class SmartTurnModel:
     def features(self, audio16k: np.ndarray) -> np.ndarray:
         """[80, 800] log-mel of the last 8 s, as the model was trained: the waveform is left-padded
         with zeros to 8 s, then normalised to zero mean and unit variance as a whole."""
-        x = np.asarray(audio16k, dtype=np.float32)
-        if x.ndim != 1:
-            raise InvalidArgument(f"expected mono 16 kHz audio (1-D array); got shape {x.shape}")
-        if x.size == 0:
-            raise InvalidArgument("cannot score an empty turn")
-        if not np.isfinite(x).all():
-            raise InvalidArgument("audio contains NaN or infinite samples")
-        x = x[-WINDOW:]
+        x = check_turn_audio(audio16k)[-WINDOW:]
         if x.size < WINDOW:
             x = np.concatenate([np.zeros(WINDOW - x.size, np.float32), x])
         x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
@@ -137,13 +150,12 @@ class SmartTurnModel:
     def is_complete(self, probability: float) -> bool:
         return probability > self.cfg.threshold
 
-    async def apredict(self, audio16k: np.ndarray) -> float:
-        """``predict`` in the detector's own thread (never on the event loop)."""
-        try:
-            fut = self._pool.submit(self.predict, audio16k)
-        except RuntimeError as exc:  # pool shut down
-            raise Unavailable("the turn detector is closed") from exc
-        return await asyncio.wrap_future(fut)
+    async def apredict(self, audio16k: np.ndarray,
+                       priority: Priority | int = Priority.FINAL) -> float:
+        """``predict`` in the detector's own thread (never on the event loop), batched with other
+        sessions' turns up to ``max_batch``; cancelling the caller drops a turn still queued."""
+        x = check_turn_audio(audio16k)  # a bad input fails its own call, not the whole batch
+        return await self.batcher.submit(x[-WINDOW:], priority)
 
     def warm_up(self) -> float:
         """One call on a short tone so the first real turn does not pay for kernel set-up."""
@@ -155,7 +167,7 @@ class SmartTurnModel:
 
     def close(self) -> None:
         self._closed.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.batcher.close()
 
 
 # --- the transcript half ------------------------------------------------------------------------

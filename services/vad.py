@@ -9,7 +9,7 @@ start/end events; ``StreamingVAD`` glues both together for one stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -66,6 +66,15 @@ class VADConfig(BaseModel):
         description="Audio kept after the detected end of speech (capped by min_silence_ms); "
                     "trailing consonants are often scored as silence.",
     )
+    batch_tick_ms: float = Field(
+        default=4.0, ge=0, le=50,
+        description="Gateway: chunks of all sessions arriving within this many ms are scored in "
+                    "one model call (VADBatcher); 0 = each chunk scored inline on its own.",
+    )
+    max_batch_streams: int = Field(
+        default=64, ge=1, le=1024,
+        description="Gateway: most streams scored in one batched model call.",
+    )
 
     def effective_neg_threshold(self) -> float:
         if self.neg_threshold is not None:
@@ -89,7 +98,7 @@ class VADState:
 class SileroModel:
     """Silero VAD on onnxruntime (CPU). Thread-safe: sessions may run concurrently."""
 
-    def __init__(self, path: str, num_threads: int = 1) -> None:
+    def __init__(self, path: str, num_threads: int = 1, cfg: VADConfig | None = None) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -110,12 +119,13 @@ class SileroModel:
                 "expected input, state, sr)"
             )
         self.path = path
+        self.cfg = cfg or VADConfig()
         self._sr = np.array(MODEL_RATE, dtype=np.int64)
 
     @classmethod
     def load(cls, cfg: VADConfig | None = None) -> SileroModel:
         cfg = cfg or VADConfig()
-        return cls(resolve(cfg.model, default_vad_model), cfg.num_threads)
+        return cls(resolve(cfg.model, default_vad_model), cfg.num_threads, cfg)
 
     def probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
         """Speech probability of each whole 512-sample window of ``state.leftover + audio16k``.
@@ -144,35 +154,81 @@ class SileroModel:
     ) -> list[tuple[np.ndarray, VADState]]:
         """``probs`` for many streams at once: one batched model step per window index.
 
-        For a server that gathers chunks of many streams (e.g. with ``serve.batch``); results
-        equal separate ``probs`` calls.
+        For a server that gathers chunks of many streams (``VADBatcher``); results equal
+        separate ``probs`` calls (the model is float32 and scores each row on its own).
         """
         joined = []
         for audio, st in items:
             x = _mono_f32(audio)
             joined.append(np.concatenate([st.leftover, x]) if st.leftover.size else x)
-        counts = [j.size // WINDOW for j in joined]
-        outs = [np.empty(c, np.float32) for c in counts]
-        ctx = [st.context for _, st in items]
-        rnn = [st.rnn for _, st in items]
-        for step in range(max(counts, default=0)):
-            live = [k for k, c in enumerate(counts) if c > step]
-            frames = np.stack(
-                [np.concatenate([ctx[k], joined[k][step * WINDOW : (step + 1) * WINDOW]])
-                 for k in live]
-            )
-            state = np.concatenate([rnn[k] for k in live], axis=1)
+        counts = np.array([j.size // WINDOW for j in joined], np.int64)
+        n = len(items)
+        steps = int(counts.max(initial=0))
+        # every stream's windows side by side, and its context and recurrent state as batch rows
+        windows = np.zeros((n, steps, WINDOW), np.float32)
+        for k, (j, c) in enumerate(zip(joined, counts, strict=True)):
+            windows[k, :c] = j[: c * WINDOW].reshape(c, WINDOW)
+        ctx = np.stack([st.context for _, st in items]) if n else np.zeros((0, CONTEXT), np.float32)
+        rnn = (np.concatenate([st.rnn for _, st in items], axis=1) if n
+               else np.zeros((STATE_SHAPE[0], 0, STATE_SHAPE[2]), np.float32))
+        outs = np.zeros((n, steps), np.float32)
+        for step in range(steps):
+            live = np.flatnonzero(counts > step)
+            every = live.size == n
+            frame = windows[:, step] if every else windows[live, step]
+            frames = np.concatenate([ctx if every else ctx[live], frame], axis=1)
             prob, new_state = self.session.run(
-                None, {"input": frames, "state": state, "sr": self._sr}
+                None, {"input": frames, "state": rnn if every else rnn[:, live], "sr": self._sr}
             )
-            for row, k in enumerate(live):
-                outs[k][step] = prob[row, 0]
-                rnn[k] = new_state[:, row : row + 1, :].copy()
-                ctx[k] = frames[row, -CONTEXT:].copy()
+            outs[live, step] = prob[:, 0]
+            rnn[:, live] = new_state
+            ctx[live] = frame[:, -CONTEXT:]
         return [
-            (outs[k], VADState(ctx[k], rnn[k], joined[k][counts[k] * WINDOW :].copy()))
-            for k in range(len(items))
+            (outs[k, : counts[k]].copy(),
+             VADState(ctx[k].copy(), rnn[:, k : k + 1].copy(), joined[k][counts[k] * WINDOW :].copy()))
+            for k in range(n)
         ]
+
+
+class VADBatcher:
+    """Scores the chunks of every stream that asks within one tick (``batch_tick_ms``) with one
+    ``probs_many`` call: one model run per window index for all of them, instead of one per
+    stream and window (measured ~3x less CPU per window at 32 streams).
+
+    A ``VADScorer`` (``await batcher(audio, state)``); each stream must wait for its result
+    before sending its next chunk (the state travels with the result). The model runs in the
+    batcher's own thread, never on the event loop.
+    """
+
+    def __init__(self, model: SileroModel, tick_ms: float | None = None,
+                 max_streams: int | None = None) -> None:
+        from services.batching import MicroBatcher
+
+        self.model = model
+        tick = model.cfg.batch_tick_ms if tick_ms is None else tick_ms
+        streams = max_streams or model.cfg.max_batch_streams
+        self.batcher: MicroBatcher[tuple[np.ndarray, VADState], tuple[np.ndarray, VADState]] = \
+            MicroBatcher(lambda items, _: model.probs_many(items), max_batch=streams,
+                         max_wait_s=tick / 1000, max_queued=4 * streams, name="voice activity detection")
+
+    async def score(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
+        """Speech probabilities of the whole windows of ``state.leftover + audio16k`` and the next
+        state, as ``SileroModel.probs`` (batched with other streams' chunks)."""
+        x = _mono_f32(audio16k)  # a bad chunk fails its own call, not the whole batch
+        if (x.size + state.leftover.size) < WINDOW:  # no whole window: nothing to score
+            return np.zeros(0, np.float32), VADState(state.context, state.rnn,
+                                                     np.concatenate([state.leftover, x]))
+        return await self.batcher.submit((x, state))
+
+    __call__ = score
+
+    @property
+    def stats(self) -> Any:
+        """Batches and items scored so far (``services.batching.BatchStats``)."""
+        return self.batcher.stats
+
+    def close(self) -> None:
+        self.batcher.close()
 
 
 def _mono_f32(audio: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,31 @@ def test_predict_many_matches_predict(model: SmartTurnModel) -> None:
 
 async def test_apredict_runs_off_the_loop(model: SmartTurnModel) -> None:
     assert await model.apredict(turn(COMPLETE[0])) > 0.8
+
+
+async def test_sessions_batched_through_one_queue(model: SmartTurnModel) -> None:
+    """Turns of many sessions at once: one thread, batched up to max_batch, results as alone; a
+    turn whose session gave up (the user spoke again) leaves the queue without being scored."""
+    audios = [turn(t) for t in COMPLETE + INCOMPLETE]
+    single = [model.predict(a) for a in audios]
+    batched = SmartTurnModel(model.session, TurnDetectorConfig(max_batch=4), model.path)
+    try:
+        assert await asyncio.gather(*(batched.apredict(a) for a in audios)) == pytest.approx(single, abs=1e-4)
+        assert batched.batcher.stats.sizes.keys() - {1} and batched.batcher.stats.items == len(audios)
+        first = asyncio.create_task(batched.apredict(audios[0]))
+        later = [asyncio.create_task(batched.apredict(a)) for a in audios[1:]]
+        await asyncio.sleep(0)
+        later[-1].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await later[-1]
+        await asyncio.gather(first, *later[:-1])
+        assert batched.batcher.stats.items <= 2 * len(audios) - 1
+        with pytest.raises(InvalidArgument, match="empty"):
+            await batched.apredict(np.zeros(0, np.float32))  # fails alone, before the queue
+    finally:
+        batched.close()
+    with pytest.raises(Unavailable):
+        await batched.apredict(audios[0])
 
 
 def test_only_the_last_8_s_count(model: SmartTurnModel) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 
 import numpy as np
@@ -16,9 +17,11 @@ from services.vad import (
     SpeechEnd,
     SpeechStart,
     StreamingVAD,
+    VADBatcher,
     VADConfig,
     VADSegmenter,
     VADState,
+    VADStream,
 )
 
 SR = MODEL_RATE
@@ -100,6 +103,43 @@ def test_probs_many_equals_single_calls(model: SileroModel, sentences: list[np.n
         np.testing.assert_allclose(p, ref, atol=1e-5)
         np.testing.assert_allclose(st.rnn, ref_st.rnn, atol=1e-5)
         np.testing.assert_array_equal(st.leftover, ref_st.leftover)
+
+
+async def test_batcher_scores_many_streams_as_each_alone(model: SileroModel,
+                                                         sentences: list[np.ndarray]) -> None:
+    """Sessions pushing chunks of different sizes at once: every stream gets the events and
+    probabilities it gets alone, and the windows of concurrent streams share model calls."""
+    audios = [np.concatenate([silence(0.3 * (k % 3)), sentences[k % 2], silence(0.8)]) for k in range(8)]
+    chunks = [320, 512, 480, 1000, 160, 2048, 512, 700]  # 10-128 ms per message
+    batcher = VADBatcher(model, tick_ms=2.0)
+    try:
+        streams = [VADStream(batcher, VADConfig()) for _ in audios]
+
+        async def feed(k: int) -> tuple[list, list[float]]:
+            events, probs = [], []
+            for i in range(0, audios[k].size, chunks[k]):
+                events += await streams[k].push(audios[k][i : i + chunks[k]])
+                probs.append(streams[k].last_prob)
+            return events + await streams[k].flush(), probs
+
+        together = await asyncio.gather(*(feed(k) for k in range(len(audios))))
+        for k, (events, probs) in enumerate(together):
+            alone = StreamingVAD(model, VADConfig())
+            ref_events, ref_probs = [], []
+            for i in range(0, audios[k].size, chunks[k]):
+                ref_events += alone.push(audios[k][i : i + chunks[k]])
+                ref_probs.append(alone.last_prob)
+            ref_events += alone.flush()
+            assert segments(events) == segments(ref_events) and len(segments(events)) == 1
+            np.testing.assert_allclose(probs, ref_probs, atol=1e-5)
+        stats = batcher.stats
+        assert stats.items > stats.batches  # windows of several streams went in one call
+        with pytest.raises(InvalidArgument):
+            await batcher.score(np.zeros((2, 512), np.float32), VADState())  # fails alone
+        none, state = await batcher.score(np.zeros(100, np.float32), VADState())
+        assert none.size == 0 and state.leftover.size == 100  # no whole window: no model call
+    finally:
+        batcher.close()
 
 
 def test_bad_inputs(model: SileroModel) -> None:
@@ -250,3 +290,28 @@ def test_segmenter_rejects_mismatched_audio() -> None:
 def test_neg_threshold_default() -> None:
     assert VADConfig(threshold=0.5).effective_neg_threshold() == pytest.approx(0.35)
     assert VADConfig(threshold=0.5, neg_threshold=0.8).effective_neg_threshold() == 0.5
+
+
+async def test_gateway_stages_batch_vad_across_sessions(model: SileroModel,
+                                                        sentences: list[np.ndarray]) -> None:
+    """The gateway's stages score local VAD through one batcher (batch_tick_ms > 0, the default)
+    or inline (0); both give what the model gives."""
+    from typing import Any
+
+    from deployments.remote import RemoteStages
+
+    none: Any = None  # the stage handles are not used for local VAD
+    chunk = sentences[0][:1600]
+    ref, ref_state = model.probs(chunk, VADState())
+    batched = RemoteStages(none, none, none, none, local_vad=model)
+    assert batched.vad_batcher is not None
+    try:
+        probs, state = await batched.vad_probs(chunk, VADState())
+        np.testing.assert_allclose(probs, ref, atol=1e-5)
+        np.testing.assert_array_equal(state.leftover, ref_state.leftover)
+    finally:
+        batched.vad_batcher.close()
+    inline = RemoteStages(none, none, none, none, local_vad=SileroModel.load(VADConfig(batch_tick_ms=0)))
+    assert inline.vad_batcher is None
+    probs, _ = await inline.vad_probs(chunk, VADState())
+    np.testing.assert_allclose(probs, ref, atol=1e-5)
