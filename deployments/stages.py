@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from deployments.checkpoints import fix_checkpoint
 from deployments.metrics import StageMetrics
 from services.asr import ASRConfig, ASRRouter
 from services.audio import StreamResampler, float_to_pcm16
 from services.batching import Priority
 from services.errors import FailedPrecondition
-from services.llm import LLMConfig, LLMEngine
+from services.llm import LLMConfig, LLMEngine, coalesce_deltas
 from services.tts import PiperTTS, TTSConfig
 from services.vad import SileroModel, VADConfig, VADState
 
@@ -74,6 +75,13 @@ class ASRDeployment:
         return self.asr.describe()
 
 
+def _fixed(cfg: LLMConfig) -> LLMConfig:
+    """``cfg`` pointing at a checkpoint vLLM can load (a repaired copy where one is needed)."""
+    if not cfg.model:
+        return cfg  # the embedded default needs nothing
+    return cfg.model_copy(update={"model": fix_checkpoint(cfg.model)})
+
+
 @serve.deployment(name="LLM", max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
 class LLMDeployment:
     """Text turns on ``llm``; audio turns (speech-native) on ``speech_llm``, or on ``llm`` when
@@ -83,10 +91,10 @@ class LLMDeployment:
                        speech_config: dict[str, Any] | None = None) -> None:
         self.config = LLMConfig.model_validate(config or {})
         self.metrics = StageMetrics("llm")
-        self.engine = await LLMEngine.create(self.config)  # vLLM starts in a thread (~15 s on CPU)
+        self.engine = await LLMEngine.create(_fixed(self.config))  # vLLM starts in a thread (~15 s on CPU)
         self.audio_engine: LLMEngine | None = self.engine if self.engine.supports_audio else None
         if speech_config is not None:
-            self.audio_engine = await LLMEngine.create(LLMConfig.model_validate(speech_config))
+            self.audio_engine = await LLMEngine.create(_fixed(LLMConfig.model_validate(speech_config)))
             if not self.audio_engine.supports_audio:
                 raise ValueError(f"speech_llm model {self.audio_engine.model} is not an audio LLM")
         async with self.engine.stream_chat([{"role": "user", "content": WARMUP_TEXT}], max_tokens=2) as warm:
@@ -101,10 +109,12 @@ class LLMDeployment:
             raise FailedPrecondition("this deployment has no audio LLM for speech-native turns")
         else:
             stream = self.audio_engine.stream_chat(messages, max_tokens=max_tokens, audio=audio)
+        cfg = self.config
         with self.metrics.time("generate"):
             async with stream:
-                async for delta in stream:
-                    yield delta
+                # Each item is a Ray hop: after the first words, join tokens into timed pieces.
+                async for piece in coalesce_deltas(stream, cfg.delta_interval_ms / 1000, cfg.delta_eager_words):
+                    yield piece
 
     def _engines(self) -> list[LLMEngine]:
         return [self.engine] + ([self.audio_engine] if self.audio_engine not in (None, self.engine) else [])

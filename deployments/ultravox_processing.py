@@ -3,7 +3,7 @@
 vLLM ships a model class for Ultravox but no processor: it loads the checkpoint's own
 ``ultravox_processing.UltravoxProcessor`` through ``trust_remote_code``. Checkpoints saved
 locally lack that file, and the one published with older checkpoints predates transformers 5.
-``services.speech_llm.fix_checkpoint`` copies THIS file into a checkpoint (as
+``deployments.checkpoints.fix_checkpoint`` copies THIS file into a checkpoint (as
 ``ultravox_processing.py``) and points ``processor_config.json``'s ``auto_map`` at it.
 
 The file must stay self-contained (numpy, torch, transformers only): transformers imports it

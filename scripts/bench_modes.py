@@ -64,8 +64,10 @@ async def bench_arch(arch: AudioArch, audio: np.ndarray, runs: int, max_tokens: 
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from services import speech_llm, tiny_models
+    from deployments.checkpoints import fix_checkpoint
+    from services import speech_llm
     from services.audio import MODEL_RATE
+    from tests import tiny_models
 
     build = (tiny_models.build_tiny_qwen2_audio if arch == speech_llm.QWEN2_AUDIO
              else tiny_models.build_tiny_ultravox)
@@ -74,7 +76,7 @@ async def bench_arch(arch: AudioArch, audio: np.ndarray, runs: int, max_tokens: 
         t = time.perf_counter()
         built = build(Path(tmp) / arch)
         res["build_s"] = round(time.perf_counter() - t, 2)
-        args = AsyncEngineArgs(model=speech_llm.fix_checkpoint(built), enforce_eager=True, dtype="bfloat16",
+        args = AsyncEngineArgs(model=fix_checkpoint(built), enforce_eager=True, dtype="bfloat16",
                                kv_cache_memory_bytes=kv_bytes, max_num_seqs=4,
                                **speech_llm.engine_kwargs(arch, max_audio_s=10.0))
         t = time.perf_counter()

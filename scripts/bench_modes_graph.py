@@ -54,7 +54,7 @@ def main() -> None:
     from deployments.profiles import load_serve_config
     from deployments.server import free_port, start_local
     from services.models import cache_dir
-    from services.tiny_models import build_tiny_qwen2_audio
+    from tests.tiny_models import build_tiny_qwen2_audio
 
     questions = load_questions(QUESTIONS[: args.questions])
     model = build_tiny_qwen2_audio(cache_dir() / "tiny" / "qwen2_audio")

@@ -5,7 +5,7 @@ Variants (same engines, same CPU-profile settings, same spoken questions, one fr
 per question, a warm-up question first):
   naive      the usual first attempt: whole transcript, then the whole LLM reply, then TTS of the
              whole reply; the first audio exists only when everything is done.
-  inprocess  services.session.Conversation over services.local.LocalStages: streaming LLM ->
+  inprocess  services.conversation.Conversation over services.local.LocalStages: streaming LLM ->
              chunker -> TTS, audio pushed at real-time pace, no Ray.
   ray        `deployments.server.start_local` (the CPU profile) and the reference gRPC client
              (clients.voice_client) streaming at real-time pace.
@@ -111,11 +111,11 @@ async def naive_turn(stages: Any, args: Any, q: SpokenQuestion) -> dict[str, Any
 
 async def streaming_turn(stages: Any, args: Any, q: SpokenQuestion, timeout_s: float = 60) -> dict[str, Any]:
     """One conversation turn through Conversation + LocalStages, audio pushed at real-time pace."""
-    from services import events as ev
-    from services.history import ChatHistory
-    from services.session import Conversation, SessionSettings
+    from services.conversation import ChatHistory, Conversation, SessionSettings
+    from services.conversation import events as ev
 
     settings = SessionSettings(input_sample_rate=q.sample_rate, language="en", vad=args.vad,
+                               turn=args.gateway.turn, interruptions=args.gateway.interruptions,
                                output_sample_rate=stages.tts.sample_rate,
                                history_turns=args.gateway.history_turns,
                                output_chunk_ms=args.gateway.output_chunk_ms, chunker=args.tts.chunker)
@@ -169,7 +169,8 @@ async def run_local(questions: list[SpokenQuestion], repeats: int, variants: set
 
     args = app_args()
     t0 = time.perf_counter()
-    stages = await asyncio.to_thread(LocalStages.load, args.vad, args.asr, args.llm, args.tts)
+    stages = await asyncio.to_thread(LocalStages.load, args.vad, args.asr, args.llm, args.tts,
+                                     args.gateway.turn_detector)
     print(f"local engines loaded in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     results: dict[str, Any] = {}
     try:

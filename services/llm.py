@@ -319,9 +319,8 @@ class LLMEngine:
         model = resolve(cfg.model, default_llm_model)
         if model.startswith("/") and not os.path.isdir(model):
             raise NotFound(f"LLM model folder not found: {model}")
-        from services.speech_llm import detect_audio_arch, engine_kwargs, fix_checkpoint
+        from services.speech_llm import detect_audio_arch, engine_kwargs
 
-        model = fix_checkpoint(model)  # no-op for text LLMs and for checkpoints that need nothing
         audio_arch = detect_audio_arch(model)
         try:
             from vllm.platforms import current_platform

@@ -1,7 +1,7 @@
 """Speech-native groundwork: tiny Ultravox / Qwen2-Audio checkpoints run through vLLM on CPU.
 
 The tiny models have random audio encoders and SmolLM2's real text weights (see
-services/tiny_models.py): tests check that audio reaches the model (expanded placeholder tokens
+tests/tiny_models.py): tests check that audio reaches the model (expanded placeholder tokens
 in the prompt), that generation finishes, and that cancellation aborts the request; not what the
 model understands. One vLLM engine at a time: the engine fixture is module-scoped and
 parametrized, so pytest finishes every test of one architecture and shuts its engine down
@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from deployments.checkpoints import fix_checkpoint, qwen2_audio_weight_name
 from services.audio import MODEL_RATE, resample
 from services.errors import InvalidArgument, NotFound, OutOfRange
 from services.models import cache_dir, default_llm_model, default_tts_voice, prepare
@@ -32,10 +33,8 @@ from services.speech_llm import (
     build_audio_prompt,
     detect_audio_arch,
     engine_kwargs,
-    fix_checkpoint,
-    qwen2_audio_weight_name,
 )
-from services.tiny_models import build_tiny_qwen2_audio, build_tiny_ultravox
+from tests.tiny_models import build_tiny_qwen2_audio, build_tiny_ultravox
 
 in_session_loop = pytest.mark.asyncio(loop_scope="session")  # the engine fixture's loop
 

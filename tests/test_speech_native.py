@@ -32,7 +32,7 @@ def server():  # type: ignore[no-untyped-def]
     from deployments.profiles import load_serve_config
     from deployments.server import free_port, start_local
     from services.models import cache_dir
-    from services.tiny_models import build_tiny_qwen2_audio
+    from tests.tiny_models import build_tiny_qwen2_audio
 
     model = build_tiny_qwen2_audio(cache_dir() / "tiny" / QWEN2_AUDIO)
     srv = start_local(load_serve_config("cpu"), grpc_port=free_port(), app_overrides={

@@ -33,6 +33,8 @@ from typing import Any
 
 from services.errors import NotFound
 
+#: The Ultravox processor these builds install (its code is part of a build's fingerprint).
+PROCESSOR_SOURCE = Path(__file__).resolve().parent.parent / "deployments" / "ultravox_processing.py"
 #: Bump when the recipe changes: cached builds with another version are rebuilt.
 RECIPE_VERSION = 1
 STAMP = ".voxserve-tiny.json"
@@ -114,7 +116,7 @@ def _fingerprint(arch: str, text_dir: Path) -> dict[str, Any]:
         "text_weights": {p.name: p.stat().st_size for p in weights},
     }
     if arch == "ultravox":  # the processor code is part of the build
-        source = Path(__file__).with_name("ultravox_processing.py").read_bytes()
+        source = PROCESSOR_SOURCE.read_bytes()
         fp["processor"] = hashlib.sha1(source).hexdigest()
     return fp
 
@@ -281,7 +283,7 @@ def _write_ultravox(out: Path, text_dir: Path) -> None:
     from transformers import WhisperConfig, WhisperFeatureExtractor
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from services.speech_llm import install_ultravox_processor
+    from deployments.checkpoints import install_ultravox_processor
 
     tcfg, text = _load_text(text_dir)
     dtype = text["model.embed_tokens.weight"].dtype
