@@ -376,6 +376,34 @@ async def test_undecodable_bytes_get_invalid_argument(server) -> None:  # type: 
         assert "not a voxserve.v1.ClientMessage" in (info.value.details() or "")
 
 
+async def test_phone_quality_question_answered_in_mu_law(server) -> None:  # type: ignore[no-untyped-def]
+    """Telephony: an 8 kHz G.711 mu-law question is understood and answered in mu-law."""
+    from services.codecs import float_to_mulaw, mulaw_to_float
+
+    question = "What is the capital of France?"
+    audio = np.concatenate([say(question, 8000), np.zeros(8000 * 2, np.float32)])
+    config = pb.SessionConfig(input_encoding=pb.MULAW, output_encoding=pb.MULAW, language="en")
+
+    async def requests() -> AsyncIterator[pb.ClientMessage]:
+        yield pb.ClientMessage(config=config)
+        for i in range(0, audio.size, 160):  # 20 ms of 8 kHz audio per message
+            await asyncio.sleep(0.02)
+            yield pb.ClientMessage(audio=pb.AudioInput(data=float_to_mulaw(audio[i:i + 160])))
+        yield pb.ClientMessage(end_of_input=pb.EndOfInput())
+
+    transcript, chunks = "", []
+    async with grpc.aio.insecure_channel(server.grpc_address) as channel:
+        async for e in pb_grpc.VoiceAssistantStub(channel).Converse(requests(), timeout=120):
+            if e.WhichOneof("event") == "final_transcript":
+                transcript = e.final_transcript.text
+            elif e.WhichOneof("event") == "audio":
+                chunks.append(e.audio)
+    assert wer(question, transcript) < 0.3, transcript
+    assert chunks and all(c.sample_rate == 8000 for c in chunks)
+    answer = mulaw_to_float(b"".join(c.data for c in chunks))  # one byte per sample
+    assert answer.size > 8000 * 0.5 and float(np.abs(answer).max()) > 0.1
+
+
 async def test_emoji_only_text_turn_is_not_answered_and_the_session_goes_on(server) -> None:  # type: ignore[no-untyped-def]
     """Defect 14: an emoji-only turn got an answer with 0 ms of audio."""
     config = pb.SessionConfig(input_sample_rate=16000, language="en", playback=pb.PLAYBACK_NONE)
