@@ -13,7 +13,7 @@ through the gateway's path (asyncio sessions pushing 32 ms chunks at once), inli
 ``VADBatcher``.
 
 End of turn (Smart Turn): 1, 4 and 8 sessions asking at once, one thread per call (the gateway's
-old path) against the detector's queue with max_batch 1 and 4.
+old path) against the detector's queue (one or two threads, max_batch 1 or 4).
 
 The CPU model, its flags and the load average before and after go into the results: figures taken
 while other work runs are not comparable.
@@ -235,15 +235,16 @@ def main() -> None:
         single = SmartTurnModel.load(TurnDetectorConfig())
         single.warm_up()
         batched = SmartTurnModel(single.session, TurnDetectorConfig(max_batch=4), single.path)
+        two = SmartTurnModel(single.session, TurnDetectorConfig(max_concurrent=2), single.path)
         for sessions in (1, 4, 8):
             row = {}
-            for how, model in (("thread per call", single), ("queue, max_batch 1", single),
-                               ("queue, max_batch 4", batched)):
+            for how, model in (("thread per call", single), ("queue, 1 thread", single),
+                               ("queue, 2 threads", two), ("queue, max_batch 4", batched)):
                 row[how] = asyncio.run(bench_turn(model, turn_audio, sessions, how))
             results["turn"][str(sessions)] = row
             print(f"  turn {sessions} sessions: {row}", flush=True)
-        single.close()
-        batched.close()
+        for m in (single, batched, two):
+            m.close()
 
     results["load_average_after"] = machine_record()["load_average"]
     print_table(results)

@@ -50,8 +50,13 @@ class TurnDetectorConfig(BaseModel):
     max_batch: int = Field(
         default=1, ge=1, le=256,
         description="Most turns of different sessions scored in one ONNX call. The model takes a "
-                    "batch, but on CPU a batch costs as much per turn as single calls "
-                    "(scripts/bench_batching.py); more helps on a GPU.",
+                    "batch, but on CPU a batch costs as much per turn as single calls and answers "
+                    "later (scripts/bench_batching.py); it may help on a GPU.",
+    )
+    max_concurrent: int = Field(
+        default=1, ge=1, le=16,
+        description="Turns scored at once (one thread each); more uses more cores, which on a "
+                    "small machine the LLM and ASR need.",
     )
     batch_wait_ms: float = Field(
         default=5.0, ge=0, le=100,
@@ -85,7 +90,7 @@ class SmartTurnModel:
         self.batcher: MicroBatcher[np.ndarray, float] = MicroBatcher(
             lambda items, _: self.predict_many(items), max_batch=cfg.max_batch,
             max_wait_s=cfg.batch_wait_ms / 1000 if cfg.max_batch > 1 else 0.0,
-            max_queued=64, name="the turn detector")
+            max_queued=64, workers=cfg.max_concurrent, name="the turn detector")
         self._closed = threading.Event()
         self.warm_up_s: float | None = None
         from faster_whisper.feature_extractor import FeatureExtractor
