@@ -16,7 +16,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ from services.errors import (
     to_vox_error,
 )
 from services.turn_detection import SmartTurnModel
-from services.vad import SileroModel, SpeechEnd, VADStream
+from services.vad import SileroModel, SpeechEnd, VADState, VADStream
 
 log = logging.getLogger("ray.serve")
 HEALTH_SERVICES = ("", "voxserve.v1.VoiceAssistant")
@@ -75,6 +75,11 @@ class _Liveness:
     def __init__(self) -> None:
         self.last_message = time.monotonic()
         self.audio = False
+
+
+async def _drain(stream: AsyncIterator[Any]) -> None:
+    async for _ in stream:
+        pass
 
 
 def _fail(context: RayServegRPCContext | None, exc: BaseException) -> str:
@@ -107,22 +112,33 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.hub = SessionHub(self.args, self.stages, observer=self.metrics)
         self._tasks = TaskGroup()  # Converse supervisors: they outlive a generator Ray stops pulling
+        self.warm_up_s: dict[str, float] = {}
         self.realtime = RealtimeAdapter(self.args, self.hub, self.auth, self.metrics)  # /v1/realtime
         await self._warm_up()
 
     async def _warm_up(self) -> None:
-        """One call down every path before taking traffic: a handle's first streaming call sets up
-        routing (~0.6 s measured), which would otherwise land on the first caller's first answer."""
-        try:
-            info = await self.hub.stage_info()
-            async for _ in self.stages.synthesize("Hi.", voice="", sample_rate=info["voice_rate"]):
-                pass
-            async for _ in self.stages.generate([{"role": "user", "content": "Hi."}], max_tokens=1):
-                pass
-            await self.stages.transcribe(np.zeros(MODEL_RATE // 2, np.float32), None)
-            await self.stages.count_tokens("Hi.")
-        except Exception:  # a stage that is not up yet is not a reason to fail the gateway
-            log.warning("gateway warm-up failed; the first session may be slower", exc_info=True)
+        """One call down every path the first turn takes, before taking traffic: a handle's first
+        streaming call sets up routing (~0.6 s measured), models allocate on their first run, and
+        vLLM caches the system prompt's prefix; none of it may land on the first caller.
+        ``warm_up_s`` records each path (``stats()`` shows it)."""
+        silence = np.zeros(MODEL_RATE // 2, np.float32)
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("stage_info", lambda: self.hub.stage_info(timeout_s=None)),  # stages may still be starting
+            ("vad", lambda: self.stages.vad_probs(silence, VADState())),
+            ("end_of_turn", lambda: self.stages.end_of_turn(silence)),
+            ("asr", lambda: self.stages.transcribe(silence, None)),
+            ("llm", lambda: _drain(self.stages.generate([{"role": "user", "content": "Hi."}], max_tokens=1))),
+            ("tts", lambda: _drain(self.stages.synthesize("Hi.", voice="", sample_rate=0))),
+            ("count_tokens", lambda: self.stages.count_tokens("Hi.")),
+        ]
+        for name, step in steps:
+            t0 = time.monotonic()
+            try:
+                await step()
+            except Exception:  # a stage that is not up yet is not a reason to fail the gateway
+                log.warning("gateway warm-up of %s failed; the first session may be slower", name, exc_info=True)
+                continue
+            self.warm_up_s[name] = round(time.monotonic() - t0, 3)
 
     def _authorize(self, context: RayServegRPCContext | None) -> None:
         if context is not None:
@@ -145,8 +161,9 @@ class Gateway:
         return self.hub.history(session_id)
 
     async def stats(self) -> dict[str, Any]:
-        """Active sessions, capacity, recent p95 time to first audio (operators, autoscaling)."""
-        return self.hub.stats()
+        """Active sessions, capacity, recent p95 time to first audio (operators, autoscaling), and
+        which paths were warmed up before the first session."""
+        return {**self.hub.stats(), "warm_up_s": dict(self.warm_up_s)}
 
     # --- Converse -------------------------------------------------------------------------------
 

@@ -107,11 +107,12 @@ class SessionHub:
 
     # --- stages ----------------------------------------------------------------------------------
 
-    async def stage_info(self) -> dict[str, Any]:
-        """Voice rate and model names (asked once; they do not change while a replica lives)."""
+    async def stage_info(self, timeout_s: float | None = HEALTH_TIMEOUT_S) -> dict[str, Any]:
+        """Voice rate and model names (asked once; they do not change while a replica lives).
+        ``timeout_s`` None waits for stages still starting (the gateway's warm-up)."""
         if self._info is None:
             try:
-                self._info = await asyncio.wait_for(self.stages.info(), HEALTH_TIMEOUT_S)
+                self._info = await asyncio.wait_for(self.stages.info(), timeout_s)
             except Exception as exc:
                 raise Unavailable("the voice pipeline's stages are not ready yet; retry shortly") from exc
         return self._info

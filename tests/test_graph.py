@@ -78,6 +78,15 @@ async def recent_llm_requests(n: int = 64) -> list[dict]:  # type: ignore[type-a
 # --- answering ----------------------------------------------------------------------------------------
 
 
+async def test_every_path_of_the_first_turn_was_warmed_before_traffic(server) -> None:  # type: ignore[no-untyped-def]
+    """The first turn after start must be as fast as the second: every engine it touches ran once
+    before the first session (asserted on what ran, not on time)."""
+    stats = await handle("Gateway").stats.remote()
+    assert set(stats["warm_up_s"]) == {"stage_info", "vad", "end_of_turn", "asr", "llm", "tts", "count_tokens"}
+    asr = await handle("ASR").info.remote()
+    assert asr["engines"] and all(e["warm_up_s"] is not None for e in asr["engines"].values()), asr
+
+
 async def test_spoken_question_answered_with_text_and_audio(server, whisper) -> None:  # type: ignore[no-untyped-def]
     question = "What is the capital of France?"
     kinds: list[str] = []
