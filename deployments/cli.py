@@ -221,9 +221,9 @@ def cmd_talk(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start the app, speak a question to it over gRPC, save the spoken answer."""
+    from clients.audio import write_wav
     from deployments.profiles import load_serve_config
     from deployments.server import free_port, start_local
-    from services.audio import write_wav
     from services.tts import PiperTTS
 
     out = Path(args.out)

@@ -1,12 +1,10 @@
-"""Audio utilities: PCM16 <-> float32, resampling, WAV io, validation with clear errors."""
+"""Audio utilities: PCM16 <-> float32, resampling, validation with clear errors (files and WAV io
+are the clients' business: clients/audio.py)."""
 
 from __future__ import annotations
 
-import io
-import wave
 from dataclasses import dataclass
 from math import gcd
-from pathlib import Path
 
 import numpy as np
 
@@ -140,42 +138,3 @@ class StreamResampler:
         if self._up == self._down:
             return np.zeros(0, dtype=np.float32)
         return self._emit(-(-self._in_total * self._up // self._down))
-
-
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read a WAV file as mono float32 and its rate; stereo is averaged to mono."""
-    import soundfile as sf
-
-    p = Path(path)
-    if not p.is_file():
-        raise InvalidArgument(f"no such audio file: {p}")
-    try:
-        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
-    except RuntimeError as exc:  # soundfile raises LibsndfileError (a RuntimeError)
-        raise InvalidArgument(f"cannot read {p} as audio: {exc}") from exc
-    return data.mean(axis=1).astype(np.float32), int(rate)
-
-
-def wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
-    """Mono float audio -> a complete PCM16 WAV file in memory."""
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(float_to_pcm16(samples))
-    return buf.getvalue()
-
-
-def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> Path:
-    """Write mono float audio as a PCM16 WAV file (parents created)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_bytes(wav_bytes(samples, sample_rate))
-    return p
-
-
-def load_audio(path: str | Path, sample_rate: int = MODEL_RATE) -> np.ndarray:
-    """Read any WAV/FLAC file and resample it to ``sample_rate`` (mono float32)."""
-    x, rate = read_wav(path)
-    return resample(x, rate, sample_rate)
