@@ -255,14 +255,20 @@ class MicroBatcher(Generic[T, R]):
             if batch is None:
                 return
             delivered = [False] * len(batch)
+            left = [len(batch)]
 
             def finish(i: int, result: Any = None, error: BaseException | None = None,
-                       batch: list[_Entry] = batch, delivered: list[bool] = delivered) -> None:
+                       batch: list[_Entry] = batch, delivered: list[bool] = delivered,
+                       left: list[int] = left) -> None:
                 if delivered[i]:
                     return
                 delivered[i] = True
                 with self._cond:  # counted out before its caller hears back
                     self._running -= 1
+                    left[0] -= 1
+                    if not left[0]:  # the last one: the worker is free for whatever it asks next
+                        self._busy -= 1
+                        self._cond.notify_all()
                 if error is None:
                     batch[i].future.set_result(result)
                 else:
@@ -278,10 +284,6 @@ class MicroBatcher(Generic[T, R]):
             except BaseException as exc:  # every caller gets the error, the worker lives on
                 for i in range(len(batch)):
                     finish(i, error=exc)
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._cond.notify_all()
 
     # --- shutdown --------------------------------------------------------------------------------
 
