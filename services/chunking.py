@@ -11,6 +11,7 @@ only on the text, not on how it was split into deltas.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 
@@ -58,8 +59,8 @@ class ChunkerConfig(BaseModel):
         default=1.5, ge=1.0, description="Each later chunk's word budget is the previous one times this."
     )
     max_words: int = Field(
-        default=40, ge=1, description="Upper bound of the budget; a chunk that reaches it without any "
-        "boundary is cut at the next space (not right after an abbreviation)."
+        default=40, ge=1, description="Upper bound of the budget. A chunk with no boundary is cut at twice "
+        "its budget (at most this), at the next space (not right after an abbreviation)."
     )
     clean: bool = Field(
         default=True, description="Strip markdown symbols and emojis from chunks (see clean_for_speech)."
@@ -234,7 +235,9 @@ class TextChunker:
         else:
             if kind == _SENTENCE or (kind == _CLAUSE and self._words >= self._budget()):
                 return True
-            limit = cfg.max_words
+            # without punctuation, cut at twice the budget: one huge chunk would leave a silence
+            # after a short first chunk while it is synthesized
+            limit = min(cfg.max_words, math.ceil(2 * self._budget()))
         # A forced cut waits one word rather than separate "Dr." from "Smith".
         return self._words >= limit and not _is_abbreviation(token)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import numpy as np
 
 from services.asr import ASRConfig, ASRRouter, Transcript
 from services.audio import StreamResampler, float_to_pcm16
+from services.batching import Priority
 from services.llm import LLMConfig, LLMEngine
 from services.tts import PiperTTS, TTSConfig
 from services.turn_detection import SmartTurnModel, TurnDetectorConfig
@@ -42,8 +42,9 @@ class LocalStages:
     async def vad_probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
         return self.vad.probs(audio16k, state)
 
-    async def transcribe(self, audio16k: np.ndarray, language: str | None) -> Transcript:
-        return await self.asr.transcribe(audio16k, language)
+    async def transcribe(self, audio16k: np.ndarray, language: str | None,
+                         priority: Priority = Priority.FINAL) -> Transcript:
+        return await self.asr.transcribe(audio16k, language, priority)
 
     async def partial_transcribe(self, audio16k: np.ndarray, language: str | None) -> str | None:
         result = await self.asr.try_transcribe(audio16k, language)
@@ -52,7 +53,7 @@ class LocalStages:
     async def end_of_turn(self, audio16k: np.ndarray) -> float | None:
         if self.turn_model is None:
             return None
-        return await asyncio.to_thread(self.turn_model.predict, audio16k)
+        return await self.turn_model.apredict(audio16k)
 
     async def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:

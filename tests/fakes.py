@@ -69,6 +69,7 @@ class FakeStages:
         self.llm_running = 0  # requests started and neither finished nor closed
         self.llm_aborted = 0  # requests closed before their last word
         self.transcribed: list[int] = []
+        self.priorities: list[int] = []  # of each transcribe call
         self.fail: dict[str, BaseException] = {}  # stage name -> error to raise
         self.hang: set[str] = set()  # stage names that never answer
         self.answers: list[str] = []  # per-call answers (pop from the front), else self.answer
@@ -86,9 +87,10 @@ class FakeStages:
         probs = (np.abs(frames).mean(axis=1) > 0.05).astype(np.float32) * 0.95
         return probs, VADState(state.context, state.rnn, joined[n * WINDOW:].copy())
 
-    async def transcribe(self, audio16k: np.ndarray, language: str | None) -> SimpleNamespace:
+    async def transcribe(self, audio16k: np.ndarray, language: str | None, priority: int = 0) -> SimpleNamespace:
         await self._gate("asr")
         self.transcribed.append(audio16k.size)
+        self.priorities.append(int(priority))
         return SimpleNamespace(text=" ".join(p for p, _ in _phrases_in(audio16k) if p), language="en")
 
     async def partial_transcribe(self, audio16k: np.ndarray, language: str | None) -> str | None:

@@ -215,3 +215,12 @@ def test_config_is_validated() -> None:
         ChunkerConfig(first_min_words=5, first_max_words=3)
     with pytest.raises(ValidationError):
         ChunkerConfig(unknown=1)  # type: ignore[call-arg]
+
+
+def test_unpunctuated_text_is_cut_at_twice_the_budget() -> None:
+    """A short first chunk must not be followed by one huge chunk (a silence while it is synthesized)."""
+    words = [f"w{i}" for i in range(40)]
+    chunks = run([" ".join(words)], ChunkerConfig(first_min_words=2, first_max_words=3, next_words=8, growth=1.5))
+    sizes = [len(c.split()) for c in chunks]
+    assert sizes[0] == 3 and sizes[1] == 16 and max(sizes) <= 24, sizes
+    assert " ".join(chunks).split() == words

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from services.batching import Priority
 from services.conversation import events as ev
 from services.conversation.engine import Conversation
 from services.conversation.history import ChatHistory
@@ -295,6 +296,7 @@ async def test_speculation_is_released_when_the_turn_ends() -> None:
         await h.until(lambda: h.of(ev.ResponseDone))
     assert h.counts.get("speculation_started") == 1 and h.counts.get("speculation_used") == 1
     assert len(stages.llm_calls) == 1 and len(stages.transcribed) == 1  # no second ASR, no second LLM
+    assert stages.priorities == [Priority.SPECULATIVE]  # other sessions' finished turns go first
     assert h.of(ev.ResponseDone)[0].latency.speculative
     input_id = h.of(ev.InputCommitted)[0].input_id
     assert h.of(ev.FinalTranscript)[0].input_id == h.of(ev.ResponseStarted)[0].input_id == input_id
@@ -450,6 +452,7 @@ async def test_backchannel_over_the_answer_resumes_it() -> None:
         await h.until(lambda: h.of(ev.ResponseDone))
         await h.conv.end_input()
     assert not h.of(ev.ResponseInterrupted) and len(stages.llm_calls) == 1  # "uh huh" is not answered
+    assert Priority.BARGE_IN in stages.priorities
     assert h.counts.get("resumed_backchannel") == 1 and h.counts.get("paused") == 1
 
 

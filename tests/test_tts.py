@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from services.audio import resample
-from services.chunking import TextChunker
+from services.chunking import ChunkerConfig, TextChunker
 from services.errors import (
     FailedPrecondition,
     InternalError,
@@ -241,9 +241,13 @@ async def test_stream_speaks_token_deltas_chunk_by_chunk(tts: PiperTTS, whisper:
     assert wer(ANSWER, heard) <= 0.2, heard
 
 
+#: The chunking these tests were written for: a first chunk of 3-6 words (a whole clause here).
+CLAUSE_CHUNKS = ChunkerConfig(first_min_words=3, first_max_words=6)
+
+
 async def test_stream_synthesizes_ahead_of_the_consumer(tts: PiperTTS) -> None:
     with count_onnx_runs(tts) as stats:
-        async with tts.stream() as stream:
+        async with tts.stream(CLAUSE_CHUNKS) as stream:
             stream.push_text("Hello there, my friend. How are you? I am fine.")
             stream.end_input()
             first = await anext(stream)
@@ -260,7 +264,7 @@ async def test_stream_synthesizes_ahead_of_the_consumer(tts: PiperTTS) -> None:
 
 
 async def test_stream_flush_starts_new_segment(tts: PiperTTS) -> None:
-    async with tts.stream() as stream:
+    async with tts.stream(CLAUSE_CHUNKS) as stream:
         stream.push_text("Hello there, my good friend.")
         stream.flush()
         stream.push_text("And welcome back home.")

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from services.audio import MODEL_RATE, StreamResampler
+from services.batching import Priority
 from services.conversation import events as ev
 from services.conversation.aio import TaskGroup, cancel_and_wait
 from services.conversation.history import ChatHistory
@@ -326,7 +327,7 @@ class Conversation:
 
     async def _transcribe_for(self, eot: EndOfTurn, audio: np.ndarray) -> None:
         try:
-            result = await within(self.stages.transcribe(audio, self.settings.language),
+            result = await within(self.stages.transcribe(audio, self.settings.language, Priority.SPECULATIVE),
                                   self.settings.timeouts.asr_s, "speech recognition")
             eot.set_transcript(result.text.strip())
         except VoxError as exc:
@@ -422,7 +423,7 @@ class Conversation:
     async def _transcribe_burst(self, audio: np.ndarray | None) -> str:
         if audio is None or audio.size == 0:
             return ""
-        result = await within(self.stages.transcribe(audio, self.settings.language),
+        result = await within(self.stages.transcribe(audio, self.settings.language, Priority.BARGE_IN),
                               self.settings.timeouts.asr_s, "speech recognition")
         return str(result.text).strip()
 
@@ -690,7 +691,10 @@ class Conversation:
                 side_asr = asyncio.get_running_loop().create_task(self._side_transcript(turn))
             else:
                 t0 = self._clock()
-                result = await within(self.stages.transcribe(user.audio, s.language), t.asr_s, "speech recognition")
+                # a speculation may be thrown away: other sessions' finished turns go first
+                priority = Priority.SPECULATIVE if turn.speculative else Priority.FINAL
+                result = await within(self.stages.transcribe(user.audio, s.language, priority), t.asr_s,
+                                      "speech recognition")
                 lat.asr_ms = 1000 * (self._clock() - t0)
                 user.text = str(result.text).strip()
                 if not turn.transcript.done():
@@ -721,7 +725,7 @@ class Conversation:
         user = turn.user
         assert user.audio is not None
         try:
-            result = await within(self.stages.transcribe(user.audio, self.settings.language),
+            result = await within(self.stages.transcribe(user.audio, self.settings.language, Priority.SPECULATIVE),
                                   self._timeouts.asr_s, "speech recognition")
         except VoxError as exc:
             if not turn.transcript.done():

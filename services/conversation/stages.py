@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from services.batching import Priority
 from services.errors import DeadlineExceeded
 from services.vad import VADState
 
@@ -29,8 +30,10 @@ class Stages(Protocol):
         """Speech probability per 512-sample window, and the carried detector state."""
         ...
 
-    async def transcribe(self, audio16k: np.ndarray, language: str | None) -> Any:
-        """Final transcript (an object with ``text`` and ``language``) of one utterance."""
+    async def transcribe(self, audio16k: np.ndarray, language: str | None,
+                         priority: Priority = Priority.FINAL) -> Any:
+        """Transcript (an object with ``text`` and ``language``) of one utterance; the ASR decodes
+        more urgent work first (finals, then barge-in checks, then speculation, then partials)."""
         ...
 
     async def partial_transcribe(self, audio16k: np.ndarray, language: str | None) -> str | None:
