@@ -2,7 +2,9 @@
 
   sweep      for each caller count (--levels), a load test holding that many callers; the
              answer is the largest count whose p95 voice-to-voice stays under --target-ms.
-             Stops after the first level over the target (--keep-going runs them all).
+             Stops after the first level over the target (--keep-going runs them all). Several
+             --variants (unbatched, batched, batched+direct) run one after another, each on its
+             own fresh app, for a side-by-side table.
   autoscale  callers ramp 1 -> N, hold, ramp down, then an idle cool-down: replicas of the
              bottleneck stage scale up under load and back down after it (Serve's replica counts
              are polled every second and drawn under the latency plot). The profile's autoscaling
@@ -11,7 +13,8 @@
 Each mode starts its own local app (start_local, the CPU profile) in this process and writes
 JSON, PNG and a markdown fragment for BENCHMARKS.md into --out:
 
-    .venv/bin/python scripts/bench_sweep.py sweep --levels 1,2,3,4,6,8 --hold 60 --out out/bench
+    .venv/bin/python scripts/bench_sweep.py sweep --levels 1,2,4,6,8 --hold 60 --keep-going \\
+        --variants unbatched,batched,batched+direct --out out/bench
     .venv/bin/python scripts/bench_sweep.py autoscale --callers 8 --ramp-up 60 --hold 120 \\
         --ramp-down 60 --cooldown 90 --out out/bench
 """
@@ -42,39 +45,49 @@ from clients.loadtest import (  # noqa: E402
 )
 from clients.speech_cache import load_questions  # noqa: E402
 
+#: Sweep variants: app overrides and whether Serve's direct ingress is on.
+VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
+    # nothing batched across sessions: VAD scored per chunk inline, one ASR decode at a time
+    "unbatched": ({"args": {"vad": {"batch_tick_ms": 0}, "asr": {"max_batch": 1}}}, False),
+    "batched": ({}, False),  # the CPU profile as shipped
+    # the same, with the gateway replica serving gRPC itself instead of through Serve's proxy actor
+    "batched+direct": ({}, True),
+}
 
-def start(overrides: dict[str, Any] | None = None) -> Any:
+
+def start(overrides: dict[str, Any] | None = None, direct_ingress: bool = False) -> Any:
     from deployments.profiles import load_serve_config
     from deployments.server import free_port, start_local
 
     t0 = time.perf_counter()
-    server = start_local(load_serve_config("cpu", overrides), grpc_port=free_port())
+    server = start_local(load_serve_config("cpu", overrides), grpc_port=free_port(), direct_ingress=direct_ingress)
     print(f"app ready in {time.perf_counter() - t0:.0f} s at {server.grpc_address}", file=sys.stderr, flush=True)
     return server
 
 
 def _machine() -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_pipeline import machine_info
+    from services.cpu import machine_record
 
-    return machine_info()
+    return machine_record()
 
 
-def sweep(a: argparse.Namespace, out: Path) -> dict[str, Any]:
+def sweep_variant(a: argparse.Namespace, out: Path, name: str) -> dict[str, Any]:
     levels = [int(x) for x in a.levels.split(",")]
     questions = load_questions()
-    server = start()
+    overrides, direct = VARIANTS[name]
+    server = start(overrides, direct)
+    address = server.direct_grpc_address or server.grpc_address
     rows: list[dict[str, Any]] = []
     try:
         for n in levels:
             # a short spread keeps callers from speaking in lockstep; the hold is what is measured
             ramp = min(10.0, 2.0 * (n - 1))
-            cfg = LoadTestConfig(address=server.grpc_address, callers=n, ramp_up_s=ramp, hold_s=a.hold,
+            cfg = LoadTestConfig(address=address, callers=n, ramp_up_s=ramp, hold_s=a.hold,
                                  turns_per_call=a.turns, pause_s=a.pause, max_duration_s=a.hold + ramp + 300,
                                  seed=n, progress=not a.quiet)
-            print(f"--- {n} callers", file=sys.stderr, flush=True)
+            print(f"--- {name}: {n} callers", file=sys.stderr, flush=True)
             report = asyncio.run(run_loadtest(cfg, questions=questions))
-            write_outputs(report, out / f"sweep-{n}", plot_png=True)
+            write_outputs(report, out / f"sweep-{name}-{n}", plot_png=True)
             s = summary_dict(report)
             v2v = s["metrics"]["voice_to_voice_ms"]
             row = {"callers": n, "turns": s["turns"], "answered": s["answered"], "errors": s["errors"],
@@ -92,19 +105,31 @@ def sweep(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     return {"levels": rows, "target_ms": a.target_ms, "max_callers_under_target": best}
 
 
+def sweep(a: argparse.Namespace, out: Path) -> dict[str, Any]:
+    return {name: sweep_variant(a, out, name) for name in a.variants.split(",")}
+
+
 def sweep_markdown(res: dict[str, Any]) -> str:
     def f(x: float | None) -> str:
         return "-" if x is None else f"{x:.0f}"
 
-    lines = [f"Largest number of callers with p95 voice-to-voice under {res['target_ms']:.0f} ms: "
-             f"**{res['max_callers_under_target']}**", "",
-             "| callers | turns | answered | errors | v2v p50 (ms) | p95 | p99 | first text p50 | "
-             "turns with underruns | max replicas |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["levels"]:
-        errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
-        reps = " ".join(f"{k}={v}" for k, v in sorted(r["max_replicas"].items()))
-        lines.append(f"| {r['callers']} | {r['turns']} | {r['answered']} | {errors} | {f(r['p50'])} | "
-                     f"{f(r['p95'])} | {f(r['p99'])} | {f(r['first_text_p50'])} | {r['underrun_turns']} | {reps} |")
+    names = list(res)
+    target = next(iter(res.values()))["target_ms"]
+    lines = [f"Largest number of callers with p95 voice-to-voice under {target:.0f} ms: "
+             + ", ".join(f"{n} **{r['max_callers_under_target']}**" for n, r in res.items()), "",
+             "| callers | " + " | ".join(f"{n} p50 / p95 (ms)" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    levels = sorted({row["callers"] for r in res.values() for row in r["levels"]})
+    for n in levels:
+        cells = []
+        for name in names:
+            row = next((x for x in res[name]["levels"] if x["callers"] == n), None)
+            if row is None:
+                cells.append("-")
+                continue
+            errors = sum(row["errors"].values())
+            cells.append(f"{f(row['p50'])} / {f(row['p95'])}" + (f" ({errors} errors)" if errors else ""))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -114,16 +139,19 @@ def sweep_plot(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in res["levels"] if r["p50"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("p50", "p95", "p99"):
-        ax.plot([r["callers"] for r in rows], [r[key] for r in rows], marker="o", label=key)
-    ax.axhline(res["target_ms"], color="gray", ls="--", lw=1, label=f"{res['target_ms']:.0f} ms")
+    for i, (name, r) in enumerate(res.items()):
+        rows = [x for x in r["levels"] if x["p50"] is not None]
+        xs = [x["callers"] for x in rows]
+        ax.plot(xs, [x["p95"] for x in rows], marker="o", color=f"C{i}", label=f"{name} p95")
+        ax.plot(xs, [x["p50"] for x in rows], marker=".", ls=":", color=f"C{i}", label=f"{name} p50")
+    target = next(iter(res.values()))["target_ms"]
+    ax.axhline(target, color="gray", ls="--", lw=1, label=f"{target:.0f} ms")
     ax.set_xlabel("concurrent callers")
     ax.set_ylabel("voice-to-voice (ms)")
     ax.set_title("voxserve CPU profile: latency vs concurrent callers")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -158,6 +186,7 @@ def main() -> int:
                    help="seconds at each sweep level, and at the autoscaling peak (default: 60)")
     g.add_argument("--target-ms", type=float, default=1500.0, help="p95 voice-to-voice target (default: 1500)")
     g.add_argument("--keep-going", action="store_true", help="run every level even after one misses the target")
+    g.add_argument("--variants", default="batched", help=f"comma list of {', '.join(VARIANTS)} (default: batched)")
     s = p.add_argument_group("autoscale")
     s.add_argument("--callers", type=int, default=8, help="peak callers (default: 8)")
     s.add_argument("--ramp-up", type=float, default=60.0, help="seconds from 1 to N callers (default: 60)")

@@ -52,7 +52,7 @@ class ChunkerConfig(BaseModel):
         "abbreviation such as 'Dr.'): on a CPU each LLM token costs 30-70 ms before the first audio."
     )
     next_words: int = Field(
-        default=8, ge=1, description="Word budget of the second chunk: it is cut at a clause boundary "
+        default=5, ge=1, description="Word budget of the second chunk: it is cut at a clause boundary "
         "(, ; : dash) once it has this many words; sentence ends always cut."
     )
     growth: float = Field(

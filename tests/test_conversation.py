@@ -416,6 +416,10 @@ def test_end_of_turn_rescores_an_incomplete_verdict_as_the_silence_grows() -> No
     eot.set_score(0.9)
     eot.set_transcript("what is the capital of?")  # the transcript wins: unfinished
     assert not eot.decide(1000) and eot.decide(1500)
+    eot.reset()
+    eot.set_score(0.05)  # the model misjudges some long questions ...
+    eot.set_transcript("Can you tell me a fun fact about cats?")
+    assert not eot.decide(300) and eot.decide(600)  # ... a finished question ends at 2 x min_silence
 
 
 # --- interruptions --------------------------------------------------------------------------------

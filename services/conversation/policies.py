@@ -82,7 +82,13 @@ class EndOfTurn:
             return silence_ms >= cfg.min_silence_ms
         if silence_ms >= cfg.max_silence_ms:
             return True
+        if silence_ms >= 2 * cfg.min_silence_ms and self._finished_question():
+            return True  # the model misjudges some long questions; a finished question needs no more wait
         return silence_ms >= cfg.min_silence_ms and self.complete() is True
+
+    def _finished_question(self) -> bool:
+        text = (self.transcript or "").strip()
+        return text.endswith("?") and not transcript_looks_incomplete(text)
 
 
 BargeVerdict = Literal["turn", "noise", "backchannel"]
