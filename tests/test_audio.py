@@ -1,4 +1,4 @@
-"""services.audio and services.codecs: PCM and G.711 conversion, validation, resampling, WAV io."""
+"""services.audio and services.codecs: PCM and G.711 conversion, validation, resampling; clients.audio: WAV io."""
 
 from __future__ import annotations
 
@@ -9,18 +9,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+from clients.audio import load_audio, read_wav, wav_bytes, write_wav
 from services import codecs
 from services.audio import (
     SUPPORTED_RATES,
     StreamResampler,
     check_rate,
     float_to_pcm16,
-    load_audio,
     pcm16_to_float,
-    read_wav,
     resample,
-    wav_bytes,
-    write_wav,
 )
 from services.errors import InvalidArgument, OutOfRange
 
