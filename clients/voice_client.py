@@ -241,8 +241,17 @@ class VoiceClient:
             return pb.ClientMessage(playback=pb.PlaybackPosition(
                 response_id=state["playing"], played_ms=int(player.played_ms(time.monotonic()))))
 
+        started = asyncio.Event()  # SessionStarted came, or the call ended
+
         async def requests() -> AsyncIterator[pb.ClientMessage]:
             yield pb.ClientMessage(config=cfg)
+            # Audio only once the session is admitted: a refused call then ends with its real status.
+            # A gRPC Python client still writing when the server ends the call may report INTERNAL
+            # "Internal error from Core" instead of that status (grpc/grpc#34148, #36066).
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(started.wait(), turn_timeout_s)
+            if call.done():
+                return
             t_next = time.monotonic()
 
             async def send_audio(x: np.ndarray, result: TurnResult | None = None,
@@ -394,6 +403,7 @@ class VoiceClient:
                 index: int | None
                 speaking = state["speaking"]
                 if kind == "session_started":
+                    started.set()
                     session.session_id = event.session_started.session_id
                     session.output_sample_rate = event.session_started.output_sample_rate
                 elif kind == "partial_transcript" and speaking >= 0:
@@ -488,6 +498,7 @@ class VoiceClient:
             session.status = exc.code().name
             session.details = exc.details() or ""
         finally:
+            started.set()
             for st in states:
                 st.finished.set()
             with contextlib.suppress(Exception):

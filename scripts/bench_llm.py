@@ -51,10 +51,12 @@ async def one(engine: Any, max_tokens: int, prompt: str = PROMPT) -> Any:
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
+    from services.cpu import describe_cpu, resolve_llm_dtype
     from services.llm import LLMConfig, LLMEngine
 
-    cfg = LLMConfig(model=args.model, max_model_len=args.max_model_len,
+    cfg = LLMConfig(model=args.model, max_model_len=args.max_model_len, dtype=args.dtype,
                     kv_cache_gib=args.kv_cache_gib, cpu_multiprocessing=args.multiprocessing)
+    print(f"CPU: {describe_cpu()}; dtype {args.dtype} -> {resolve_llm_dtype(args.dtype, True)}")
     t0 = time.monotonic()
     with LoopProbe() as start_probe:
         engine = await LLMEngine.create(cfg)
@@ -90,6 +92,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "model": engine.model,
             "device": "cpu" if engine.on_cpu else "gpu",
             "cpu_multiprocessing": args.multiprocessing,
+            "dtype": resolve_llm_dtype(args.dtype, engine.on_cpu),
+            "cpu": describe_cpu(),
             "engine_start_s": round(start_s, 2),
             "max_loop_stall_during_start_ms": round(start_probe.max_gap_s * 1000, 1),
             "single": {"ttft_ms": round(ttft * 1000, 1), "tokens_per_s": round(tps, 1),
@@ -114,6 +118,7 @@ if __name__ == "__main__":  # vLLM starts its engine process with spawn
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-gib", type=float, default=0.25)
+    p.add_argument("--dtype", default="auto", help="auto (from the CPU), bfloat16 or float32")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--multiprocessing", action="store_true",
