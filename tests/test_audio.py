@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from clients.audio import load_audio, read_wav, wav_bytes, write_wav
+from clients.errors import InvalidInput
 from services import codecs
 from services.audio import (
     SUPPORTED_RATES,
@@ -107,11 +108,11 @@ def test_wav_round_trip(tmp_path: Path) -> None:
 
 
 def test_read_wav_errors(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidInput, match="no such audio file"):
         read_wav(tmp_path / "missing.wav")
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not a wav file at all")
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidInput, match="cannot read"):
         read_wav(bad)
 
 
