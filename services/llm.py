@@ -82,7 +82,7 @@ class LLMConfig(BaseModel):
     dtype: str = Field(
         default="auto",
         description="Weights/activations dtype; 'auto' = chosen from the CPU at start-up (bfloat16 "
-        "only with AMX or AVX512_BF16, else float32); on GPU the model's default.",
+        "only with AMX, else float32); on GPU the model's default.",
     )
     enforce_eager: bool = Field(
         default=True,
