@@ -140,10 +140,11 @@ GATEWAY_SHUTDOWN_S = 60.0
 # Serve lets a gateway replica take many more streams than the gateway admits, so a burst reaches
 # the gateway's own admission check and gets RESOURCE_EXHAUSTED at once, with our message and a
 # retry hint, instead of Ray's "Request dropped due to backpressure"; a refusal ends within
-# milliseconds, so the headroom never holds real work. The short queue bounds what waits while
-# every replica is full.
+# milliseconds, so the headroom never holds real work. The queue is as deep as the headroom: a
+# burst of streams opened together waits there for a moment while the proxy's router assigns
+# them, and a shallow queue (8) turned 12 of 80 simultaneous opens into Ray's backpressure text.
 GATEWAY_HEADROOM = 128
-GATEWAY_QUEUE = 8
+GATEWAY_QUEUE = 128
 #: Sessions one CPU-profile gateway replica admits: what 2 cores hold with p95 voice-to-voice
 #: under 1.5 s (BENCHMARKS.md, concurrency sweep); admission control refuses earlier if answers slow.
 CPU_MAX_SESSIONS = 8

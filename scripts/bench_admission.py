@@ -36,9 +36,13 @@ async def one_stream(address: str, hold_s: float) -> dict[str, Any]:
     from protos.voxserve.v1 import voice_pb2_grpc as pb_grpc
 
     silence = float_to_pcm16(np.zeros(320, np.float32))
+    started = asyncio.Event()  # audio only after SessionStarted, as clients should (README)
 
     async def requests() -> Any:
         yield pb.ClientMessage(config=pb.SessionConfig(input_sample_rate=16000))
+        await started.wait()
+        if call.done():
+            return
         end = time.monotonic() + hold_s
         while time.monotonic() < end:
             await asyncio.sleep(0.02)
@@ -53,8 +57,10 @@ async def one_stream(address: str, hold_s: float) -> dict[str, Any]:
             async for event in call:
                 if event.WhichOneof("event") == "session_started":
                     out.update(admitted=True, admit_ms=1000 * (time.monotonic() - t0))
+                    started.set()
             out["status"] = "OK"
         except grpc.aio.AioRpcError as exc:
+            started.set()
             out.update(status=exc.code().name, details=exc.details() or "", status_ms=1000 * (time.monotonic() - t0))
             trailers = await call.trailing_metadata() or ()
             out["retry_after_ms"] = next((v for k, v in trailers if k == "retry-after-ms"), None)
@@ -70,13 +76,19 @@ async def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
     load = asyncio.create_task(run_loadtest(cfg))
     await asyncio.sleep(args.warm_s)
     t_burst = time.monotonic()
-    bursts = await asyncio.gather(*(one_stream(address, hold_s=args.after_s / 2) for _ in range(args.burst)))
+    burst = asyncio.gather(*(one_stream(address, hold_s=args.after_s / 2) for _ in range(args.burst)))
+    await asyncio.sleep(3)
+    # one at a time while the replica is still full: the refusal time without 80 clients connecting at once
+    probes = [await one_stream(address, hold_s=1) for _ in range(args.probes)]
+    bursts = await burst
     report = await load
     t_burst_rel = t_burst - (time.monotonic() - report.duration_s)
     before = [t.voice_to_voice_ms for t in report.turns if t.voice_to_voice_ms and t.t_s < t_burst_rel]
     during = [t.voice_to_voice_ms for t in report.turns if t.voice_to_voice_ms and t.t_s >= t_burst_rel]
     refused = [b for b in bursts if b["status"] == "RESOURCE_EXHAUSTED"]
+    probe_ms = [p["status_ms"] for p in probes if p["status"] == "RESOURCE_EXHAUSTED"]
     other = [b for b in bursts if not b["admitted"] and b["status"] != "RESOURCE_EXHAUSTED"]
+    ray_text = [b["details"] for b in refused if "backpressure" in b.get("details", "").lower()]
     return {
         "machine": machine_record(), "args": vars(args),
         "burst": {"streams": args.burst, "admitted": sum(b["admitted"] for b in bursts), "refused": len(refused),
@@ -84,8 +96,11 @@ async def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
                   "refusal_ms_p50": percentile([b["status_ms"] for b in refused], 50),
                   "refusal_ms_max": max((b["status_ms"] for b in refused), default=None),
                   "refusals_with_retry_hint": sum(1 for b in refused if b.get("retry_after_ms")),
-                  "refusals_with_ray_text": sum(1 for b in refused if "backpressure" in b.get("details", "").lower()),
+                  "refusals_with_ray_text": len(ray_text), "ray_text_example": ray_text[0] if ray_text else "",
                   "example": refused[0]["details"] if refused else ""},
+        "probes_while_full": {"n": len(probes), "refused": len(probe_ms),
+                              "refusal_ms_p50": percentile(probe_ms, 50),
+                              "refusal_ms_max": max(probe_ms, default=None)},
         "running_callers": {"turns_before": len(before), "v2v_p50_before": percentile(before, 50),
                             "turns_during": len(during), "v2v_p50_during": percentile(during, 50),
                             "v2v_p95_during": percentile(during, 95), "errors": report.errors()},
@@ -95,6 +110,7 @@ async def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--burst", type=int, default=80, help="streams opened at the same moment")
+    p.add_argument("--probes", type=int, default=10, help="single streams opened one by one while full")
     p.add_argument("--callers", type=int, default=2, help="callers talking throughout")
     p.add_argument("--warm-s", type=float, default=40, help="seconds of normal load before the burst")
     p.add_argument("--after-s", type=float, default=40, help="seconds of load after the burst")
@@ -111,7 +127,7 @@ def main() -> None:
         server.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("burst", "running_callers")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("burst", "probes_while_full", "running_callers")}, indent=1))
 
 
 if __name__ == "__main__":
