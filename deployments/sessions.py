@@ -100,6 +100,8 @@ class SessionHub:
         self.observer: Observer = _HubObserver(self, observer)
         self.first_audio = LatencyWindow(args.gateway.admission_window_s)
         self.active = 0
+        self._shed_at: float | None = None  # when admission last refused for slow answers
+        self._last_admit = float("-inf")  # when the last session was let in
         self.live: dict[str, Conversation] = {}
         self._recent: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self._info: dict[str, Any] | None = None
@@ -135,17 +137,30 @@ class SessionHub:
 
     def admit(self) -> None:
         """RESOURCE_EXHAUSTED at once (with a retry hint) when this replica cannot take one more
-        session without slowing the ones it has: at ``max_sessions``, or while its answers' p95
-        time to first audio is over ``admission_first_audio_ms``."""
+        session without slowing the ones it has: at ``max_sessions``, while its answers' p95
+        time to first audio is over ``admission_first_audio_ms``, and, after such a refusal, to
+        more than one new session per ``retry_after_s`` until the window can judge again."""
         g = self.args.gateway
         if self.active >= g.max_sessions:
             raise ResourceExhausted(f"server busy: {g.max_sessions} sessions already active on this replica; "
                                     f"retry in {g.retry_after_s:g} s", retry_after_s=g.retry_after_s)
+        now = self.first_audio.clock()
         p95 = self.first_audio.p95()
         if self.active and p95 is not None and p95 > g.admission_first_audio_ms:
+            self._shed_at = now
             raise ResourceExhausted(f"server at capacity: answers take {p95:.0f} ms to start (p95, target "
                                     f"{g.admission_first_audio_ms} ms); retry in {g.retry_after_s:g} s",
                                     retry_after_s=g.retry_after_s)
+        recovering = self._shed_at is not None and now - self._shed_at < g.admission_window_s
+        if self.active and p95 is None and recovering and now - self._last_admit < g.retry_after_s:
+            # After shedding, the slow answers age out of the window before new ones come in: the
+            # window is then too thin to judge, and every caller redialling at once would get in
+            # together and overload the replica again (seen in the autoscaling run). Let them in
+            # one per retry interval until the window has enough answers to judge again.
+            raise ResourceExhausted(f"server recovering from overload: new sessions are let in one every "
+                                    f"{g.retry_after_s:g} s; retry in {g.retry_after_s:g} s",
+                                    retry_after_s=g.retry_after_s)
+        self._last_admit = now
 
     def stats(self) -> dict[str, Any]:
         """What an operator or an autoscaler wants to know about this replica now."""

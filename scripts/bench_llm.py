@@ -1,5 +1,6 @@
 """Benchmark the LLM engine: start time, TTFT and tokens/s (one request), aggregate tokens/s
-for concurrent requests, and how long this process's event loop stalls meanwhile.
+for concurrent requests, how long this process's event loop stalls meanwhile, and the TTFT of a
+long system prompt the first time (prefix cache miss) and again with another question (hit).
 
     .venv/bin/python scripts/bench_llm.py [--model PATH] [--max-tokens 64] [--out bench.json]
 """
@@ -42,9 +43,15 @@ class LoopProbe:
         self._task.cancel()
 
 
-async def one(engine: Any, max_tokens: int, prompt: str = PROMPT) -> Any:
-    async with engine.stream_chat([{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                  temperature=0) as stream:
+#: A long system prompt (~440 tokens with SmolLM2's tokenizer) for the prefix-cache figure.
+LONG_SYSTEM = " ".join(["You are the voice assistant of a hardware store. Answer in one or two short spoken "
+                        "sentences, never lists, never markdown, and ask a question back when the request is "
+                        "unclear. Prices are in euros and the store opens from eight to eight."] * 10)
+
+
+async def one(engine: Any, max_tokens: int, prompt: str = PROMPT, system: str = "") -> Any:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    async with engine.stream_chat(messages, max_tokens=max_tokens, temperature=0) as stream:
         async for _ in stream:
             pass
     return stream.stats
@@ -55,7 +62,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     from services.llm import LLMConfig, LLMEngine
 
     cfg = LLMConfig(model=args.model, max_model_len=args.max_model_len, dtype=args.dtype,
-                    kv_cache_gib=args.kv_cache_gib, cpu_multiprocessing=args.multiprocessing)
+                    kv_cache_gib=args.kv_cache_gib, cpu_multiprocessing=args.multiprocessing,
+                    enable_prefix_caching=not args.no_prefix_caching)
     print(f"CPU: {describe_cpu()}; dtype {args.dtype} -> {resolve_llm_dtype(args.dtype, True)}")
     t0 = time.monotonic()
     with LoopProbe() as start_probe:
@@ -88,8 +96,16 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         print(f"{args.concurrency} concurrent: {agg:.1f} tok/s aggregate ({total} tokens in "
               f"{wall:.1f} s), TTFT mean {statistics.mean(s.ttft_s or 0 for s in many) * 1000:.0f}"
               f" ms; max loop stall {max(gen_probe.max_gap_s, conc_probe.max_gap_s) * 1000:.0f} ms")
+        miss = await one(engine, 8, "Do you sell hammers?", LONG_SYSTEM)
+        hit = await one(engine, 8, "When do you open on Sunday?", LONG_SYSTEM)
+        print(f"long system prompt: TTFT {1000 * (miss.ttft_s or 0):.0f} ms the first time, "
+              f"{1000 * (hit.ttft_s or 0):.0f} ms with another question (prefix cache "
+              f"{'on' if cfg.enable_prefix_caching else 'off'})")
         return {
             "model": engine.model,
+            "long_system_prompt": {"ttft_first_ms": round(1000 * (miss.ttft_s or 0), 1),
+                                   "ttft_again_ms": round(1000 * (hit.ttft_s or 0), 1),
+                                   "prefix_caching": cfg.enable_prefix_caching},
             "device": "cpu" if engine.on_cpu else "gpu",
             "cpu_multiprocessing": args.multiprocessing,
             "dtype": resolve_llm_dtype(args.dtype, engine.on_cpu),
@@ -120,6 +136,7 @@ if __name__ == "__main__":  # vLLM starts its engine process with spawn
     p.add_argument("--kv-cache-gib", type=float, default=0.25)
     p.add_argument("--dtype", default="auto", help="auto (from the CPU), bfloat16 or float32")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn vLLM's prefix caching off")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--multiprocessing", action="store_true",
                    help="CPU: model in a separate worker process (VLLM_ENABLE_V1_MULTIPROCESSING)")

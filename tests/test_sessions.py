@@ -65,6 +65,27 @@ async def test_admission_sheds_load_while_answers_are_slow() -> None:
     h.admit()  # with no session running, a new one is always let in
 
 
+async def test_after_shedding_callers_come_back_one_at_a_time() -> None:
+    now = [0.0]
+    h = hub(admission_first_audio_ms=1000, admission_window_s=30, retry_after_s=2)
+    h.first_audio = LatencyWindow(30, clock=lambda: now[0])
+    async with h.session(SessionSettings()):
+        for _ in range(5):
+            h.observer.answered(TurnLatency(first_audio_ms=2500))
+        now[0] = 10.0
+        with pytest.raises(ResourceExhausted, match="answers take"):
+            h.admit()
+        now[0] = 31.0  # the slow answers aged out: too few answers to judge
+        h.admit()  # one caller comes back...
+        with pytest.raises(ResourceExhausted, match="recovering from overload"):
+            h.admit()  # ...not the whole herd at once
+        now[0] = 33.5
+        h.admit()  # the next one, a retry interval later
+        now[0] = 62.0  # long after the last refusal: judged as usual again
+        h.admit()
+        h.admit()
+
+
 async def test_system_prompt_over_the_token_limit() -> None:
     h = hub(max_system_prompt_tokens=16)
     with pytest.raises(OutOfRange, match="17 tokens"):
