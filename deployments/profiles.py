@@ -145,8 +145,8 @@ GATEWAY_SHUTDOWN_S = 60.0
 # them, and a shallow queue (8) turned 12 of 80 simultaneous opens into Ray's backpressure text.
 GATEWAY_HEADROOM = 128
 GATEWAY_QUEUE = 128
-#: Sessions one CPU-profile gateway replica admits: what 2 cores hold with p95 voice-to-voice
-#: under 1.5 s (BENCHMARKS.md, concurrency sweep); admission control refuses earlier if answers slow.
+#: Sessions one CPU-profile gateway replica admits at most; admission control refuses earlier when
+#: answers slow down, which on 2 cores happens from 2-4 callers (BENCHMARKS.md, concurrency sweep).
 CPU_MAX_SESSIONS = 8
 
 

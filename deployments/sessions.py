@@ -14,6 +14,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from deployments.config import AppArgs
@@ -42,6 +43,15 @@ class GatewayStages(Stages, Protocol):
     async def count_tokens(self, text: str) -> int:
         """LLM tokens of ``text``."""
         ...
+
+
+@dataclass
+class _Admission:
+    """A session let in by ``SessionHub.slot``: when, and whether it really opened."""
+
+    previous: float  # the hub's last admission before this one
+    opened: bool
+    at: float = 0.0
 
 
 class LatencyWindow:
@@ -135,11 +145,12 @@ class SessionHub:
 
     # --- sessions --------------------------------------------------------------------------------
 
-    def admit(self) -> None:
+    def admit(self, *, record: bool = False) -> None:
         """RESOURCE_EXHAUSTED at once (with a retry hint) when this replica cannot take one more
         session without slowing the ones it has: at ``max_sessions``, while its answers' p95
         time to first audio is over ``admission_first_audio_ms``, and, after such a refusal, to
-        more than one new session per ``retry_after_s`` until the window can judge again."""
+        more than one new session per ``retry_after_s`` until the window can judge again.
+        A pure check unless ``record`` (``slot`` records the session it lets in)."""
         g = self.args.gateway
         if self.active >= g.max_sessions:
             raise ResourceExhausted(f"server busy: {g.max_sessions} sessions already active on this replica; "
@@ -160,7 +171,8 @@ class SessionHub:
             raise ResourceExhausted(f"server recovering from overload: new sessions are let in one every "
                                     f"{g.retry_after_s:g} s; retry in {g.retry_after_s:g} s",
                                     retry_after_s=g.retry_after_s)
-        self._last_admit = now
+        if record:
+            self._last_admit = now
 
     def stats(self) -> dict[str, Any]:
         """What an operator or an autoscaler wants to know about this replica now."""
@@ -178,19 +190,26 @@ class SessionHub:
             raise OutOfRange(f"system_prompt is {tokens} tokens; at most {limit} are accepted (shorten it)")
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """One admitted stream (RESOURCE_EXHAUSTED at once when the replica is full)."""
-        self.admit()
+    async def slot(self, *, opens_later: bool = False) -> AsyncIterator[_Admission]:
+        """One admitted stream (RESOURCE_EXHAUSTED at once when the replica is full). With
+        ``opens_later`` the caller marks the admission ``opened`` once its session really
+        started; one that never did gives its recovery slot back (see ``admit``)."""
+        admission = _Admission(previous=self._last_admit, opened=not opens_later)
+        self.admit(record=True)
+        admission.at = self._last_admit
         self.active += 1
         try:
-            yield
+            yield admission
         finally:
             self.active -= 1
+            if not admission.opened and self._last_admit == admission.at:
+                self._last_admit = admission.previous
 
     @contextlib.asynccontextmanager
     async def session(self, settings: SessionSettings) -> AsyncIterator[Conversation]:
         """A started conversation, registered while it lives, closed (everything stopped) after."""
-        async with self.slot(), self._conversation(settings) as conv:
+        async with self.slot(opens_later=True) as admission, self._conversation(settings) as conv:
+            admission.opened = True
             yield conv
 
     @contextlib.asynccontextmanager

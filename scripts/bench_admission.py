@@ -60,10 +60,11 @@ async def one_stream(address: str, hold_s: float) -> dict[str, Any]:
                     started.set()
             out["status"] = "OK"
         except grpc.aio.AioRpcError as exc:
-            started.set()
             out.update(status=exc.code().name, details=exc.details() or "", status_ms=1000 * (time.monotonic() - t0))
             trailers = await call.trailing_metadata() or ()
             out["retry_after_ms"] = next((v for k, v in trailers if k == "retry-after-ms"), None)
+        finally:
+            started.set()  # the request generator never waits on a call that is over
     return out
 
 

@@ -58,17 +58,18 @@ async def one(engine: Any, max_tokens: int, prompt: str = PROMPT, system: str = 
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    from services.cpu import describe_cpu, resolve_llm_dtype
+    from services.cpu import describe_cpu, machine_record, resolve_llm_dtype
     from services.llm import LLMConfig, LLMEngine
 
     cfg = LLMConfig(model=args.model, max_model_len=args.max_model_len, dtype=args.dtype,
                     kv_cache_gib=args.kv_cache_gib, cpu_multiprocessing=args.multiprocessing,
                     enable_prefix_caching=not args.no_prefix_caching)
-    print(f"CPU: {describe_cpu()}; dtype {args.dtype} -> {resolve_llm_dtype(args.dtype, True)}")
     t0 = time.monotonic()
     with LoopProbe() as start_probe:
         engine = await LLMEngine.create(cfg)
     start_s = time.monotonic() - t0
+    dtype = resolve_llm_dtype(args.dtype, engine.on_cpu)
+    print(f"CPU: {describe_cpu()}; dtype {args.dtype} -> {dtype}")
     print(f"engine start: {start_s:.1f} s (max loop stall {start_probe.max_gap_s * 1000:.0f} ms)")
     try:
         await one(engine, 8)  # warm-up
@@ -108,14 +109,15 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                                    "prefix_caching": cfg.enable_prefix_caching},
             "device": "cpu" if engine.on_cpu else "gpu",
             "cpu_multiprocessing": args.multiprocessing,
-            "dtype": resolve_llm_dtype(args.dtype, engine.on_cpu),
-            "cpu": describe_cpu(),
+            "dtype": dtype,
+            "machine": machine_record(),
             "engine_start_s": round(start_s, 2),
             "max_loop_stall_during_start_ms": round(start_probe.max_gap_s * 1000, 1),
             "single": {"ttft_ms": round(ttft * 1000, 1), "tokens_per_s": round(tps, 1),
                        "decode_tokens_per_s": round(dtps, 1), "runs": args.repeat,
                        "max_tokens": args.max_tokens},
             "concurrent": {"n": args.concurrency, "aggregate_tokens_per_s": round(agg, 1),
+                           "ttft_ms_mean": round(1000 * statistics.mean(s.ttft_s or 0 for s in many), 1),
                            "tokens": total, "wall_s": round(wall, 2)},
             "max_loop_stall_during_generation_ms": round(
                 max(gen_probe.max_gap_s, conc_probe.max_gap_s) * 1000, 1),

@@ -3,6 +3,7 @@ history registry; on fake stages (the real ones run in test_graph.py and test_re
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -67,23 +68,30 @@ async def test_admission_sheds_load_while_answers_are_slow() -> None:
 
 async def test_after_shedding_callers_come_back_one_at_a_time() -> None:
     now = [0.0]
-    h = hub(admission_first_audio_ms=1000, admission_window_s=30, retry_after_s=2)
+    h = hub(admission_first_audio_ms=1000, admission_window_s=30, retry_after_s=2, max_system_prompt_tokens=16)
     h.first_audio = LatencyWindow(30, clock=lambda: now[0])
-    async with h.session(SessionSettings()):
+    settings = SessionSettings()
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(h.session(settings))
         for _ in range(5):
             h.observer.answered(TurnLatency(first_audio_ms=2500))
         now[0] = 10.0
         with pytest.raises(ResourceExhausted, match="answers take"):
             h.admit()
         now[0] = 31.0  # the slow answers aged out: too few answers to judge
-        h.admit()  # one caller comes back...
+        h.admit()  # the gateway's early check is a pure check...
+        await stack.enter_async_context(h.session(settings))  # ...so one caller comes back
         with pytest.raises(ResourceExhausted, match="recovering from overload"):
-            h.admit()  # ...not the whole herd at once
-        now[0] = 33.5
-        h.admit()  # the next one, a retry interval later
+            await stack.enter_async_context(h.session(settings))  # not the whole herd at once
+        now[0] = 33.5  # a retry interval later: a session that fails to open...
+        with pytest.raises(OutOfRange):
+            await stack.enter_async_context(h.session(SessionSettings(system_prompt="word " * 40)))
+        await stack.enter_async_context(h.session(settings))  # ...did not use up the slot
         now[0] = 62.0  # long after the last refusal: judged as usual again
-        h.admit()
-        h.admit()
+        await stack.enter_async_context(h.session(settings))
+        await stack.enter_async_context(h.session(settings))
+        assert h.active == 5
+    assert h.active == 0
 
 
 async def test_system_prompt_over_the_token_limit() -> None:
