@@ -296,3 +296,11 @@ async def test_stream_too_much_pending_text_is_resource_exhausted(tts: PiperTTS)
         with pytest.raises(ResourceExhausted):
             stream.push_text("One. Two. Three. Four. Five. Six. Seven. ")
     assert await small.wait_idle(within_s=30)
+
+
+def test_memory_arena_is_off_by_default(tts: PiperTTS) -> None:
+    # onnxruntime's arena keeps the largest chunk's memory for good: the soak's TTS replica grew
+    # 329 -> 957 MiB with it (BENCHMARKS.md, Memory)
+    assert tts.voice.session.get_session_options().enable_cpu_mem_arena is False
+    arena = PiperTTS.load(TTSConfig(memory_arena=True))
+    assert arena.voice.session.get_session_options().enable_cpu_mem_arena is True
