@@ -76,9 +76,9 @@ class TTSConfig(BaseModel):
         description="ONNX runs allowed at once per loaded voice; more syntheses wait their turn.",
     )
     memory_arena: bool = Field(
-        default=False,
+        default=True,
         description="onnxruntime's CPU memory arena: 20-30% faster on long chunks (+8 ms on a "
-                    "3-word one without it), but it keeps the largest chunk's memory for good.",
+                    "3-word one without it); it keeps the largest chunk's memory for good.",
     )
     audio_queue: int = Field(
         default=4, ge=1,
@@ -178,8 +178,8 @@ class PiperTTS:
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads = cfg.num_threads
         opts.inter_op_num_threads = 1
-        # The arena never gives memory back: in a 30-minute soak it grew the TTS replica from 329
-        # to 957 MiB as ever longer chunks came; without it the replica stays near 300 MiB.
+        # The arena never gives memory back, but turning it off did not stop the TTS replica's
+        # growth under load (BENCHMARKS.md, Memory) and costs speed: it stays on by default.
         opts.enable_cpu_mem_arena = cfg.memory_arena
         providers = ["CUDAExecutionProvider"] if cfg.use_cuda else ["CPUExecutionProvider"]
         try:

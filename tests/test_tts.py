@@ -298,9 +298,7 @@ async def test_stream_too_much_pending_text_is_resource_exhausted(tts: PiperTTS)
     assert await small.wait_idle(within_s=30)
 
 
-def test_memory_arena_is_off_by_default(tts: PiperTTS) -> None:
-    # onnxruntime's arena keeps the largest chunk's memory for good: the soak's TTS replica grew
-    # 329 -> 957 MiB with it (BENCHMARKS.md, Memory)
-    assert tts.voice.session.get_session_options().enable_cpu_mem_arena is False
-    arena = PiperTTS.load(TTSConfig(memory_arena=True))
-    assert arena.voice.session.get_session_options().enable_cpu_mem_arena is True
+def test_memory_arena_follows_the_config(tts: PiperTTS) -> None:
+    assert tts.voice.session.get_session_options().enable_cpu_mem_arena is True
+    lean = PiperTTS.load(TTSConfig(memory_arena=False))
+    assert lean.voice.session.get_session_options().enable_cpu_mem_arena is False
