@@ -7,6 +7,7 @@ least one test here through the real engines (Moonshine, Smart Turn, vLLM, Piper
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections.abc import AsyncIterator, Iterable
 
@@ -18,6 +19,7 @@ from clients.voice_client import UserTurn, VoiceClient
 from protos.voxserve.v1 import voice_pb2 as pb
 from protos.voxserve.v1 import voice_pb2_grpc as pb_grpc
 from services.audio import float_to_pcm16
+from services.conversation import SessionSettings
 from tests.conftest import cer, converse, handle, say, unfinished_llm_requests, wer
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(1200)]
@@ -463,7 +465,10 @@ async def test_synthesize_and_transcribe_helpers(server) -> None:  # type: ignor
 
 async def test_stage_outage_gives_an_error_and_health_says_so(server) -> None:  # type: ignore[no-untyped-def]
     """Defect 7/13: with the TTS replica killed mid-answer the caller got 12 s of dead air, and
-    health kept answering SERVING. Runs last: it kills a replica (Serve then restarts it)."""
+    health kept answering SERVING. Now health says NOT_SERVING, and the caller either gets an
+    error event (a call was in flight on the dead replica) or, when Serve's restarted replica
+    takes the next chunk within the stage deadline, the rest of the answer. The error path itself
+    is pinned down by test_conversation's TTS outage tests. Runs last: it kills a replica."""
     import ray
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from ray import serve
@@ -479,7 +484,8 @@ async def test_stage_outage_gives_an_error_and_health_says_so(server) -> None:  
     config = pb.SessionConfig(input_sample_rate=16000, language="en", max_response_tokens=300,
                               playback=pb.PLAYBACK_NONE)
 
-    task = asyncio.create_task(converse(server.grpc_address, [UserTurn(text="Tell me a long story about a ship.")],
+    question = "Tell me a long story about a ship, in at least ten sentences."
+    task = asyncio.create_task(converse(server.grpc_address, [UserTurn(text=question)],
                                         config, on_event=events.append, turn_timeout_s=60))
     for _ in range(400):
         if any(e.WhichOneof("event") == "audio" for e in events):
@@ -499,8 +505,16 @@ async def test_stage_outage_gives_an_error_and_health_says_so(server) -> None:  
         await asyncio.sleep(0.5)
     result = await asyncio.wait_for(task, 90)
     errors = [e.error for e in events if e.WhichOneof("event") == "error"]
-    assert errors and errors[0].code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"), [e.WhichOneof("event") for e in events]
-    assert "ray" not in errors[0].message.lower() and "Traceback" not in errors[0].message
+    if errors:  # a TTS call was in flight on the killed replica: the caller is told, in our words
+        assert errors[0].code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"), errors[0]
+        assert "ray" not in errors[0].message.lower() and "Traceback" not in errors[0].message
+    else:
+        # no call was in flight: the next chunk went to the replica Serve restarted, within the
+        # stage deadline, and the answer finished; never dead air beyond that deadline
+        audio_ms = [e.server_time_ms for e in events if e.WhichOneof("event") == "audio"]
+        gap_s = max(b - a for a, b in itertools.pairwise(audio_ms)) / 1000
+        assert gap_s <= SessionSettings().timeouts.tts_first_audio_s + 2, gap_s
+        assert any(e.WhichOneof("event") == "response_done" for e in events)
     assert result.status == "OK"
     assert unhealthy, "health kept answering SERVING with the TTS replica dead"
     for _ in range(120):  # Serve restarts the replica; health recovers
