@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -103,3 +104,12 @@ async def converse(address: str, turns: list[Any], config: Any, **kwargs: Any) -
         return await client.converse(turns, config, **kwargs)
     finally:
         await client.close()
+
+
+async def until(check: Callable[[], object], within_s: float = 15.0) -> None:
+    """Wait until ``check()`` is true (polled every 5 ms); AssertionError after ``within_s``."""
+    for _ in range(int(within_s / 0.005)):
+        if check():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never met")

@@ -24,7 +24,7 @@ from services.batching import Priority
 from services.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from services.models import default_tts_voice
 from services.moonshine_asr import MoonshineASR
-from tests.conftest import normalize, say, word_errors
+from tests.conftest import normalize, say, until, word_errors
 
 SR = MODEL_RATE
 SENTENCES = (
@@ -99,14 +99,6 @@ async def test_invalid_inputs(asr: WhisperASR) -> None:
 def test_missing_local_model() -> None:
     with pytest.raises(NotFound):
         WhisperASR.load(ASRConfig(model="/nonexistent/whisper-ct2"))
-
-
-async def until(check: object) -> None:
-    for _ in range(3000):
-        if check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition never met")
 
 
 async def test_busy_engine_queue_bound_and_cancel(

@@ -12,6 +12,7 @@ import pytest
 
 from services.batching import Deliver, MicroBatcher, Priority
 from services.errors import InvalidArgument, ResourceExhausted, Unavailable
+from tests.conftest import until
 
 #: Long enough never to end a batch window in these tests: batches form when full or on release.
 NEVER = 60.0
@@ -55,14 +56,6 @@ def batcher(gate: Gate) -> Iterator[MicroBatcher[Any, Any]]:
     b.close(wait=True)
 
 
-async def until(check: Any) -> None:
-    for _ in range(3000):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never met")
-
-
 async def start_blocker(batcher: MicroBatcher[Any, Any], gate: Gate) -> asyncio.Task[Any]:
     """Fill the worker with one held batch of ``max_batch`` items (so later items queue)."""
     tasks = [asyncio.create_task(batcher.submit(f"block{i}")) for i in range(batcher.max_batch)]
@@ -83,7 +76,7 @@ async def test_batch_forms_when_full_and_results_go_to_their_callers(
 async def test_items_arriving_while_busy_go_together(batcher: MicroBatcher[Any, Any], gate: Gate) -> None:
     blocker = await start_blocker(batcher, gate)
     waiting = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
-    await until(lambda: batcher.queued == 3)
+    await until(within_s=30, check=lambda: batcher.queued == 3)
     gate.release(2)
     assert await asyncio.gather(*waiting) == ["done:0", "done:1", "done:2"]
     await blocker
@@ -108,7 +101,7 @@ async def test_priorities_order_work_across_sessions(batcher: MicroBatcher[Any, 
              ("partial-b", Priority.PARTIAL), ("barge", Priority.BARGE_IN),
              ("spec-b", Priority.SPECULATIVE), ("final", Priority.FINAL)]
     tasks = [asyncio.create_task(batcher.submit(item, prio)) for item, prio in order]
-    await until(lambda: batcher.queued == len(order))
+    await until(within_s=30, check=lambda: batcher.queued == len(order))
     gate.release(3)
     await asyncio.gather(blocker, *tasks)
     assert gate.batches[1:] == [["final", "barge", "spec-a"], ["spec-b", "partial-a", "partial-b"]]
@@ -125,9 +118,9 @@ async def test_a_final_waits_less_than_partials_under_load(batcher: MicroBatcher
         done.append(item)
 
     partials = [asyncio.create_task(ask(f"p{i}", Priority.PARTIAL)) for i in range(7)]
-    await until(lambda: batcher.queued == 7)
+    await until(within_s=30, check=lambda: batcher.queued == 7)
     final = asyncio.create_task(ask("final", Priority.FINAL))
-    await until(lambda: batcher.queued == 8)
+    await until(within_s=30, check=lambda: batcher.queued == 8)
     for _ in range(4):
         gate.release()
         await asyncio.sleep(0)
@@ -140,7 +133,7 @@ async def test_cancelling_a_queued_request_removes_it(batcher: MicroBatcher[Any,
     blocker = await start_blocker(batcher, gate)
     keep = asyncio.create_task(batcher.submit("keep"))
     drop = asyncio.create_task(batcher.submit("drop"))
-    await until(lambda: batcher.queued == 2)
+    await until(within_s=30, check=lambda: batcher.queued == 2)
     drop.cancel()  # e.g. the user barged in: the speculative transcript is not needed
     with pytest.raises(asyncio.CancelledError):
         await drop
@@ -160,7 +153,7 @@ async def test_best_effort_only_with_a_free_seat(gate: Gate) -> None:
         assert b.stats.refused_best_effort == 1 and b.queued == 0
         gate.release()
         await blocker
-        await until(lambda: b.idle)  # the worker is free again
+        await until(within_s=30, check=lambda: b.idle)  # the worker is free again
         gate.hold = False
         # idle: accepted, and it shares the next batch with a final (finals first)
         assert await asyncio.gather(b.try_submit("partial"), b.submit("final")) == [
@@ -177,7 +170,7 @@ async def test_queue_bound(gate: Gate) -> None:
     try:
         blocker = await start_blocker(b, gate)
         queued = [asyncio.create_task(b.submit(i)) for i in range(2)]
-        await until(lambda: b.queued == 2)
+        await until(within_s=30, check=lambda: b.queued == 2)
         with pytest.raises(ResourceExhausted, match="saturated"):
             await b.submit("one too many")
         gate.release(3)
@@ -192,7 +185,7 @@ async def test_shutdown_fails_queued_work_and_lets_running_work_finish(gate: Gat
     b: MicroBatcher[Any, Any] = MicroBatcher(gate, max_batch=2, max_wait_s=NEVER)
     blocker = await start_blocker(b, gate)
     queued = asyncio.create_task(b.submit("queued"))
-    await until(lambda: b.queued == 1)
+    await until(within_s=30, check=lambda: b.queued == 1)
     b.close()
     with pytest.raises(Unavailable, match="closed"):
         await queued

@@ -25,7 +25,7 @@ from services.moonshine_asr import (
     split_for_model,
     with_quiet_edges,
 )
-from tests.conftest import normalize, say, word_errors
+from tests.conftest import normalize, say, until, word_errors
 
 SR = MODEL_RATE
 SENTENCES = (
@@ -206,14 +206,6 @@ async def test_forced_english_and_default_language(asr: MoonshineASR, speech: li
         assert "fox" in normalize(no_default.transcribe_sync(speech[0], "en").text)
     finally:
         no_default.close()
-
-
-async def until(check: object) -> None:
-    for _ in range(3000):
-        if check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition never met")
 
 
 async def test_busy_engine_queue_bound_and_cancel(speech: list[np.ndarray]) -> None:
