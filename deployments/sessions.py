@@ -50,8 +50,8 @@ class _Admission:
     """A session let in by ``SessionHub.slot``: when, and whether it really opened."""
 
     previous: float  # the hub's last admission before this one
+    at: float  # this one
     opened: bool
-    at: float = 0.0
 
 
 class LatencyWindow:
@@ -194,9 +194,9 @@ class SessionHub:
         """One admitted stream (RESOURCE_EXHAUSTED at once when the replica is full). With
         ``opens_later`` the caller marks the admission ``opened`` once its session really
         started; one that never did gives its recovery slot back (see ``admit``)."""
-        admission = _Admission(previous=self._last_admit, opened=not opens_later)
+        previous = self._last_admit
         self.admit(record=True)
-        admission.at = self._last_admit
+        admission = _Admission(previous=previous, at=self._last_admit, opened=not opens_later)
         self.active += 1
         try:
             yield admission
