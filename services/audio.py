@@ -82,6 +82,11 @@ class StreamResampler:
     ``10 * max(up, down) / up`` input samples, 1-2 ms) until the input that follows them has
     arrived; ``flush()`` returns them at end of stream. The history always starts on an input
     sample that falls exactly on the output grid, so there is no phase jitter between chunks.
+
+    Why not python-soxr's ``ResampleStream``: it holds back far more audio, and every ms of it
+    is a ms of voice-to-voice latency (measured after 200 ms of 20 ms chunks, soxr 1.1: 48 or
+    24 kHz -> 16 kHz lags 12.5 ms in LQ, 16.5 ms in HQ; 8 kHz telephony -> 16 kHz 24 ms in LQ,
+    96 ms in HQ; this one lags 1-2 ms).
     """
 
     def __init__(self, src_rate: int, dst_rate: int) -> None:

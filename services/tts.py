@@ -1,7 +1,7 @@
-"""Piper TTS engine: streaming synthesis off the event loop, and a text-delta stream on top.
+"""Piper TTS engine: streaming synthesis off the event loop.
 
 Piper (onnxruntime) produces one audio array per sentence, so latency is set by the size of the
-text it is given: ``TTSStream`` feeds it clause-sized chunks from ``TextChunker``.
+text it is given: the conversation's ``TTSStream`` feeds it clause-sized chunks.
 
 Each synthesis runs in its own thread that hands audio to the event loop through a bounded
 handoff; the thread checks a stop flag before every sentence, so a cancelled consumer stops it
@@ -12,27 +12,22 @@ concurrent streams take turns instead of oversubscribing the CPU.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import itertools
 import json
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.chunking import ChunkerConfig, TextChunker
+from services.chunking import ChunkerConfig
 from services.errors import (
-    FailedPrecondition,
     InternalError,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     VoxError,
 )
 from services.models import default_tts_voice, resolve
@@ -95,29 +90,6 @@ class TTSConfig(BaseModel):
         default_factory=_default_chunker,
         description="How TTSStream cuts incoming text deltas into chunks.",
     )
-
-
-@dataclass(frozen=True)
-class SynthesizedAudio:
-    """One piece of a TTSStream's output."""
-
-    pcm: np.ndarray | bytes
-    """Mono float32 samples in [-1, 1] (local voice) or PCM16 bytes (a remote TTS stage)."""
-    sample_rate: int
-    """Samples per second of ``pcm`` (the voice's rate)."""
-    text: str
-    """The text chunk this audio speaks (the same for every piece of one chunk)."""
-    is_first_in_segment: bool
-    """True for the first audio of a segment (stream start, or the first after ``flush``)."""
-    chunk_index: int = 0
-    """Index of the text chunk in the stream, from 0."""
-    is_last_in_chunk: bool = True
-    """True for the last audio piece of its text chunk (the chunk's text is then fully spoken)."""
-
-    @property
-    def duration_s(self) -> float:
-        samples = len(self.pcm) // 2 if isinstance(self.pcm, bytes) else self.pcm.size
-        return samples / self.sample_rate
 
 
 _DONE = object()
@@ -317,146 +289,3 @@ class PiperTTS:
             # Not joined: the thread exits by itself before its next sentence, and waiting for
             # the ONNX run in progress would only delay the caller's cancellation.
             stop.set()
-
-    def stream(self, chunker: ChunkerConfig | None = None) -> TTSStream:
-        """A text-delta stream using this voice (call from a running event loop)."""
-        cfg = self.config
-        return TTSStream(self.synthesize, sample_rate=self.sample_rate, chunker=chunker or cfg.chunker,
-                         audio_queue=cfg.audio_queue, max_pending_chunks=cfg.max_pending_chunks)
-
-
-#: Synthesis of one text chunk: audio pieces (float32 arrays or PCM16 bytes), streamed.
-Synthesize = Callable[[str], AsyncIterator[Any]]
-
-
-class TTSStream:
-    """Streaming text in, audio out: push LLM deltas, iterate ``SynthesizedAudio`` in order.
-
-    Text is cut into chunks by ``TextChunker``; chunk n+1 is synthesized while chunk n's audio
-    waits in a bounded queue for the consumer (run-ahead). ``end_input`` lets iteration finish
-    after the last chunk; ``aclose`` cancels everything pending. ``synthesize`` is any per-chunk
-    synthesis: a local voice (``PiperTTS.stream``) or a remote TTS stage (the conversation).
-    """
-
-    def __init__(self, synthesize: Synthesize, *, sample_rate: int, chunker: ChunkerConfig | None = None,
-                 audio_queue: int = 4, max_pending_chunks: int = 64) -> None:
-        self._synthesize = synthesize
-        self._rate = sample_rate
-        self._max_pending = max_pending_chunks
-        self._chunker = TextChunker(chunker or ChunkerConfig())
-        self._pending: collections.deque[tuple[str, bool, int]] = collections.deque()
-        self._wake = asyncio.Event()
-        self._out: asyncio.Queue[Any] = asyncio.Queue(maxsize=audio_queue)
-        self._new_segment = True
-        self._chunks = 0
-        self._ended = False
-        self._closed = False
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="tts-stream")
-
-    @property
-    def sample_rate(self) -> int:
-        return self._rate
-
-    def push_text(self, delta: str) -> None:
-        """Add a text delta (any size, may end mid-word)."""
-        self._check_open()
-        self._enqueue(self._chunker.push(delta))
-
-    def flush(self) -> None:
-        """Speak everything pushed so far; the next text starts a new segment."""
-        self._check_open()
-        self._enqueue(self._chunker.flush())
-        self._new_segment = True
-
-    def end_input(self) -> None:
-        """No more text: flush, and let iteration stop after the last audio."""
-        if self._ended:
-            return
-        self.flush()
-        self._ended = True
-        self._wake.set()
-
-    async def aclose(self) -> None:
-        """Cancel pending text and any synthesis in progress."""
-        self._closed = True
-        self._ended = True
-        self._pending.clear()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        # Wake a consumer blocked in __anext__: drop undelivered audio, leave the end marker.
-        while not self._out.empty():
-            self._out.get_nowait()
-        self._out.put_nowait(_DONE)
-
-    async def __aenter__(self) -> TTSStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> TTSStream:
-        return self
-
-    async def __anext__(self) -> SynthesizedAudio:
-        if self._closed:
-            raise StopAsyncIteration
-        item = await self._out.get()
-        if item is _DONE:
-            raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def _check_open(self) -> None:
-        if self._ended:
-            raise FailedPrecondition("text pushed to a TTS stream after end_input() or aclose()")
-
-    def _enqueue(self, chunks: list[str]) -> None:
-        if not chunks:
-            return
-        if len(self._pending) + len(chunks) > self._max_pending:
-            raise ResourceExhausted(
-                f"TTS stream has more than {self._max_pending} text chunks "
-                "waiting; the consumer is not reading audio fast enough"
-            )
-        for text in chunks:
-            self._pending.append((text, self._new_segment, self._chunks))
-            self._new_segment = False
-            self._chunks += 1
-        self._wake.set()
-
-    async def _run(self) -> None:
-        carry_first = False
-        try:
-            while True:
-                while not self._pending:
-                    if self._ended:
-                        await self._out.put(_DONE)
-                        return
-                    self._wake.clear()
-                    await self._wake.wait()
-                text, first, index = self._pending.popleft()
-                first = first or carry_first
-                prev: np.ndarray | None = None
-                # Hold back one piece so the last piece of the chunk can be marked as such.
-                async with contextlib.aclosing(self._synthesize(text)) as audio:  # type: ignore[type-var]
-                    async for pcm in audio:
-                        if prev is not None:
-                            await self._out.put(self._piece(prev, text, first, index, False))
-                            first = False
-                        prev = pcm
-                if prev is not None:
-                    await self._out.put(self._piece(prev, text, first, index, True))
-                    first = False
-                # A chunk with nothing to say ("...") passes its segment start to the next one.
-                carry_first = first
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await self._out.put(exc)
-
-    def _piece(
-        self, pcm: np.ndarray | bytes, text: str, first: bool, index: int, last: bool
-    ) -> SynthesizedAudio:
-        return SynthesizedAudio(pcm, self._rate, text, first, index, last)

@@ -3,14 +3,13 @@
 ``SmartTurnModel`` runs Smart Turn v3.2 (Pipecat's open model, BSD-2; an 8.7 MB ONNX Whisper-tiny
 encoder with a classifier head) on the last 8 s of a turn's audio and returns the probability
 that the turn is complete. It hears intonation and filler sounds ("um"), but not grammar: on
-Piper speech it scored "What is the capital of" complete (0.94). ``transcript_looks_incomplete``
-is the text half of the decision: a transcript ending in a function word or a comma is not a
-finished thought. The conversation combines both with a longer fallback silence.
+Piper speech it scored "What is the capital of" complete (0.94). The text half of the decision
+(``transcript_looks_incomplete``) is the conversation's (``services/conversation/policies.py``),
+which combines both with a longer fallback silence.
 """
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from pathlib import Path
@@ -173,52 +172,3 @@ class SmartTurnModel:
     def close(self) -> None:
         self._closed.set()
         self.batcher.close()
-
-
-# --- the transcript half ------------------------------------------------------------------------
-
-#: Words a finished English sentence practically never ends with: articles, possessive
-#: determiners, conjunctions, prepositions, and the verb 'to be' waiting for its complement.
-#: Left out on purpose: pronouns ("Thank you."), modals ("Yes, I can."), and prepositions that
-#: are often verb particles in assistant commands ("Turn the lights on.", "Log in.").
-FUNCTION_WORDS = frozenset("""
-    a an the my your our their its every
-    and or but nor because if than as whether unless although
-    of to with about for from at into onto by between toward towards without until
-    is are was were am
-    that which whose
-    very
-    um uh er erm
-""".split())
-
-#: Of those, the ones a complete question may end with ("What is it for?", "Who was that?").
-QUESTION_ENDINGS = frozenset("""
-    to with about for from at into by is are was were am that which whose
-""".split())
-
-#: A trailing comma, colon, dash or ellipsis announces more to come.
-_CONTINUES = re.compile(r"(,|;|:|-|–|—|\.\.\.|…)[\s\"')\]]*$")
-_LAST_WORD = re.compile(r"([A-Za-z']+)[^A-Za-z']*$")
-
-
-def transcript_looks_incomplete(text: str) -> bool:
-    """True when a transcript reads as an unfinished sentence: it ends with a comma, dash or
-    ellipsis, or with a function word ("What is the capital of", "I want to go to the").
-
-    ASR adds final punctuation even to a cut sentence ("What is the capital of?"), so a final
-    '.' or '?' does not make it complete; a question may only end with a stranded preposition
-    or pronoun ("What is it for?", "Who is that?"), never with an article or a conjunction.
-    """
-    text = text.strip()
-    if not text:
-        return False  # nothing heard: leave the decision to the audio
-    if _CONTINUES.search(text):
-        return True
-    match = _LAST_WORD.search(text)
-    if match is None:
-        return False
-    word = match.group(1).lower().strip("'")
-    if word not in FUNCTION_WORDS:
-        return False
-    is_question = text.rstrip("\"') ").endswith("?")
-    return not (is_question and word in QUESTION_ENDINGS)

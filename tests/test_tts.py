@@ -16,6 +16,7 @@ import pytest
 
 from services.audio import resample
 from services.chunking import ChunkerConfig, TextChunker
+from services.conversation.tts_stream import SynthesizedAudio, TTSStream
 from services.errors import (
     FailedPrecondition,
     InternalError,
@@ -24,8 +25,15 @@ from services.errors import (
     ResourceExhausted,
 )
 from services.models import default_asr_model
-from services.tts import THREAD_PREFIX, PiperTTS, SynthesizedAudio, TTSConfig
+from services.tts import THREAD_PREFIX, PiperTTS, TTSConfig
 from tests.conftest import wer
+
+
+def stream_of(tts: PiperTTS, chunker: ChunkerConfig | None = None) -> TTSStream:
+    """A text-delta stream over a local voice, with the voice's stream settings."""
+    cfg = tts.config
+    return TTSStream(tts.synthesize, sample_rate=tts.sample_rate, chunker=chunker or cfg.chunker,
+                     audio_queue=cfg.audio_queue, max_pending_chunks=cfg.max_pending_chunks)
 
 SENTENCE = "The quick brown fox jumps over the lazy dog near the old stone bridge."
 ANSWER = (
@@ -181,7 +189,7 @@ async def test_engine_failure_is_internal_error(tts: PiperTTS) -> None:
     other.voice.phoneme_ids_to_audio = broken
     with pytest.raises(InternalError, match="onnx exploded"):
         await collect(other, SENTENCE)
-    stream = other.stream()
+    stream = stream_of(other)
     stream.push_text(ANSWER)
     stream.end_input()
     with pytest.raises(InternalError):
@@ -218,7 +226,7 @@ async def test_stream_speaks_token_deltas_chunk_by_chunk(tts: PiperTTS, whisper:
     expected_chunks = [c for d in deltas for c in expected.push(d)] + expected.flush()
     assert len(expected_chunks) >= 3
 
-    stream = tts.stream()
+    stream = stream_of(tts)
 
     async def feed() -> None:
         for d in deltas:
@@ -247,7 +255,7 @@ CLAUSE_CHUNKS = ChunkerConfig(first_min_words=3, first_max_words=6)
 
 async def test_stream_synthesizes_ahead_of_the_consumer(tts: PiperTTS) -> None:
     with count_onnx_runs(tts) as stats:
-        async with tts.stream(CLAUSE_CHUNKS) as stream:
+        async with stream_of(tts, CLAUSE_CHUNKS) as stream:
             stream.push_text("Hello there, my friend. How are you? I am fine.")
             stream.end_input()
             first = await anext(stream)
@@ -264,7 +272,7 @@ async def test_stream_synthesizes_ahead_of_the_consumer(tts: PiperTTS) -> None:
 
 
 async def test_stream_flush_starts_new_segment(tts: PiperTTS) -> None:
-    async with tts.stream(CLAUSE_CHUNKS) as stream:
+    async with stream_of(tts, CLAUSE_CHUNKS) as stream:
         stream.push_text("Hello there, my good friend.")
         stream.flush()
         stream.push_text("And welcome back home.")
@@ -278,7 +286,7 @@ async def test_stream_flush_starts_new_segment(tts: PiperTTS) -> None:
 
 async def test_stream_aclose_mid_stream_stops_synthesis(tts: PiperTTS) -> None:
     with count_onnx_runs(tts) as stats:
-        stream = tts.stream()
+        stream = stream_of(tts)
         stream.push_text(MANY)  # not ended: the stream waits for more text
         first = await anext(stream)
         assert first.is_first_in_segment
@@ -292,7 +300,7 @@ async def test_stream_aclose_mid_stream_stops_synthesis(tts: PiperTTS) -> None:
 
 async def test_stream_too_much_pending_text_is_resource_exhausted(tts: PiperTTS) -> None:
     small = PiperTTS(tts.voice, TTSConfig(max_pending_chunks=2), tts.voice_path)
-    async with small.stream() as stream:
+    async with stream_of(small) as stream:
         with pytest.raises(ResourceExhausted):
             stream.push_text("One. Two. Three. Four. Five. Six. Seven. ")
     assert await small.wait_idle(within_s=30)

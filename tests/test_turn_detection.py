@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from services.audio import MODEL_RATE
+from services.conversation.policies import transcript_looks_incomplete
 from services.errors import InvalidArgument, NotFound, Unavailable
 from services.models import smart_turn_source
 from services.turn_detection import (
@@ -20,7 +21,6 @@ from services.turn_detection import (
     WINDOW,
     SmartTurnModel,
     TurnDetectorConfig,
-    transcript_looks_incomplete,
 )
 from tests.conftest import say
 

@@ -9,20 +9,10 @@ import numpy as np
 import pytest
 
 from services.audio import MODEL_RATE, resample
+from services.conversation.vad_stream import SpeechEnd, SpeechStart, VADSegmenter, VADStream
 from services.errors import InvalidArgument, NotFound
 from services.models import default_tts_voice
-from services.vad import (
-    WINDOW,
-    SileroModel,
-    SpeechEnd,
-    SpeechStart,
-    StreamingVAD,
-    VADBatcher,
-    VADConfig,
-    VADSegmenter,
-    VADState,
-    VADStream,
-)
+from services.vad import WINDOW, SileroModel, VADBatcher, VADConfig, VADState
 
 SR = MODEL_RATE
 MS = SR // 1000
@@ -57,13 +47,13 @@ def bounds_ms(audio: np.ndarray, offset: int) -> tuple[float, float]:
     return (offset + loud[0]) / MS, (offset + loud[-1]) / MS
 
 
-def run_stream(model: SileroModel, audio: np.ndarray, chunk: int,
-               cfg: VADConfig | None = None) -> list:
-    vad = StreamingVAD(model, cfg or VADConfig())
+async def run_stream(model: SileroModel, audio: np.ndarray, chunk: int,
+                     cfg: VADConfig | None = None) -> list:
+    vad = VADStream(model.score, cfg or VADConfig())
     events = []
     for i in range(0, audio.size, chunk):
-        events += vad.push(audio[i : i + chunk])
-    return events + vad.flush()
+        events += await vad.push(audio[i : i + chunk])
+    return events + await vad.flush()
 
 
 def segments(events: list) -> list[tuple[int, int]]:
@@ -124,12 +114,12 @@ async def test_batcher_scores_many_streams_as_each_alone(model: SileroModel,
 
         together = await asyncio.gather(*(feed(k) for k in range(len(audios))))
         for k, (events, probs) in enumerate(together):
-            alone = StreamingVAD(model, VADConfig())
+            alone = VADStream(model.score, VADConfig())
             ref_events, ref_probs = [], []
             for i in range(0, audios[k].size, chunks[k]):
-                ref_events += alone.push(audios[k][i : i + chunks[k]])
+                ref_events += await alone.push(audios[k][i : i + chunks[k]])
                 ref_probs.append(alone.last_prob)
-            ref_events += alone.flush()
+            ref_events += await alone.flush()
             assert segments(events) == segments(ref_events) and len(segments(events)) == 1
             np.testing.assert_allclose(probs, ref_probs, atol=1e-5)
         stats = batcher.stats
@@ -152,11 +142,11 @@ def test_bad_inputs(model: SileroModel) -> None:
 # --- streaming on real speech -------------------------------------------------------------------
 
 
-def test_one_sentence_one_segment(model: SileroModel, sentences: list[np.ndarray]) -> None:
+async def test_one_sentence_one_segment(model: SileroModel, sentences: list[np.ndarray]) -> None:
     speech = sentences[0]
     lead = SR
     audio = np.concatenate([silence(1.0), speech, silence(1.0)])
-    events = run_stream(model, audio, 512)
+    events = await run_stream(model, audio, 512)
     assert [type(e) for e in events] == [SpeechStart, SpeechEnd]
     true_start, true_end = bounds_ms(speech, lead)
     start, end = segments(events)[0]
@@ -172,44 +162,44 @@ def test_one_sentence_one_segment(model: SileroModel, sentences: list[np.ndarray
     assert np.abs(end_ev.audio).max() > 0.1
 
 
-def test_two_sentences_two_segments(model: SileroModel, sentences: list[np.ndarray]) -> None:
+async def test_two_sentences_two_segments(model: SileroModel, sentences: list[np.ndarray]) -> None:
     audio = np.concatenate([silence(1.0), sentences[0], silence(1.5), sentences[1], silence(1.0)])
-    segs = segments(run_stream(model, audio, 512))
+    segs = segments(await run_stream(model, audio, 512))
     assert len(segs) == 2
     second_start, _ = bounds_ms(sentences[1], SR + sentences[0].size + int(1.5 * SR))
     assert segs[0][1] < segs[1][0]
     assert abs(segs[1][0] - second_start) <= 300
 
 
-def test_silence_and_low_noise_give_no_events(model: SileroModel) -> None:
-    assert run_stream(model, silence(3.0), 512) == []
+async def test_silence_and_low_noise_give_no_events(model: SileroModel) -> None:
+    assert await run_stream(model, silence(3.0), 512) == []
     noise = np.random.default_rng(0).normal(0, 0.005, 3 * SR).astype(np.float32)
-    assert run_stream(model, noise, 512) == []
+    assert await run_stream(model, noise, 512) == []
 
 
-def test_chunk_size_does_not_change_segments(
+async def test_chunk_size_does_not_change_segments(
     model: SileroModel, sentences: list[np.ndarray]
 ) -> None:
     audio = np.concatenate([silence(0.7), sentences[0], silence(1.2), sentences[1], silence(0.6)])
     results = {}
     for chunk in (160, 512, 1000):
-        events = run_stream(model, audio, chunk)
+        events = await run_stream(model, audio, chunk)
         results[chunk] = [(type(e).__name__, e.start_ms, getattr(e, "end_ms", None))
                           for e in events]
     assert results[160] == results[512] == results[1000]
-    assert len(segments(run_stream(model, audio, 1000))) == 2
+    assert len(segments(await run_stream(model, audio, 1000))) == 2
 
 
-def test_flush_closes_open_utterance(model: SileroModel, sentences: list[np.ndarray]) -> None:
-    vad = StreamingVAD(model)
-    events = vad.push(np.concatenate([silence(0.5), sentences[0][: SR]]))
+async def test_flush_closes_open_utterance(model: SileroModel, sentences: list[np.ndarray]) -> None:
+    vad = VADStream(model.score)
+    events = await vad.push(np.concatenate([silence(0.5), sentences[0][: SR]]))
     assert [type(e) for e in events] == [SpeechStart]
-    assert vad.in_speech and vad.speech_state == "speech"
-    current = vad.current_audio()
+    assert vad.segmenter.in_speech and vad.segmenter.state == "speech"
+    current = vad.segmenter.current_audio()
     assert current is not None and current.size > SR // 2
-    tail = vad.flush()
+    tail = await vad.flush()
     assert len(tail) == 1 and isinstance(tail[0], SpeechEnd) and tail[0].reason == "flush"
-    assert not vad.in_speech
+    assert not vad.segmenter.in_speech
 
 
 # --- segmenter logic (synthetic probabilities) --------------------------------------------------

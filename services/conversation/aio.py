@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -66,14 +65,3 @@ class TaskGroup:
 
     async def aclose(self) -> None:
         await cancel_and_wait(*list(self._tasks))
-
-
-@contextlib.asynccontextmanager
-async def closing(stream: Any) -> Any:
-    """Close an async iterator when its consumer stops, cancelled or not (``aclose`` if it has one)."""
-    try:
-        yield stream
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()

@@ -1,12 +1,14 @@
-"""One voice conversation, transport-agnostic: input side, turns, output side.
+"""One voice conversation, transport-agnostic: the control API and who owns the output.
 
 The adapter (gRPC ``Converse``, the realtime WebSocket, a test) feeds input from one task
 (``push_audio``, ``push_text``, ``playback``, ``commit_audio``, ``create_response``,
 ``cancel_response``, ``truncate``, ``end_input``) and drains ``events()`` from another, so a reply
-never blocks listening. Everything else happens here:
+never blocks listening. The two sides live apart: ``listening.Listener`` turns audio into
+utterances, ``answering.AnswerProducer`` turns one user input into one spoken answer. What joins
+them happens here:
 
-- listening: resample -> ``VADStream`` -> end of turn (``policies.EndOfTurn``: silence, the
-  end-of-turn model and the transcript), with speculation: when the silence begins, a ``Turn``
+- end of turn (``policies.EndOfTurn``: silence, the end-of-turn model and the transcript), with
+  speculation: when the silence begins, a ``Turn``
   starts in PENDING (ASR, LLM, first TTS chunk), its output held; it is released when the turn
   ends, and discarded (vLLM request aborted, nothing sent, nothing in the history) if the user
   speaks on, the words then being the same turn;
@@ -25,64 +27,29 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from services.audio import MODEL_RATE, StreamResampler
-from services.batching import Priority
+from services.audio import MODEL_RATE
 from services.conversation import events as ev
 from services.conversation.aio import TaskGroup, cancel_and_wait
+from services.conversation.answering import AnswerProducer, NothingToSay
 from services.conversation.history import ChatHistory
+from services.conversation.listening import Listener
+from services.conversation.observer import NullObserver, Observer
 from services.conversation.outbox import Outbox
-from services.conversation.policies import EndOfTurn, classify_barge_in
+from services.conversation.policies import classify_barge_in
 from services.conversation.settings import SPEECH_NATIVE, SessionSettings
-from services.conversation.stages import Stages, deadline_stream, within
+from services.conversation.stages import Stages
 from services.conversation.turn import PlaybackClock, Turn, TurnState, UserInput
+from services.conversation.vad_stream import SpeechEnd, SpeechStart, VADEvent
 from services.errors import FailedPrecondition, OutOfRange, VoxError, to_vox_error
-from services.tts import SynthesizedAudio, TTSStream
-from services.vad import SpeechEnd, SpeechStart, VADEvent, VADState, VADStream
 
 log = logging.getLogger(__name__)
 
-#: Longest audio the end-of-turn model looks at (Smart Turn's window).
-END_OF_TURN_WINDOW_S = 8.0
 #: Ended turns kept for late PlaybackPosition / truncate messages.
 RECENT_TURNS = 8
-
-
-class Observer(Protocol):
-    """Where a conversation reports what no client event shows (metrics)."""
-
-    def speculation(self, outcome: str) -> None:
-        """started | used | discarded"""
-
-    def interruption(self, outcome: str) -> None:
-        """paused | interrupted | resumed_noise | resumed_backchannel"""
-
-    def turn_ended(self, state: str, reason: str) -> None:
-        """committed | interrupted | discarded, and why"""
-
-    def answered(self, latency: ev.TurnLatency) -> None:
-        """An answer was sent whole (its latency breakdown is final)."""
-
-
-class NullObserver:
-    def speculation(self, outcome: str) -> None:
-        pass
-
-    def interruption(self, outcome: str) -> None:
-        pass
-
-    def turn_ended(self, state: str, reason: str) -> None:
-        pass
-
-    def answered(self, latency: ev.TurnLatency) -> None:
-        pass
-
-
-class NothingToSay(Exception):
-    """The utterance had no words (noise, breath): the turn ends without an answer."""
 
 
 @dataclass
@@ -122,36 +89,10 @@ class Conversation:
         self._carry: UserInput | None = None  # words of a discarded turn, said before the next ones
         self._recent: OrderedDict[int, Turn] = OrderedDict()
         self._barge: _BargeIn | None = None
-        self._eot = EndOfTurn(settings.turn)
         self._paused_key: tuple[int, int] | None = None  # the pause speculation/EOT signals belong to
-        self._partial_task: asyncio.Task[None] | None = None
-        self._last_partial = 0.0
-        self._in_ms = 0.0
-        self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)  # (input ms, wall time)
-        self._manual: list[np.ndarray] = []
-        self._manual_samples = 0
-        self._vad_origin_ms = 0.0
-        self._setup_listening()
-
-    # --- set-up ------------------------------------------------------------------------------------
-
-    def _setup_listening(self, previous: SessionSettings | None = None) -> bool:
-        """(Re)build what listening needs from the settings; True if an open utterance was dropped."""
-        s = self.settings
-        if previous is None or previous.input_sample_rate != s.input_sample_rate:
-            self._resampler = StreamResampler(s.input_sample_rate, MODEL_RATE)
-        if previous is not None and (previous.vad, previous.turn) == (s.vad, s.turn):
-            return False
-        # The VAD ends an utterance by itself only at the fallback silence; EndOfTurn ends it earlier.
-        fallback = s.turn.max_silence_ms if s.turn.mode == "semantic" else s.turn.min_silence_ms
-        vad_cfg = s.vad.model_copy(update={"min_silence_ms": fallback})
-        self._vad = VADStream(self._score_vad, vad_cfg)
-        self._vad_origin_ms = self._in_ms  # a new VAD counts from 0: event times are offset by this
-        self._eot = EndOfTurn(s.turn)
-        return True
-
-    async def _score_vad(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
-        return await self.stages.vad_probs(audio16k, state)
+        self._listener = Listener(stages, settings, self._tasks, clock)
+        # the answer before this one may be sent but not yet committed: the model sees it too
+        self._answers = AnswerProducer(stages, lambda: self.settings, self.history, lambda: self._response, clock)
 
     # --- output side ---------------------------------------------------------------------------
 
@@ -160,7 +101,7 @@ class Conversation:
 
     def _stamp(self, event: ev.Event, audio_ms: float | None = None) -> ev.Event:
         event.server_time_ms = self.now_ms()
-        event.audio_time_ms = int(self._in_ms if audio_ms is None else audio_ms)
+        event.audio_time_ms = int(self._listener.in_ms if audio_ms is None else audio_ms)
         return event
 
     async def emit(self, event: ev.Event, audio_ms: float | None = None) -> None:
@@ -187,6 +128,11 @@ class Conversation:
         r = self._response
         return r is not None and r.state in (TurnState.ACTIVE, TurnState.PAUSED)
 
+    @property
+    def user_speaking(self) -> bool:
+        """An utterance is open: the VAD heard speech start and no end yet."""
+        return self._listener.segmenter.in_speech
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed.clear()
@@ -197,36 +143,16 @@ class Conversation:
         """Client audio (float32 at the session's input rate), any chunk size."""
         async with self._lock:
             self._check_open()
-            x = self._resampler.push(samples)
-            self._in_ms += 1000.0 * samples.size / self.settings.input_sample_rate
-            self._arrivals.append((self._in_ms, self._clock()))
-            if x.size == 0:
+            events = await self._listener.push(samples)
+            if events is None:
                 return
-            if self.settings.turn.mode == "manual":
-                self._buffer_manual(x)
-                return
-            for event in await self._vad.push(x):
+            for event in events:
                 await self._on_vad(event)
             await self._after_audio()
 
-    def _buffer_manual(self, x: np.ndarray) -> None:
-        limit = int(self.settings.vad.max_utterance_s * MODEL_RATE)
-        if self._manual_samples + x.size > limit:
-            raise OutOfRange(f"uncommitted audio exceeds {self.settings.vad.max_utterance_s:g} s; "
-                             "commit the turn (or clear it) before sending more")
-        self._manual.append(x)
-        self._manual_samples += x.size
-
-    def _wall_at(self, audio_ms: float) -> float:
-        """Wall time at which input audio up to ``audio_ms`` had arrived."""
-        for pos, wall in self._arrivals:
-            if pos >= audio_ms:
-                return wall
-        return self._clock()
-
     async def _on_vad(self, event: VADEvent) -> None:
         if isinstance(event, SpeechStart):
-            await self.emit(ev.SpeechStarted(), audio_ms=self._vad_origin_ms + event.start_ms)
+            await self.emit(ev.SpeechStarted(), audio_ms=self._listener.vad_origin_ms + event.start_ms)
             self._paused_key = None
             await self._speech_over_answer()
         elif isinstance(event, SpeechEnd):
@@ -255,7 +181,7 @@ class Conversation:
             await self.emit(ev.ResponsePaused(response_id=r.response_id, played_ms=int(played)))
 
     async def _after_audio(self) -> None:
-        seg = self._vad.segmenter
+        seg = self._listener.segmenter
         if self._barge is not None:
             await self._progress_barge_in()
             return
@@ -266,18 +192,19 @@ class Conversation:
             if self._paused_key is not None:  # the user speaks on: same turn
                 self._paused_key = None
                 await self._discard_speculation()
-            self._maybe_partial()
+            self._listener.maybe_partial(self.emit)
             return
         key = (seg.speech_start_ms or 0, seg.silence_start_ms or 0)
         if self._paused_key != key and silence >= self.settings.turn.speculate_after_ms:
             self._paused_key = key
             await self._on_pause(seg.utterance_so_far())
-        if self._paused_key == key and self._eot.wants_score(silence):
-            self._eot.start_score(silence)
+        eot = self._listener.end_of_turn
+        if self._paused_key == key and eot.wants_score(silence):
+            eot.start_score(silence)
             audio = seg.current_audio()  # with the silence so far: the model hears the pause too
             if audio is not None:
-                self._tasks.spawn(self._score_end_of_turn(self._eot, audio), name="end-of-turn")
-        if self._paused_key == key and self._eot.decide(silence):
+                self._listener.score_end_of_turn(eot, audio)
+        if self._paused_key == key and eot.decide(silence):
             event = seg.end_now()
             if event is not None:
                 await self._turn_over(event)
@@ -289,8 +216,8 @@ class Conversation:
         turn needs and, if the output is free, a speculative answer (which makes that transcript)."""
         if audio is None or audio.size == 0:
             return
-        self._eot.reset()
-        eot = self._eot
+        eot = self._listener.end_of_turn
+        eot.reset()
         semantic = self.settings.turn.mode == "semantic"
         await self._discard_speculation()
         r = self._response
@@ -301,38 +228,9 @@ class Conversation:
             self._spec_key = self._paused_key
             self.observer.speculation("started")
             if semantic:
-                self._tasks.spawn(self._follow_transcript(eot, self._spec.transcript), name="spec-transcript")
+                self._listener.follow_transcript(eot, self._spec.transcript)
         elif semantic:
-            self._tasks.spawn(self._transcribe_for(eot, audio), name="eot-transcript")
-
-    async def _score_end_of_turn(self, eot: EndOfTurn, audio: np.ndarray) -> None:
-        window = audio[-int(END_OF_TURN_WINDOW_S * MODEL_RATE):]
-        try:
-            score = await within(self.stages.end_of_turn(window), self.settings.timeouts.turn_detector_s,
-                                 "the end-of-turn model")
-        except VoxError as exc:
-            log.warning("end-of-turn model failed (%s); deciding on the transcript", exc.message)
-            score = None
-        eot.set_score(score)
-
-    async def _follow_transcript(self, eot: EndOfTurn, transcript: asyncio.Future[str]) -> None:
-        try:
-            text = await transcript
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if transcript.cancelled() and task is not None and not task.cancelling():
-                return  # the speculation was discarded: its pause is over anyway
-            raise
-        eot.set_transcript(text)
-
-    async def _transcribe_for(self, eot: EndOfTurn, audio: np.ndarray) -> None:
-        try:
-            result = await within(self.stages.transcribe(audio, self.settings.language, Priority.SPECULATIVE),
-                                  self.settings.timeouts.asr_s, "speech recognition")
-            eot.set_transcript(result.text.strip())
-        except VoxError as exc:
-            log.warning("end-of-turn transcript failed: %s", exc.message)
-            eot.set_transcript("x")  # unknown words: let the model score and the silence decide
+            self._listener.transcribe_for(eot, audio)
 
     async def _discard_speculation(self) -> None:
         spec, self._spec, self._spec_key = self._spec, None, None
@@ -343,11 +241,11 @@ class Conversation:
     async def _turn_over(self, event: SpeechEnd) -> None:
         """The user's turn ended (``event`` holds its audio): release the speculation or answer it."""
         self._paused_key = None
-        self._cancel_partial()
+        self._listener.cancel_partial()
         audio = event.audio
-        end_ms = self._vad_origin_ms + event.end_ms
+        end_ms = self._listener.vad_origin_ms + event.end_ms
         await self.emit(ev.SpeechStopped(utterance_ms=int(1000 * audio.size / MODEL_RATE)), audio_ms=end_ms)
-        user_stop = self._wall_at(end_ms)
+        user_stop = self._listener.wall_at(end_ms)
         spec, key = self._spec, self._spec_key
         self._spec, self._spec_key = None, None
         input_id = self._take_input_id()
@@ -388,14 +286,15 @@ class Conversation:
     async def _progress_barge_in(self) -> None:
         barge = self._barge
         assert barge is not None
-        seg = self._vad.segmenter
+        seg = self._listener.segmenter
         cfg = self.settings.interruptions
         if not barge.response.live or barge.response.state is not TurnState.PAUSED:
             self._barge = None  # the answer ended meanwhile (cancelled by the client, error)
             return
         if seg.in_speech and seg.silence_ms < cfg.resume_silence_ms:
             if seg.speech_ms >= cfg.min_duration_ms and barge.check is None:
-                barge.check = self._tasks.spawn(self._transcribe_burst(seg.utterance_so_far()), name="barge-check")
+                barge.check = self._tasks.spawn(self._listener.transcribe_burst(seg.utterance_so_far()),
+                                                name="barge-check")
             if barge.check is not None and barge.check.done() and not barge.check.cancelled() \
                     and barge.check.exception() is None \
                     and classify_barge_in(barge.check.result(), cfg) == "turn":
@@ -410,7 +309,7 @@ class Conversation:
             await self._resume_after_barge_in("noise")
             return False
         try:
-            text = await self._transcribe_burst(audio)
+            text = await self._listener.transcribe_burst(audio)
         except VoxError:
             text = "?"  # unknown words: a long burst is taken as a turn
         verdict = classify_barge_in(text, cfg)
@@ -419,13 +318,6 @@ class Conversation:
             return True
         await self._resume_after_barge_in(verdict)
         return False
-
-    async def _transcribe_burst(self, audio: np.ndarray | None) -> str:
-        if audio is None or audio.size == 0:
-            return ""
-        result = await within(self.stages.transcribe(audio, self.settings.language, Priority.BARGE_IN),
-                              self.settings.timeouts.asr_s, "speech recognition")
-        return str(result.text).strip()
 
     async def _interrupt_for_barge_in(self) -> None:
         barge, self._barge = self._barge, None
@@ -440,7 +332,7 @@ class Conversation:
         if barge is None:
             return
         await cancel_and_wait(barge.check)
-        self._vad.segmenter.drop()  # it was not a turn: nothing of it is answered or kept
+        self._listener.segmenter.drop()  # it was not a turn: nothing of it is answered or kept
         self._paused_key = None
         if barge.response.state is TurnState.PAUSED:
             barge.response.resume()
@@ -478,10 +370,10 @@ class Conversation:
         """End the user's turn now (push-to-talk): the audio so far is the utterance."""
         async with self._lock:
             self._check_open()
-            if self.settings.turn.mode == "manual":
+            if self._listener.manual:
                 await self._commit_manual()
                 return
-            event = self._vad.segmenter.end_now("flush")
+            event = self._listener.segmenter.end_now("flush")
             if event is None:
                 raise FailedPrecondition("no speech to commit: the voice activity detector heard none")
             if self._barge is not None:
@@ -489,19 +381,17 @@ class Conversation:
             await self._turn_over(event)
 
     async def _commit_manual(self) -> None:
-        if not self._manual:
+        event = self._listener.take_manual()
+        if event is None:
             raise FailedPrecondition("no audio to commit: send audio first")
-        audio = np.concatenate(self._manual)
-        self._manual, self._manual_samples = [], 0
-        end_ms = int(self._in_ms)
-        await self._turn_over(SpeechEnd(max(0, end_ms - int(1000 * audio.size / MODEL_RATE)), end_ms, audio, "flush"))
+        await self._turn_over(event)
 
     async def clear_audio(self) -> None:
         """Drop the user's uncommitted audio."""
         async with self._lock:
             self._check_open()
-            self._manual, self._manual_samples = [], 0
-            self._vad.segmenter.drop()
+            self._listener.clear_manual()
+            self._listener.segmenter.drop()
             self._paused_key = None
             await self._discard_speculation()
             await self.emit(ev.InputCleared())
@@ -554,9 +444,8 @@ class Conversation:
             previous, self.settings = self.settings, settings
             if settings.system_prompt:
                 self.history.system_prompt = settings.system_prompt
-            if self._setup_listening(previous):
+            if self._listener.configure(settings, previous):
                 await self._discard_speculation()
-                self._manual, self._manual_samples = [], 0
                 self._paused_key = None
 
     # --- answering -----------------------------------------------------------------------------
@@ -602,7 +491,7 @@ class Conversation:
         turn = Turn(rid, user, speculative=speculative, history=self.history, outbox=self._out,
                     stamp=self._stamp, playback=PlaybackClock(s.playback, self._clock),
                     held_limit=s.held_events, on_sent=self._on_sent, clock=self._clock)
-        producer = asyncio.get_running_loop().create_task(self._produce(turn), name=f"turn-{rid}")
+        producer = asyncio.get_running_loop().create_task(self._answers.produce(turn), name=f"turn-{rid}")
         turn.start(producer)
         producer.add_done_callback(lambda task: self._tasks.spawn(self._after_producer(turn, task)))
         return turn
@@ -660,192 +549,6 @@ class Conversation:
                 await cancel_and_wait(barge.check)
             await self._end_turn(r, TurnState.INTERRUPTED, reason)
 
-    # --- one answer: ASR -> LLM -> TTS ----------------------------------------------------------
-
-    def _messages(self, turn: Turn) -> list[dict[str, str]]:
-        s = self.settings
-        messages = self.history.messages(2 * s.history_turns)
-        r = self._response
-        if r is not None and r is not turn and r.state is TurnState.SENT:
-            # not committed yet, but it will be played in full before this answer
-            if r.user.full_text():
-                messages.append({"role": "user", "content": r.user.full_text()})
-            if r.generated.strip():
-                messages.append({"role": "assistant", "content": r.generated.strip()})
-        content = turn.user.full_text()
-        if not content and turn.user.audio is None:
-            return messages  # create_response with nothing new: the model continues
-        if messages and messages[-1]["role"] == "user":  # the user spoke twice: one message
-            messages[-1] = {"role": "user", "content": f"{messages[-1]['content']} {content}".strip()}
-        else:
-            messages.append({"role": "user", "content": content})
-        return messages
-
-    async def _produce(self, turn: Turn) -> None:
-        s, lat, user, t = self.settings, turn.latency, turn.user, self._timeouts
-        side_asr: asyncio.Task[None] | None = None
-        audio_in: np.ndarray | None = None
-        if user.audio is not None and user.text is None:
-            if s.mode == SPEECH_NATIVE:
-                audio_in = user.audio
-                side_asr = asyncio.get_running_loop().create_task(self._side_transcript(turn))
-            else:
-                t0 = self._clock()
-                # a speculation may be thrown away: other sessions' finished turns go first
-                priority = Priority.SPECULATIVE if turn.speculative else Priority.FINAL
-                result = await within(self.stages.transcribe(user.audio, s.language, priority), t.asr_s,
-                                      "speech recognition")
-                lat.asr_ms = 1000 * (self._clock() - t0)
-                user.text = str(result.text).strip()
-                if not turn.transcript.done():
-                    turn.transcript.set_result(user.text)
-                await turn.put(ev.FinalTranscript(text=user.text, language=result.language or "",
-                                                  utterance_ms=user.utterance_ms, input_id=user.input_id))
-                if not user.text:
-                    raise NothingToSay
-        elif not turn.transcript.done():
-            turn.transcript.set_result(user.text or "")
-        try:
-            await turn.put(ev.ResponseStarted(response_id=turn.response_id, input_id=user.input_id))
-            await self._generate_and_speak(turn, audio_in)
-            if side_asr is not None:
-                await side_asr
-        finally:
-            await cancel_and_wait(side_asr)
-        await turn.put(ev.ResponseDone(response_id=turn.response_id, text=turn.generated.strip(),
-                                       audio_ms=int(turn.audio_ms), latency=lat))
-
-    @property
-    def _timeouts(self) -> Any:
-        return self.settings.timeouts
-
-    async def _side_transcript(self, turn: Turn) -> None:
-        """Speech-native: the transcript for the client and the history, off the latency path. A
-        failure here does not fail the answer the user already hears."""
-        user = turn.user
-        assert user.audio is not None
-        try:
-            result = await within(self.stages.transcribe(user.audio, self.settings.language, Priority.SPECULATIVE),
-                                  self._timeouts.asr_s, "speech recognition")
-        except VoxError as exc:
-            if not turn.transcript.done():
-                turn.transcript.set_result("")
-            await turn.put(ev.ErrorEvent(code=exc.code, response_id=turn.response_id,
-                                         message=f"no transcript of the user's speech: {exc.message}"))
-            return
-        user.text = str(result.text).strip()
-        if not turn.transcript.done():
-            turn.transcript.set_result(user.text)
-        await turn.put(ev.FinalTranscript(text=user.text, language=result.language or "",
-                                          utterance_ms=user.utterance_ms, input_id=user.input_id))
-
-    async def _generate_and_speak(self, turn: Turn, audio: np.ndarray | None) -> None:
-        s, lat, t = self.settings, turn.latency, self._timeouts
-        messages = self._messages(turn)
-        tts = TTSStream(self._synthesizer(turn), sample_rate=s.output_sample_rate, chunker=s.chunker)
-        async with tts:
-            speaker = asyncio.get_running_loop().create_task(self._speak(turn, tts), name="speak")
-            try:
-                t_llm = self._clock()
-                tokens = 0
-                stream = self.stages.generate(messages, max_tokens=s.max_response_tokens, audio=audio)
-                async for delta in deadline_stream(stream, t.llm_first_token_s, t.llm_stall_s, "the LLM"):
-                    if tokens == 0:
-                        lat.llm_first_token_ms = 1000 * (self._clock() - t_llm)
-                    tokens += 1
-                    turn.generated += delta
-                    await turn.put(ev.TextDelta(response_id=turn.response_id, text=delta))
-                    if speaker.done():  # TTS failed: end the turn now, not when the LLM is done
-                        speaker.result()
-                    tts.push_text(delta)
-                gen_s = self._clock() - t_llm
-                lat.llm_tokens = tokens
-                lat.llm_tokens_per_s = tokens / gen_s if gen_s > 0 else 0.0
-                tts.end_input()
-                await speaker
-            finally:
-                await cancel_and_wait(speaker)
-
-    def _synthesizer(self, turn: Turn) -> Callable[[str], AsyncIterator[bytes]]:
-        s, t, lat = self.settings, self._timeouts, turn.latency
-
-        async def synthesize(text: str) -> AsyncIterator[bytes]:
-            t0 = self._clock()
-            stream = self.stages.synthesize(text, voice=s.voice, sample_rate=s.output_sample_rate)
-            async for pcm in deadline_stream(stream, t.tts_first_audio_s, t.tts_stall_s, "speech synthesis"):
-                if lat.tts_first_audio_ms == 0.0:
-                    lat.tts_first_audio_ms = 1000 * (self._clock() - t0)
-                yield pcm
-
-        return synthesize
-
-    async def _speak(self, turn: Turn, tts: TTSStream) -> None:
-        """TTS audio -> the turn's output in ``output_chunk_ms`` pieces, keeping each text chunk's
-        span of the answer audio (what ``heard_text`` reads)."""
-        s = self.settings
-        rate = s.output_sample_rate
-        piece_bytes = 2 * max(1, rate * s.output_chunk_ms // 1000)
-        pending = b""
-        chunk_index = -1
-        label = ""
-        async for piece in tts:
-            assert isinstance(piece, SynthesizedAudio)
-            if piece.chunk_index != chunk_index:
-                if pending:
-                    await self._send_piece(turn, pending, label)
-                    pending, label = b"", ""
-                chunk_index = piece.chunk_index
-                turn.segments.append((piece.text, turn.audio_ms, turn.audio_ms))
-                label = piece.text
-            pending += piece.pcm if isinstance(piece.pcm, bytes) else bytes(piece.pcm)
-            while len(pending) >= piece_bytes:
-                out, pending = pending[:piece_bytes], pending[piece_bytes:]
-                await self._send_piece(turn, out, label)
-                label = ""
-            if piece.is_last_in_chunk and pending:
-                await self._send_piece(turn, pending, label)
-                pending, label = b"", ""
-        if pending:
-            await self._send_piece(turn, pending, label)
-
-    async def _send_piece(self, turn: Turn, pcm: bytes, text: str) -> None:
-        rate = self.settings.output_sample_rate
-        event = ev.AudioOut(response_id=turn.response_id, pcm16=pcm, sample_rate=rate,
-                            offset_ms=int(turn.audio_ms), text=text)
-        turn.audio_ms += 1000.0 * (len(pcm) // 2) / rate
-        seg_text, seg_start, _ = turn.segments[-1]
-        turn.segments[-1] = (seg_text, seg_start, turn.audio_ms)
-        await turn.put(event)
-
-    # --- partial transcripts ---------------------------------------------------------------------
-
-    def _maybe_partial(self) -> None:
-        if not self.settings.partial_transcripts:
-            return
-        now = self._clock()
-        busy = self._partial_task is not None and not self._partial_task.done()
-        if busy or (now - self._last_partial) * 1000 < self.settings.partial_interval_ms:
-            return
-        audio = self._vad.segmenter.current_audio()
-        if audio is None or audio.size < MODEL_RATE // 4:
-            return
-        self._last_partial = now
-        self._partial_task = self._tasks.spawn(self._partial(audio), name="partial")
-
-    async def _partial(self, audio: np.ndarray) -> None:
-        try:
-            text = await within(self.stages.partial_transcribe(audio, self.settings.language),
-                                self._timeouts.asr_s, "speech recognition")
-        except VoxError:
-            return
-        if text and text.strip() and self._vad.segmenter.in_speech:
-            await self.emit(ev.PartialTranscript(text=text.strip()))
-
-    def _cancel_partial(self) -> None:
-        if self._partial_task is not None and not self._partial_task.done():
-            self._partial_task.cancel()
-        self._partial_task = None
-
     # --- closing -------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -855,10 +558,10 @@ class Conversation:
     async def end_input(self) -> None:
         """No more input: end an open utterance, let every answer finish, then close."""
         async with self._lock:
-            if not self._closed and self.settings.turn.mode != "manual":
-                for event in await self._vad.flush():
+            if not self._closed:
+                for event in await self._listener.flush():
                     await self._on_vad(event)
-            if self._manual and not self._closed:
+            if self._listener.has_manual_audio and not self._closed:
                 await self._commit_manual()
         while not self._closed:
             r = self._response

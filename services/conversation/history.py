@@ -5,7 +5,7 @@ the ``Turn`` that owns a response writes it exactly once, when the response ends
 answer: the whole text; an interrupted one: the words the user heard; a discarded one: nothing).
 
 No markers in the text: an interrupted answer is stored as the words that were heard, with the
-interruption kept as metadata (``Turn.interrupted``, shown by ``records()``). Any marker in the
+interruption kept as metadata (``HistoryEntry.interrupted``, shown by ``records()``). Any marker in the
 content ("…", "[interrupted]") becomes the answer style of a small model, which imitates the
 history it is shown; an answer heard not at all leaves no assistant message.
 
@@ -30,7 +30,9 @@ MESSAGE_OVERHEAD = 8
 
 
 @dataclass
-class Turn:
+class HistoryEntry:
+    """One message of the history (the Turn of turn.py is a response in progress, not this)."""
+
     role: str  # "user" or "assistant"
     text: str
     interrupted: bool = False
@@ -44,7 +46,7 @@ class ChatHistory:
             raise InvalidArgument("max_chars must be positive")
         self.system_prompt = system_prompt
         self.max_chars = max_chars
-        self._turns: list[Turn] = []
+        self._turns: list[HistoryEntry] = []
 
     # --- recording -----------------------------------------------------------------------------
 
@@ -53,7 +55,7 @@ class ChatHistory:
         text = text.strip()
         if not text:
             raise InvalidArgument("user turn is empty")
-        self._append(Turn("user", text))
+        self._append(HistoryEntry("user", text))
 
     def add_assistant(self, text: str, *, interrupted: bool = False) -> None:
         """Record what the user heard of an answer (all of it unless ``interrupted``).
@@ -62,9 +64,9 @@ class ChatHistory:
         """
         text = text.strip()
         if text:
-            self._append(Turn("assistant", text, interrupted))
+            self._append(HistoryEntry("assistant", text, interrupted))
 
-    def _append(self, turn: Turn) -> None:
+    def _append(self, turn: HistoryEntry) -> None:
         last = self._turns[-1] if self._turns else None
         if last is not None and last.role == turn.role:
             last.text = f"{last.text} {turn.text}"
@@ -77,7 +79,7 @@ class ChatHistory:
         if not self._turns or self._turns[-1].role != "assistant":
             return False
         if heard.strip():
-            self._turns[-1] = Turn("assistant", heard.strip(), interrupted=True)
+            self._turns[-1] = HistoryEntry("assistant", heard.strip(), interrupted=True)
         else:
             self._turns.pop()
         return True
@@ -90,9 +92,9 @@ class ChatHistory:
         return len(self._turns)
 
     @property
-    def turns(self) -> list[Turn]:
+    def turns(self) -> list[HistoryEntry]:
         """A copy of the recorded turns, oldest first."""
-        return [Turn(t.role, t.text, t.interrupted) for t in self._turns]
+        return [HistoryEntry(t.role, t.text, t.interrupted) for t in self._turns]
 
     def records(self) -> list[dict[str, Any]]:
         """The history for operators and tests: messages plus the interruption flag."""
@@ -115,7 +117,7 @@ class ChatHistory:
         limit = self.max_chars if budget is None else budget
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         used = sum(count(m["content"]) + MESSAGE_OVERHEAD for m in system)
-        kept: list[Turn] = []
+        kept: list[HistoryEntry] = []
         for turn in reversed(self._turns):
             if max_turns is not None and len(kept) >= max_turns:
                 break

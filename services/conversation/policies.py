@@ -11,7 +11,6 @@ import re
 from typing import Literal
 
 from services.conversation.settings import Interruptions, TurnDetection
-from services.turn_detection import transcript_looks_incomplete
 
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -109,3 +108,52 @@ def classify_barge_in(text: str, cfg: Interruptions) -> BargeVerdict:
     if joined in phrases or all(w in backchannel_words for w in words):
         return "backchannel"
     return "turn"
+
+
+# --- the transcript half ------------------------------------------------------------------------
+
+#: Words a finished English sentence practically never ends with: articles, possessive
+#: determiners, conjunctions, prepositions, and the verb 'to be' waiting for its complement.
+#: Left out on purpose: pronouns ("Thank you."), modals ("Yes, I can."), and prepositions that
+#: are often verb particles in assistant commands ("Turn the lights on.", "Log in.").
+FUNCTION_WORDS = frozenset("""
+    a an the my your our their its every
+    and or but nor because if than as whether unless although
+    of to with about for from at into onto by between toward towards without until
+    is are was were am
+    that which whose
+    very
+    um uh er erm
+""".split())
+
+#: Of those, the ones a complete question may end with ("What is it for?", "Who was that?").
+QUESTION_ENDINGS = frozenset("""
+    to with about for from at into by is are was were am that which whose
+""".split())
+
+#: A trailing comma, colon, dash or ellipsis announces more to come.
+_CONTINUES = re.compile(r"(,|;|:|-|–|—|\.\.\.|…)[\s\"')\]]*$")
+_LAST_WORD = re.compile(r"([A-Za-z']+)[^A-Za-z']*$")
+
+
+def transcript_looks_incomplete(text: str) -> bool:
+    """True when a transcript reads as an unfinished sentence: it ends with a comma, dash or
+    ellipsis, or with a function word ("What is the capital of", "I want to go to the").
+
+    ASR adds final punctuation even to a cut sentence ("What is the capital of?"), so a final
+    '.' or '?' does not make it complete; a question may only end with a stranded preposition
+    or pronoun ("What is it for?", "Who is that?"), never with an article or a conjunction.
+    """
+    text = text.strip()
+    if not text:
+        return False  # nothing heard: leave the decision to the audio
+    if _CONTINUES.search(text):
+        return True
+    match = _LAST_WORD.search(text)
+    if match is None:
+        return False
+    word = match.group(1).lower().strip("'")
+    if word not in FUNCTION_WORDS:
+        return False
+    is_question = text.rstrip("\"') ").endswith("?")
+    return not (is_question and word in QUESTION_ENDINGS)

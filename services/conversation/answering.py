@@ -1,0 +1,198 @@
+"""The answering side of a conversation: one answer, ASR -> LLM -> text chunks -> TTS -> the turn.
+
+``AnswerProducer.produce(turn)`` is the body of a ``Turn``'s producer task: it transcribes the
+user's audio (or hands it to a speech-native LLM), streams the LLM's deltas into a ``TTSStream``
+and the synthesized audio into the turn in ``output_chunk_ms`` pieces. Everything it sends goes
+through ``turn.put``, so the turn decides what is held (speculation), paused or dropped; it never
+touches the history (only the turn writes it) nor picks which turn runs (the conversation does).
+Cancelling the producer cancels the LLM and TTS streams, which aborts the engines' work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+
+from services.batching import Priority
+from services.conversation import events as ev
+from services.conversation.aio import cancel_and_wait
+from services.conversation.history import ChatHistory
+from services.conversation.settings import SPEECH_NATIVE, SessionSettings
+from services.conversation.stages import Stages, deadline_stream, within
+from services.conversation.tts_stream import SynthesizedAudio, TTSStream
+from services.conversation.turn import Turn, TurnState
+from services.errors import VoxError
+
+
+class NothingToSay(Exception):
+    """The utterance had no words (noise, breath): the turn ends without an answer."""
+
+
+class AnswerProducer:
+    """Produces answers for one conversation; ``settings`` is read at each answer (it may change)."""
+
+    def __init__(self, stages: Stages, settings: Callable[[], SessionSettings], history: ChatHistory,
+                 output_owner: Callable[[], Turn | None], clock: Callable[[], float]) -> None:
+        self.stages = stages
+        self._settings = settings
+        self._history = history
+        self._output_owner = output_owner
+        self._clock = clock
+
+    def messages(self, turn: Turn) -> list[dict[str, str]]:
+        """What the LLM sees for ``turn``, once its user text is known."""
+        messages = self._history.messages(2 * self._settings().history_turns)
+        r = self._output_owner()
+        if r is not None and r is not turn and r.state is TurnState.SENT:
+            # not committed yet, but it will be played in full before this answer
+            if r.user.full_text():
+                messages.append({"role": "user", "content": r.user.full_text()})
+            if r.generated.strip():
+                messages.append({"role": "assistant", "content": r.generated.strip()})
+        content = turn.user.full_text()
+        if not content and turn.user.audio is None:
+            return messages  # create_response with nothing new: the model continues
+        if messages and messages[-1]["role"] == "user":  # the user spoke twice: one message
+            messages[-1] = {"role": "user", "content": f"{messages[-1]['content']} {content}".strip()}
+        else:
+            messages.append({"role": "user", "content": content})
+        return messages
+
+    @property
+    def _timeouts(self) -> Any:
+        return self._settings().timeouts
+
+    async def produce(self, turn: Turn) -> None:
+        s, lat, user, t = self._settings(), turn.latency, turn.user, self._timeouts
+        side_asr: asyncio.Task[None] | None = None
+        audio_in: np.ndarray | None = None
+        if user.audio is not None and user.text is None:
+            if s.mode == SPEECH_NATIVE:
+                audio_in = user.audio
+                side_asr = asyncio.get_running_loop().create_task(self._side_transcript(turn))
+            else:
+                t0 = self._clock()
+                # a speculation may be thrown away: other sessions' finished turns go first
+                priority = Priority.SPECULATIVE if turn.speculative else Priority.FINAL
+                result = await within(self.stages.transcribe(user.audio, s.language, priority), t.asr_s,
+                                      "speech recognition")
+                lat.asr_ms = 1000 * (self._clock() - t0)
+                user.text = str(result.text).strip()
+                if not turn.transcript.done():
+                    turn.transcript.set_result(user.text)
+                await turn.put(ev.FinalTranscript(text=user.text, language=result.language or "",
+                                                  utterance_ms=user.utterance_ms, input_id=user.input_id))
+                if not user.text:
+                    raise NothingToSay
+        elif not turn.transcript.done():
+            turn.transcript.set_result(user.text or "")
+        try:
+            await turn.put(ev.ResponseStarted(response_id=turn.response_id, input_id=user.input_id))
+            await self._generate_and_speak(turn, audio_in)
+            if side_asr is not None:
+                await side_asr
+        finally:
+            await cancel_and_wait(side_asr)
+        await turn.put(ev.ResponseDone(response_id=turn.response_id, text=turn.generated.strip(),
+                                       audio_ms=int(turn.audio_ms), latency=lat))
+
+    async def _side_transcript(self, turn: Turn) -> None:
+        """Speech-native: the transcript for the client and the history, off the latency path. A
+        failure here does not fail the answer the user already hears."""
+        user = turn.user
+        assert user.audio is not None
+        try:
+            result = await within(self.stages.transcribe(user.audio, self._settings().language, Priority.SPECULATIVE),
+                                  self._timeouts.asr_s, "speech recognition")
+        except VoxError as exc:
+            if not turn.transcript.done():
+                turn.transcript.set_result("")
+            await turn.put(ev.ErrorEvent(code=exc.code, response_id=turn.response_id,
+                                         message=f"no transcript of the user's speech: {exc.message}"))
+            return
+        user.text = str(result.text).strip()
+        if not turn.transcript.done():
+            turn.transcript.set_result(user.text)
+        await turn.put(ev.FinalTranscript(text=user.text, language=result.language or "",
+                                          utterance_ms=user.utterance_ms, input_id=user.input_id))
+
+    async def _generate_and_speak(self, turn: Turn, audio: np.ndarray | None) -> None:
+        s, lat, t = self._settings(), turn.latency, self._timeouts
+        messages = self.messages(turn)
+        tts = TTSStream(self._synthesizer(turn), sample_rate=s.output_sample_rate, chunker=s.chunker)
+        async with tts:
+            speaker = asyncio.get_running_loop().create_task(self._speak(turn, tts), name="speak")
+            try:
+                t_llm = self._clock()
+                tokens = 0
+                stream = self.stages.generate(messages, max_tokens=s.max_response_tokens, audio=audio)
+                async for delta in deadline_stream(stream, t.llm_first_token_s, t.llm_stall_s, "the LLM"):
+                    if tokens == 0:
+                        lat.llm_first_token_ms = 1000 * (self._clock() - t_llm)
+                    tokens += 1
+                    turn.generated += delta
+                    await turn.put(ev.TextDelta(response_id=turn.response_id, text=delta))
+                    if speaker.done():  # TTS failed: end the turn now, not when the LLM is done
+                        speaker.result()
+                    tts.push_text(delta)
+                gen_s = self._clock() - t_llm
+                lat.llm_tokens = tokens
+                lat.llm_tokens_per_s = tokens / gen_s if gen_s > 0 else 0.0
+                tts.end_input()
+                await speaker
+            finally:
+                await cancel_and_wait(speaker)
+
+    def _synthesizer(self, turn: Turn) -> Callable[[str], AsyncIterator[bytes]]:
+        s, t, lat = self._settings(), self._timeouts, turn.latency
+
+        async def synthesize(text: str) -> AsyncIterator[bytes]:
+            t0 = self._clock()
+            stream = self.stages.synthesize(text, voice=s.voice, sample_rate=s.output_sample_rate)
+            async for pcm in deadline_stream(stream, t.tts_first_audio_s, t.tts_stall_s, "speech synthesis"):
+                if lat.tts_first_audio_ms == 0.0:
+                    lat.tts_first_audio_ms = 1000 * (self._clock() - t0)
+                yield pcm
+
+        return synthesize
+
+    async def _speak(self, turn: Turn, tts: TTSStream) -> None:
+        """TTS audio -> the turn's output in ``output_chunk_ms`` pieces, keeping each text chunk's
+        span of the answer audio (what ``heard_text`` reads)."""
+        s = self._settings()
+        rate = s.output_sample_rate
+        piece_bytes = 2 * max(1, rate * s.output_chunk_ms // 1000)
+        pending = b""
+        chunk_index = -1
+        label = ""
+        async for piece in tts:
+            assert isinstance(piece, SynthesizedAudio)
+            if piece.chunk_index != chunk_index:
+                if pending:
+                    await self._send_piece(turn, pending, label, rate)
+                    pending, label = b"", ""
+                chunk_index = piece.chunk_index
+                turn.segments.append((piece.text, turn.audio_ms, turn.audio_ms))
+                label = piece.text
+            pending += piece.pcm if isinstance(piece.pcm, bytes) else bytes(piece.pcm)
+            while len(pending) >= piece_bytes:
+                out, pending = pending[:piece_bytes], pending[piece_bytes:]
+                await self._send_piece(turn, out, label, rate)
+                label = ""
+            if piece.is_last_in_chunk and pending:
+                await self._send_piece(turn, pending, label, rate)
+                pending, label = b"", ""
+        if pending:
+            await self._send_piece(turn, pending, label, rate)
+
+    @staticmethod
+    async def _send_piece(turn: Turn, pcm: bytes, text: str, rate: int) -> None:
+        event = ev.AudioOut(response_id=turn.response_id, pcm16=pcm, sample_rate=rate,
+                            offset_ms=int(turn.audio_ms), text=text)
+        turn.audio_ms += 1000.0 * (len(pcm) // 2) / rate
+        seg_text, seg_start, _ = turn.segments[-1]
+        turn.segments[-1] = (seg_text, seg_start, turn.audio_ms)
+        await turn.put(event)

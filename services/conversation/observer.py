@@ -1,0 +1,37 @@
+"""Where a conversation reports what no client event shows (metrics)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from services.conversation import events as ev
+
+
+class Observer(Protocol):
+    """Where a conversation reports what no client event shows (metrics)."""
+
+    def speculation(self, outcome: str) -> None:
+        """started | used | discarded"""
+
+    def interruption(self, outcome: str) -> None:
+        """paused | interrupted | resumed_noise | resumed_backchannel"""
+
+    def turn_ended(self, state: str, reason: str) -> None:
+        """committed | interrupted | discarded, and why"""
+
+    def answered(self, latency: ev.TurnLatency) -> None:
+        """An answer was sent whole (its latency breakdown is final)."""
+
+
+class NullObserver:
+    def speculation(self, outcome: str) -> None:
+        pass
+
+    def interruption(self, outcome: str) -> None:
+        pass
+
+    def turn_ended(self, state: str, reason: str) -> None:
+        pass
+
+    def answered(self, latency: ev.TurnLatency) -> None:
+        pass
