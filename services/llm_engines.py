@@ -1,0 +1,88 @@
+"""Which LLM engine serves a model, and the CTranslate2 copy of a model in the cache.
+
+``llm.engine: auto`` picks CTranslate2 for text LLMs on machines without a GPU, and vLLM with a
+GPU or for audio LLMs (speech-native turns need vLLM's multimodal inputs). The choice is logged
+at start-up. CTranslate2 needs the model converted once: ``voxserve models prepare`` does it for
+the embedded default and for ``--llm MODEL`` (the same local folder or hub id vLLM would take);
+an engine that finds no converted copy converts it at start, into the same cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+from services.llm import ChatEngine, LLMConfig, LLMEngine
+from services.llm_ctranslate2 import CT2Engine, compute_type, convert, is_ctranslate2_folder
+from services.models import LLM_DIR, PrepareResult, cache_dir, default_llm_model, resolve
+
+log = logging.getLogger(__name__)
+
+_STAMP = ".voxserve-ct2.json"
+
+
+def has_gpu() -> bool:
+    """A CUDA device is visible to torch (False where torch is missing)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def choose_engine(cfg: LLMConfig, model: str) -> str:
+    """'vllm' or 'ctranslate2' for ``model`` under ``cfg.engine`` (see the module doc)."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    if is_ctranslate2_folder(model):
+        return "ctranslate2"
+    from services.speech_llm import detect_audio_arch
+
+    if detect_audio_arch(model) is not None:
+        return "vllm"
+    return "vllm" if has_gpu() else "ctranslate2"
+
+
+def ct2_folder(source: str, quantization: str, cache: Path | None = None) -> Path:
+    """Where the CTranslate2 copy of ``source`` lives in the cache."""
+    cache = cache or cache_dir()
+    if source == default_llm_model_path(cache):
+        return cache / f"{LLM_DIR}-ct2-{quantization}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.strip("/"))[-48:]
+    digest = hashlib.sha256(source.encode()).hexdigest()[:8]
+    return cache / "ct2" / f"{slug}-{digest}-{quantization}"
+
+
+def default_llm_model_path(cache: Path) -> str:
+    return str(cache / LLM_DIR)
+
+
+def prepare_ct2(source: str, quantization: str = "int8", cache: Path | None = None) -> PrepareResult:
+    """Convert ``source`` (HF folder or hub id) into the cache once; later calls find it."""
+    out = ct2_folder(source, quantization, cache)
+    stamp = out / _STAMP
+    if is_ctranslate2_folder(str(out)) and stamp.is_file():
+        return PrepareResult("llm-ct2", str(out), "already prepared")
+    t0 = time.monotonic()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    convert(source, out, quantization)
+    stamp.write_text(json.dumps({"source": source, "quantization": quantization, "created": time.time()}))
+    return PrepareResult("llm-ct2", str(out), "prepared", time.monotonic() - t0)
+
+
+async def create_llm_engine(cfg: LLMConfig) -> ChatEngine:
+    """Start the engine ``cfg`` asks for (without blocking the event loop for long)."""
+    import asyncio
+
+    model = resolve(cfg.model, default_llm_model)
+    engine = choose_engine(cfg, model)
+    log.info("LLM engine: %s for %s (llm.engine=%s)", engine, model, cfg.engine)
+    if engine == "vllm":
+        return await LLMEngine.create(cfg)
+    folder = model if is_ctranslate2_folder(model) else (
+        await asyncio.to_thread(prepare_ct2, model, compute_type(cfg.ct2_compute_type).split("_")[0])).path
+    return await CT2Engine.create(cfg, folder)
