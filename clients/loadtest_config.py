@@ -1,10 +1,10 @@
-"""Settings of ``voxserve loadtest`` and its command-line options, with nothing but the standard
-library: ``voxserve`` builds its parser from here without importing the load tester itself
-(``clients.loadtest`` and its gRPC stack are imported only when the command runs)."""
+"""Settings of ``voxserve loadtest`` (``LoadTestConfig``), with nothing but the standard library.
+
+Its command-line options are in ``clients.loadtest_cli``; the load tester itself
+(``clients.loadtest``) runs a config."""
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -127,64 +127,3 @@ class LoadTestConfig:
         d = asdict(self)
         d["barge_in_after_ms"] = list(self.barge_in_after_ms)
         return d
-
-
-# --- command line ---------------------------------------------------------------------------------
-
-
-def _run(args: argparse.Namespace) -> int:
-    from clients.loadtest import cmd_loadtest  # the gRPC stack only when the command runs
-
-    return cmd_loadtest(args)
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``voxserve loadtest`` on the CLI's subparsers; the handler is ``clients.loadtest.cmd_loadtest``."""
-    d = LoadTestConfig()
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "loadtest", help="simulated callers speaking to a server over gRPC: latency, errors, replicas",
-        description="N concurrent simulated callers, each a real Converse stream sending cached speech at "
-                    "real-time pace, with a ramp schedule (1 -> N over --ramp-up, hold, ramp down). Writes "
-                    "loadtest.json (every turn), summary.md and loadtest.png to --out.")
-    p.add_argument("--address", default=d.address, help=f"server gRPC address (default: {d.address})")
-    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback address (servers you own)")
-    p.add_argument("--callers", type=int, default=d.callers, help=f"peak concurrent callers (default: {d.callers})")
-    p.add_argument("--ramp-up", type=float, default=d.ramp_up_s, help="seconds to go from 1 to N callers")
-    p.add_argument("--hold", type=float, default=d.hold_s, help=f"seconds at N callers (default: {d.hold_s:.0f})")
-    p.add_argument("--ramp-down", type=float, default=d.ramp_down_s, help="seconds to go from N callers to 0")
-    p.add_argument("--turns", type=int, default=d.turns_per_call, help="questions per call (default: 2)")
-    p.add_argument("--calls", type=int, default=d.calls_per_caller,
-                   help="calls per caller at most (default: 0 = until the schedule ends)")
-    p.add_argument("--pause", type=float, default=d.pause_s, help="seconds of silence between turns and calls")
-    p.add_argument("--barge-in-rate", type=float, default=d.barge_in_rate,
-                   help="share of turns that interrupt the previous answer (default: 0)")
-    p.add_argument("--max-duration", type=float, default=d.max_duration_s,
-                   help=f"hard limit on the whole test in seconds (default: {d.max_duration_s:.0f})")
-    p.add_argument("--cooldown", type=float, default=d.cooldown_s,
-                   help="seconds to keep recording replicas after the last call (shows scale-down)")
-    p.add_argument("--turn-timeout", type=float, default=d.turn_timeout_s, help="seconds to wait for an answer")
-    p.add_argument("--language", default=d.language,
-                   help="language hint (default: en; '' = the server's default, auto = detect)")
-    p.add_argument("--question", action="append", help="a question to speak (repeatable; default: built-in set)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed")
-    p.add_argument("--out", default="out/loadtest", help="output folder (default: out/loadtest)")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to read replica counts from (default: attach to a local one if running)")
-    p.add_argument("--no-replicas", action="store_true", help="do not read replica counts")
-    p.add_argument("--app-name", default=d.app_name, help="Serve application name (default: voxserve)")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.set_defaults(func=_run)
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
-    """The LoadTestConfig of parsed ``voxserve loadtest`` arguments (raises InvalidLoadTestConfig)."""
-    return LoadTestConfig(
-        address=args.address, allow_remote=args.allow_remote, callers=args.callers, ramp_up_s=args.ramp_up,
-        hold_s=args.hold, ramp_down_s=args.ramp_down, turns_per_call=args.turns, calls_per_caller=args.calls,
-        pause_s=args.pause, barge_in_rate=args.barge_in_rate, max_duration_s=args.max_duration,
-        turn_timeout_s=args.turn_timeout, cooldown_s=args.cooldown, language=args.language,
-        questions=args.question, seed=args.seed,
-        out_dir=args.out, app_name=args.app_name, progress=not args.quiet,
-        replicas="off" if args.no_replicas else (args.ray_address or "auto"))

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from deployments.server import set_local_env  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_common import local_app, local_env
 
-set_local_env(ROOT / ".cache")
+local_env()
 
 
 async def one_stream(address: str, hold_s: float) -> dict[str, Any]:
@@ -69,7 +68,9 @@ async def one_stream(address: str, hold_s: float) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
-    from clients.loadtest import LoadTestConfig, percentile, run_loadtest
+    from clients.loadtest import run_loadtest
+    from clients.loadtest_config import LoadTestConfig
+    from clients.stats import percentile
     from services.cpu import machine_record
 
     cfg = LoadTestConfig(address=address, callers=args.callers, hold_s=args.warm_s + args.after_s, turns_per_call=2,
@@ -118,14 +119,8 @@ def main() -> None:
     p.add_argument("--out", default="out/bench/admission.json", help="results JSON")
     args = p.parse_args()
 
-    from deployments.profiles import load_serve_config
-    from deployments.server import free_port, start_local
-
-    server = start_local(load_serve_config("cpu"), grpc_port=free_port())
-    try:
+    with local_app() as server:
         result = asyncio.run(run(args, server.grpc_address))
-    finally:
-        server.stop()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("burst", "probes_while_full", "running_callers")}, indent=1))

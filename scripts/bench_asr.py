@@ -20,20 +20,19 @@ import subprocess
 import sys
 import time
 import wave
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from services.asr import ASRConfig, PooledASR, WhisperASR  # noqa: E402
-from services.audio import MODEL_RATE, resample  # noqa: E402
-from services.cpu import machine_record  # noqa: E402
-from services.moonshine_asr import MoonshineASR  # noqa: E402
-from tests.conftest import normalize, word_errors  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_common import pct, versions
+from services.asr import WhisperASR
+from services.asr_base import ASRConfig, PooledASR
+from services.audio import MODEL_RATE, resample
+from services.cpu import machine_record
+from services.moonshine_asr import MoonshineASR
+from tests.conftest import normalize, word_errors
 
 #: Assistant-style requests from ~1 s to ~8 s when spoken (none of them is in the tests).
 SENTENCES = (
@@ -98,10 +97,6 @@ def with_vad_padding(audio: np.ndarray) -> np.ndarray:
                            np.zeros(int(0.2 * MODEL_RATE), np.float32)])
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 def bench_engine(engine: PooledASR, utterances: list[np.ndarray], runs: int) -> dict[str, Any]:
     engine.warm_up()
     rows: list[dict[str, Any]] = []
@@ -119,8 +114,7 @@ def bench_engine(engine: PooledASR, utterances: list[np.ndarray], runs: int) -> 
     for lo, hi in BUCKETS:
         ms = [t for r in rows if lo <= r["audio_s"] < hi for t in r["decode_ms"]]
         if ms:
-            by_bucket[f"{lo:g}-{hi:g}s"] = {"n": len(ms) // runs, "p50_ms": round(percentile(ms, 50), 1),
-                                           "p95_ms": round(percentile(ms, 95), 1)}
+            by_bucket[f"{lo:g}-{hi:g}s"] = {"n": len(ms) // runs, "p50_ms": pct(ms, 50), "p95_ms": pct(ms, 95)}
     all_ms = [t for r in rows for t in r["decode_ms"]]
     total_audio = sum(r["audio_s"] for r in rows) * runs
     return {
@@ -128,8 +122,8 @@ def bench_engine(engine: PooledASR, utterances: list[np.ndarray], runs: int) -> 
         "wer": round(sum(r["errors"] for r in rows) / sum(r["words"] for r in rows), 4),
         "exact_sentences": sum(r["errors"] == 0 for r in rows),
         "latency_by_length": by_bucket,
-        "p50_ms": round(percentile(all_ms, 50), 1),
-        "p95_ms": round(percentile(all_ms, 95), 1),
+        "p50_ms": pct(all_ms, 50),
+        "p95_ms": pct(all_ms, 95),
         "ms_per_audio_second": round(sum(all_ms) / total_audio, 1),
         "utterances": rows,
     }
@@ -156,7 +150,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "benchmark": "bench_asr",
         "machine": machine_before,
-        "versions": {p: version(p) for p in ("moonshine-voice", "faster-whisper", "onnxruntime")},
+        "versions": versions("moonshine-voice", "faster-whisper", "onnxruntime"),
         "load_s_both_engines": load_s,
         "runs": args.runs,
         "voices": {},

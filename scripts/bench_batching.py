@@ -27,30 +27,25 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from scripts.bench_asr import SENTENCES, piper_voice, with_vad_padding  # noqa: E402
-from services.asr import ASRConfig, PooledASR, WhisperASR  # noqa: E402
-from services.audio import MODEL_RATE  # noqa: E402
-from services.cpu import machine_record  # noqa: E402
-from services.moonshine_asr import MoonshineASR  # noqa: E402
-from services.turn_detection import SmartTurnModel, TurnDetectorConfig  # noqa: E402
-from services.vad import WINDOW, SileroModel, VADBatcher, VADState  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_asr import SENTENCES, piper_voice, with_vad_padding
+from scripts.bench_common import pct, versions
+from services.asr import WhisperASR
+from services.asr_base import ASRConfig, PooledASR
+from services.audio import MODEL_RATE
+from services.cpu import machine_record
+from services.moonshine_asr import MoonshineASR
+from services.turn_detection import SmartTurnModel, TurnDetectorConfig
+from services.vad import WINDOW, SileroModel, VADBatcher, VADState
 
 BATCHES = (1, 4, 8)
 #: VADBatcher ticks compared (VADConfig.batch_tick_ms).
 TICKS_MS = (4.0, 8.0, 16.0)
-
-
-def pct(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)), 1) if values else float("nan")
 
 
 # --- ASR -----------------------------------------------------------------------------------------
@@ -197,7 +192,7 @@ def main() -> None:
     utterances = [with_vad_padding(speak(s)) for s in SENTENCES]
     results: dict[str, Any] = {
         "benchmark": "bench_batching", "machine": machine, "clients": args.clients,
-        "versions": {p: version(p) for p in ("onnxruntime", "onnx", "faster-whisper", "ctranslate2")},
+        "versions": versions("onnxruntime", "onnx", "faster-whisper", "ctranslate2"),
         "utterance_s": {"min": round(min(u.size for u in utterances) / MODEL_RATE, 2),
                         "max": round(max(u.size for u in utterances) / MODEL_RATE, 2),
                         "mean": round(float(np.mean([u.size for u in utterances])) / MODEL_RATE, 2)},

@@ -29,15 +29,14 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from deployments.server import set_local_env  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_common import local_env
 
-set_local_env(ROOT / ".cache")
+local_env()
 
 from clients.audio import speech_end  # noqa: E402
-from clients.loadtest import percentile  # noqa: E402
 from clients.speech_cache import QUESTIONS, load_questions  # noqa: E402
+from clients.stats import percentile  # noqa: E402
 
 CHUNK_S = 0.02
 RATE = 16000
@@ -146,7 +145,8 @@ def summarize(rows: list[dict[str, Any]], path: str) -> dict[str, Any]:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    from services.asr import ASRConfig, ASRRouter
+    from services.asr import ASRRouter
+    from services.asr_base import ASRConfig
     from services.cpu import machine_record
     from services.llm import LLMConfig
     from services.local import LocalStages

@@ -19,13 +19,15 @@ from typing import TypeVar
 
 import numpy as np
 
-from services.asr import ASRConfig, PooledASR, WhisperASR
+from services.asr import WhisperASR
+from services.asr_base import ASRConfig, PooledASR
 from services.audio import MODEL_RATE, resample
+from services.conversation.vad_stream import VADSegmenter
 from services.cpu import machine_record
 from services.models import default_tts_voice
 from services.moonshine_asr import MoonshineASR
 from services.turn_detection import SmartTurnModel, TurnDetectorConfig
-from services.vad import WINDOW, SileroModel, StreamingVAD, VADConfig, VADState
+from services.vad import WINDOW, SileroModel, VADConfig, VADState
 
 T = TypeVar("T")
 
@@ -59,11 +61,14 @@ def bench_vad(model: SileroModel, speech: np.ndarray) -> dict[str, float]:
                           for i in range(n)])
     res["model_ms_per_chunk"] = 1000 * t / n
     # full streaming path (model + segmenter), 32 ms pushes
-    vad = StreamingVAD(model, VADConfig())
+    segmenter = VADSegmenter(VADConfig())
+    stream_state = VADState()
     t0 = time.perf_counter()
     events = []
     for i in range(n):
-        events += vad.push(audio[i * WINDOW : (i + 1) * WINDOW])
+        chunk = audio[i * WINDOW : (i + 1) * WINDOW]
+        probs, stream_state = model.probs(chunk, stream_state)
+        events += segmenter.feed(probs, chunk)
     res["stream_ms_per_chunk"] = 1000 * (time.perf_counter() - t0) / n
     res["segments_found"] = sum(1 for e in events if type(e).__name__ == "SpeechEnd")
     # 8 streams batched per step (what a shared VAD server could do)

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from services.cpu import machine_record
 from services.speech_llm import AudioArch
 
 
@@ -116,10 +116,8 @@ async def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
     audio = speech(a.audio_s)
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "load_avg_at_start": os.getloadavg(),
-                           "VLLM_ENABLE_V1_MULTIPROCESSING":
-                               os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]}, "runs": []}
+    results: dict[str, Any] = {"machine": {**machine_record(), "VLLM_ENABLE_V1_MULTIPROCESSING":
+                                           os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"]}, "runs": []}
     arch: AudioArch
     for arch in a.arch:  # one engine at a time: two may not fit in memory together
         r = await bench_arch(arch, audio, a.runs, a.max_tokens, a.kv_mib << 20)

@@ -14,15 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
-
-def _p50(values: list[float]) -> float:
-    return round(statistics.median(values), 1) if values else float("nan")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_common import local_app, local_env, pct
 
 
 async def _ask(address: str, audio: Any, native: bool) -> dict[str, Any]:
@@ -48,20 +45,18 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=4, help="spoken questions per mode (default: 4)")
     parser.add_argument("--out", default="out/bench/modes_graph.json", help="JSON results file")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    local_env()
 
     from clients.speech_cache import QUESTIONS, load_questions
-    from deployments.profiles import load_serve_config
-    from deployments.server import free_port, start_local
+    from services.cpu import machine_record
     from services.models import cache_dir
     from tests.tiny_models import build_tiny_qwen2_audio
 
     questions = load_questions(QUESTIONS[: args.questions])
     model = build_tiny_qwen2_audio(cache_dir() / "tiny" / "qwen2_audio")
-    server = start_local(load_serve_config("cpu"), grpc_port=free_port(), app_overrides={
-        "speech_llm": {"model": str(model), "max_model_len": 2048, "kv_cache_gib": 0.25}})
     rows: list[dict[str, Any]] = []
-    try:
+    with local_app(app_overrides={
+            "speech_llm": {"model": str(model), "max_model_len": 2048, "kv_cache_gib": 0.25}}) as server:
         for q in questions:
             for native in (False, True):
                 row = asyncio.run(_ask(server.grpc_address, q.audio, native))
@@ -69,22 +64,20 @@ def main() -> None:
                 rows.append(row)
                 print(f"  {row['mode']:13} v2v {row['voice_to_voice_ms'] or float('nan'):7.0f} ms  "
                       f"llm-ttft {row.get('server_llm_first_token_ms', 0):5.0f} ms  {q.text}", flush=True)
-    finally:
-        server.stop()
     table = ["| mode | voice-to-voice p50 (ms) | turn end -> first audio p50 | ASR on path p50 | "
              "LLM TTFT p50 | first transcript p50 | n |", "|---|---|---|---|---|---|---|"]
     for mode in ("cascade", "speech_native"):
         sel = [r for r in rows if r["mode"] == mode and r["status"] == "OK" and r["voice_to_voice_ms"]]
         table.append(
-            f"| {mode} | {_p50([r['voice_to_voice_ms'] for r in sel])} | "
-            f"{_p50([r.get('server_first_audio_ms', 0) for r in sel])} | "
-            f"{_p50([r.get('server_asr_ms', 0) for r in sel])} | "
-            f"{_p50([r.get('server_llm_first_token_ms', 0) for r in sel])} | "
-            f"{_p50([r['first_transcript_ms'] for r in sel if r['first_transcript_ms']])} | {len(sel)} |")
+            f"| {mode} | {pct([r['voice_to_voice_ms'] for r in sel], 50)} | "
+            f"{pct([r.get('server_first_audio_ms', 0) for r in sel], 50)} | "
+            f"{pct([r.get('server_asr_ms', 0) for r in sel], 50)} | "
+            f"{pct([r.get('server_llm_first_token_ms', 0) for r in sel], 50)} | "
+            f"{pct([r['first_transcript_ms'] for r in sel if r['first_transcript_ms']], 50)} | {len(sel)} |")
     print("\n".join(table))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    out.write_text(json.dumps({"machine": machine_record(),
                                "rows": rows, "table": table}, indent=1))
     out.with_suffix(".md").write_text("\n".join(table) + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")

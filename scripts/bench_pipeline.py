@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import statistics
 import sys
@@ -37,42 +36,28 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from deployments.server import set_local_env  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_common import local_app, local_env, versions
 
-set_local_env(ROOT / ".cache")
+local_env()
 
-from clients.loadtest import percentile  # noqa: E402
 from clients.speech_cache import QUESTIONS, SpokenQuestion, load_questions  # noqa: E402
+from clients.stats import percentile  # noqa: E402
+from services.cpu import machine_record  # noqa: E402
 
 CHUNK_MS = 20
 LEAD_SILENCE_S = 0.3
 
 
 def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor()
-    with_path = Path("/proc/cpuinfo")
-    if with_path.is_file():
-        for line in with_path.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    """What the numbers were measured on: the machine record, memory, platform and package versions."""
     mem_gib = 0.0
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
         kb = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
         mem_gib = kb / 1024 / 1024
-    versions = {}
-    for mod in ("ray", "vllm", "faster_whisper", "piper", "onnxruntime", "grpc"):
-        try:
-            versions[mod] = getattr(__import__(mod), "__version__", "?")
-        except Exception:
-            versions[mod] = "not installed"
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1),
-            "load_avg_at_start": os.getloadavg(), "python": platform.python_version(),
-            "platform": platform.platform(), "versions": versions}
+    return {**machine_record(), "memory_gib": round(mem_gib, 1), "platform": platform.platform(),
+            "versions": versions("ray", "vllm", "faster_whisper", "piper", "onnxruntime", "grpc")}
 
 
 def app_args() -> Any:
@@ -290,21 +275,13 @@ async def hop_overhead(iters: int) -> dict[str, Any]:
 
 
 def run_ray(questions: list[SpokenQuestion], repeats: int, hop_iters: int, grpc_port: int) -> dict[str, Any]:
-    from deployments.profiles import load_serve_config
-    from deployments.server import free_port, start_local
-
-    t0 = time.perf_counter()
-    server = start_local(load_serve_config("cpu"), grpc_port=grpc_port or free_port())
-    print(f"ray app ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    try:
+    with local_app(grpc_port=grpc_port) as server:
         async def both() -> dict[str, Any]:
             turns = await ray_turns(server.grpc_address, questions, repeats)
             hops = await hop_overhead(hop_iters) if hop_iters else {}
             return {"turns": turns, "hops": hops}
 
         return asyncio.run(both())
-    finally:
-        server.stop()
 
 
 # --- report -------------------------------------------------------------------------------------------

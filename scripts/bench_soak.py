@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from deployments.server import set_local_env  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_common import local_app, local_env
 
-set_local_env(ROOT / ".cache")
+local_env()
 
 MiB = 1024 * 1024
 
@@ -89,7 +88,9 @@ async def idle_sessions(address: str, n: int, hold_s: float) -> list[Any]:
 
 
 async def run(args: argparse.Namespace, address: str) -> dict[str, Any]:
-    from clients.loadtest import LoadTestConfig, run_loadtest, summary_dict
+    from clients.loadtest import run_loadtest
+    from clients.loadtest_config import LoadTestConfig
+    from clients.loadtest_report import summary_dict
     from services.cpu import machine_record
 
     result: dict[str, Any] = {"machine": machine_record(), "args": vars(args)}
@@ -170,14 +171,8 @@ def main() -> None:
     p.add_argument("--out", default="out/bench/soak", help="output folder")
     args = p.parse_args()
 
-    from deployments.profiles import load_serve_config
-    from deployments.server import free_port, start_local
-
-    server = start_local(load_serve_config("cpu"), grpc_port=free_port())
-    try:
+    with local_app() as server:
         result = asyncio.run(run(args, server.grpc_address))
-    finally:
-        server.stop()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(result, indent=1))

@@ -29,21 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from deployments.server import set_local_env  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.bench_common import local_app, local_env
 
-set_local_env(ROOT / ".cache")
+local_env()
 
-from clients.loadtest import (  # noqa: E402
-    LoadTestConfig,
-    LoadTestReport,
-    run_loadtest,
-    summarize,
-    summary_dict,
-    write_outputs,
-)
+from clients.loadtest import run_loadtest  # noqa: E402
+from clients.loadtest_config import LoadTestConfig  # noqa: E402
+from clients.loadtest_report import LoadTestReport, summarize, summary_dict, write_outputs  # noqa: E402
 from clients.speech_cache import load_questions  # noqa: E402
+from services.cpu import machine_record  # noqa: E402
 
 #: Sweep variants: app overrides and whether Serve's direct ingress is on.
 VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
@@ -55,30 +50,13 @@ VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
 }
 
 
-def start(overrides: dict[str, Any] | None = None, direct_ingress: bool = False) -> Any:
-    from deployments.profiles import load_serve_config
-    from deployments.server import free_port, start_local
-
-    t0 = time.perf_counter()
-    server = start_local(load_serve_config("cpu", overrides), grpc_port=free_port(), direct_ingress=direct_ingress)
-    print(f"app ready in {time.perf_counter() - t0:.0f} s at {server.grpc_address}", file=sys.stderr, flush=True)
-    return server
-
-
-def _machine() -> dict[str, Any]:
-    from services.cpu import machine_record
-
-    return machine_record()
-
-
 def sweep_variant(a: argparse.Namespace, out: Path, name: str) -> dict[str, Any]:
     levels = [int(x) for x in a.levels.split(",")]
     questions = load_questions()
     overrides, direct = VARIANTS[name]
-    server = start(overrides, direct)
-    address = server.direct_grpc_address or server.grpc_address
     rows: list[dict[str, Any]] = []
-    try:
+    with local_app(overrides, direct_ingress=direct) as server:
+        address = server.direct_grpc_address or server.grpc_address
         for n in levels:
             # a short spread keeps callers from speaking in lockstep; the hold is what is measured
             ramp = min(10.0, 2.0 * (n - 1))
@@ -99,8 +77,6 @@ def sweep_variant(a: argparse.Namespace, out: Path, name: str) -> dict[str, Any]
             print(summarize(report), file=sys.stderr, flush=True)
             if not row["under_target"] and not a.keep_going:
                 break
-    finally:
-        server.stop()
     best = max((r["callers"] for r in rows if r["under_target"]), default=0)
     return {"levels": rows, "target_ms": a.target_ms, "max_callers_under_target": best}
 
@@ -160,15 +136,12 @@ def sweep_plot(res: dict[str, Any], path: Path) -> None:
 def autoscale(a: argparse.Namespace, out: Path) -> tuple[LoadTestReport, dict[str, Any]]:
     delays = {"upscale_delay_s": a.upscale_delay, "downscale_delay_s": a.downscale_delay}
     deployments = {name: {"autoscaling_config": dict(delays)} for name in ("ASR", "LLM", "TTS", "Gateway")}
-    server = start({"deployments": deployments})
-    try:
+    with local_app({"deployments": deployments}) as server:
         cfg = LoadTestConfig(address=server.grpc_address, callers=a.callers, ramp_up_s=a.ramp_up, hold_s=a.hold,
                              ramp_down_s=a.ramp_down, turns_per_call=a.turns, pause_s=a.pause,
                              barge_in_rate=a.barge_in_rate, cooldown_s=a.cooldown,
                              max_duration_s=a.ramp_up + a.hold + a.ramp_down + 300, progress=not a.quiet)
         report = asyncio.run(run_loadtest(cfg))
-    finally:
-        server.stop()
     paths = write_outputs(report, out / "autoscale")
     return report, {"paths": {k: str(v) for k, v in paths.items()}, "autoscaling_overrides": delays}
 
@@ -198,7 +171,7 @@ def main() -> int:
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"machine": _machine(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    result: dict[str, Any] = {"machine": machine_record(), "command": " ".join([Path(sys.executable).name, *sys.argv])}
     md: list[str] = []
     t0 = time.perf_counter()
     if a.mode in ("sweep", "both"):

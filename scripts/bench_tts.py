@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.conversation.tts_stream import TTSStream
 from services.tts import PiperTTS, TTSConfig
 
 LONG_SENTENCE = (
@@ -61,7 +62,9 @@ async def whole_text(tts: PiperTTS, text: str, delay_s: float) -> dict[str, floa
 async def streamed(tts: PiperTTS, text: str, tokens_per_s: float) -> dict[str, Any]:
     """(b): push token deltas (0 rate = all at once) into a TTSStream."""
     deltas = token_deltas(text)
-    stream = tts.stream()
+    cfg = tts.config
+    stream = TTSStream(tts.synthesize, sample_rate=tts.sample_rate, chunker=cfg.chunker,
+                       audio_queue=cfg.audio_queue, max_pending_chunks=cfg.max_pending_chunks)
     t0 = time.perf_counter()
 
     async def feed() -> None:
@@ -79,7 +82,7 @@ async def streamed(tts: PiperTTS, text: str, tokens_per_s: float) -> dict[str, A
     async for piece in stream:
         if first is None:
             first, first_text = time.perf_counter() - t0, piece.text
-        samples += piece.pcm.size
+        samples += len(piece.pcm) // 2 if isinstance(piece.pcm, bytes) else piece.pcm.size  # PCM16 or float32
         chunks += piece.is_last_in_chunk
     total = time.perf_counter() - t0
     await feeder

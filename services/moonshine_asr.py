@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from services.asr import ASRConfig, DecodeRequest, PooledASR, Transcript
+from services.asr_base import ASRConfig, DecodeRequest, PooledASR, Transcript
 from services.audio import MODEL_RATE
 from services.batching import Deliver
 from services.errors import InvalidArgument, NotFound

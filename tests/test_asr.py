@@ -8,17 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from services.asr import (
-    ASRConfig,
-    ASREngine,
-    ASRRouter,
-    PartialTranscriber,
-    Transcript,
-    WhisperASR,
-    engines_for,
-    requested_language,
-    whisper_name,
-)
+from services.asr import ASRRouter, PartialTranscriber, WhisperASR, engines_for, whisper_name
+from services.asr_base import ASRConfig, ASREngine, Transcript, requested_language
 from services.audio import MODEL_RATE, resample
 from services.batching import Priority
 from services.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
@@ -267,7 +258,7 @@ def test_moonshine_only_router_refuses_other_languages(moonshine: MoonshineASR) 
 def test_asr_deployment_warms_every_engine() -> None:
     """The first turn after start must not pay for first-decode set-up: warm-up ran for both
     engines before the deployment took traffic (structure, not timing)."""
-    from deployments.stages import ASRDeployment
+    from deployments.stage_deployments import ASRDeployment
 
     deployment = ASRDeployment.func_or_class()  # type: ignore[attr-defined]  # the plain class, no Ray
     try:

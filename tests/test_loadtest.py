@@ -15,27 +15,20 @@ from typing import Any
 import pytest
 
 from clients.errors import InvalidInput, MissingPackage
-from clients.loadtest import (
+from clients.loadtest import caller_window, check_address, classify_error, run_loadtest, target_callers
+from clients.loadtest_cli import add_parser, cmd_loadtest, config_from_args
+from clients.loadtest_config import InvalidLoadTestConfig, LoadTestConfig
+from clients.loadtest_report import (
     CallRecord,
-    InvalidLoadTestConfig,
-    LoadTestConfig,
     LoadTestReport,
     Sample,
     TurnRecord,
-    add_parser,
-    caller_window,
-    check_address,
-    classify_error,
-    cmd_loadtest,
-    config_from_args,
-    percentile,
     plot,
-    run_loadtest,
     summarize,
     summary_dict,
-    target_callers,
     write_outputs,
 )
+from clients.stats import percentile
 from deployments.metrics import METRICS, GatewayMetrics, StageMetrics
 from services.conversation import events as ev
 from services.errors import InvalidArgument

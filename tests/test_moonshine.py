@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.asr import ASRConfig, ASREngine, PartialTranscriber, Transcript
+from services.asr import PartialTranscriber
+from services.asr_base import ASRConfig, ASREngine, Transcript
 from services.audio import MODEL_RATE
 from services.batching import Priority
 from services.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted, Unavailable
