@@ -8,7 +8,7 @@ from ray.serve import Application
 
 from deployments.config import ASR, GATEWAY, LLM, TTS, VAD, AppArgs
 from deployments.gateway import Gateway
-from deployments.stages import ASRDeployment, LLMDeployment, TTSDeployment, VADDeployment
+from deployments.stage_deployments import ASRDeployment, LLMDeployment, TTSDeployment, VADDeployment
 
 
 def build_app(args: dict[str, Any] | None = None,

@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     # the options only: clients.loadtest (gRPC, the load tester) is imported when the command runs
-    from clients.loadtest_config import add_parser as add_loadtest_parser
+    from clients.loadtest_cli import add_parser as add_loadtest_parser
 
     add_loadtest_parser(sub)
 

@@ -52,10 +52,13 @@ class LocalServer:
 def start_local(serve_config: dict[str, Any], *, grpc_port: int | None = None, http_port: int | None = None,
                 num_cpus: int | None = None, object_store_mb: int = 256, app_overrides: dict[str, Any] | None = None,
                 timeout_s: float = 600.0, http_host: str = "127.0.0.1",
-                direct_ingress: bool = False) -> LocalServer:
+                direct_ingress: bool = False,
+                deployment_options: dict[str, dict[str, Any]] | None = None) -> LocalServer:
     """Start Ray + Serve in this machine and deploy the app described by a Serve config dict.
 
     ``app_overrides`` is merged into the app's ``args`` (e.g. {"gateway": {"max_sessions": 4}}).
+    ``deployment_options`` adds ``.options(...)`` per deployment name on top of the config's
+    ``deployments:`` entries (the tests deploy subclasses that expose more: ``func_or_class``).
     Ray's logical CPUs default to at least 8 so that replicas of every stage fit on a small machine:
     stages are mostly idle between turns, and the OS shares the real cores.
     """
@@ -70,6 +73,8 @@ def start_local(serve_config: dict[str, Any], *, grpc_port: int | None = None, h
     app = config["applications"][0]
     args = _merge(app.get("args", {}), app_overrides or {})
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
+    for name, extra in (deployment_options or {}).items():
+        options[name] = {**options.get(name, {}), **extra}
     grpc_port = grpc_port or int(config.get("grpc_options", {}).get("port", 9000))
     http_port = http_port or free_port()
 

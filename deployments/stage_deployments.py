@@ -7,7 +7,6 @@ override them per profile (replicas, CPUs, GPU fractions).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -93,12 +92,16 @@ class LLMDeployment:
         self.metrics = StageMetrics("llm")
         self.engine = await LLMEngine.create(_fixed(self.config))  # vLLM starts in a thread (~15 s on CPU)
         self.audio_engine: LLMEngine | None = self.engine if self.engine.supports_audio else None
-        if speech_config is not None:
-            self.audio_engine = await LLMEngine.create(_fixed(LLMConfig.model_validate(speech_config)))
-            if not self.audio_engine.supports_audio:
-                raise ValueError(f"speech_llm model {self.audio_engine.model} is not an audio LLM")
-        async with self.engine.stream_chat([{"role": "user", "content": WARMUP_TEXT}], max_tokens=2) as warm:
-            _ = [d async for d in warm]
+        try:
+            if speech_config is not None:
+                self.audio_engine = await LLMEngine.create(_fixed(LLMConfig.model_validate(speech_config)))
+                if not self.audio_engine.supports_audio:
+                    raise ValueError(f"speech_llm model {self.audio_engine.model} is not an audio LLM")
+            async with self.engine.stream_chat([{"role": "user", "content": WARMUP_TEXT}], max_tokens=2) as warm:
+                _ = [d async for d in warm]
+        except BaseException:
+            self._shutdown_engines()  # a replica that fails to start must not leave its engines to the collector
+            raise
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int | None = None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:
@@ -123,26 +126,25 @@ class LLMDeployment:
         """Tokens of ``text`` for the text LLM (the gateway checks system prompts with it)."""
         return self.engine.count_tokens(text)
 
-    async def num_unfinished(self) -> int:
-        return sum(e.num_unfinished_requests() for e in self._engines())
-
-    async def recent_requests(self, n: int = 16) -> list[dict[str, Any]]:
-        """The latest LLM requests (newest last), finished or aborted: finish reason ("stop",
-        "length", "abort", "error"), tokens, timing, and audio samples for speech-native turns."""
-        rows = [{**dataclasses.asdict(s), "engine": e.model, "audio_arch": e.audio_arch or ""}
-                for e in self._engines() for s in e.recent]
-        rows.sort(key=lambda r: r["finished_at"])
-        return rows[-n:]
+    async def stats(self) -> dict[str, Any]:
+        """What the engines hold now (operators, autoscaling): requests vLLM still tracks, running
+        or queued (0 once every stream ended or was aborted: a hang-up leaves none behind)."""
+        return {"unfinished_requests": sum(e.num_unfinished_requests() for e in self._engines())}
 
     async def info(self) -> dict[str, Any]:
         return {"model": self.config.model or "SmolLM2-135M-Instruct (embedded)",
                 "speech_model": self.audio_engine.model if self.audio_engine else "",
                 "speech_native": self.audio_engine is not None}
 
-    def __del__(self) -> None:
+    def _shutdown_engines(self) -> None:
+        """Stop vLLM's engines (idempotent)."""
         engines = (getattr(self, "engine", None), getattr(self, "audio_engine", None))
         for engine in {id(e): e for e in engines if e is not None}.values():
             engine.shutdown()
+
+    def __del__(self) -> None:
+        # Serve's shutdown hook: it calls __del__ when it stops a replica.
+        self._shutdown_engines()
 
 
 @serve.deployment(name="TTS", max_ongoing_requests=8, ray_actor_options={"num_cpus": 1})

@@ -88,7 +88,7 @@ async def unfinished_llm_requests(within_s: float = 15.0) -> int:
     llm = handle("LLM")
     n = -1
     for _ in range(int(within_s / 0.25)):
-        n = await llm.num_unfinished.remote()
+        n = (await llm.stats.remote())["unfinished_requests"]
         if n == 0:
             return 0
         await asyncio.sleep(0.25)

@@ -33,9 +33,10 @@ CONFIG = pb.SessionConfig(input_encoding=pb.PCM16, input_sample_rate=16000, lang
 @pytest.fixture(scope="module")
 def server():  # type: ignore[no-untyped-def]
     from deployments.profiles import load_serve_config
-    from deployments.server import free_port, start_local
+    from deployments.server import free_port
+    from tests.graph_app import start_observed
 
-    srv = start_local(load_serve_config("cpu"), grpc_port=free_port(), app_overrides={
+    srv = start_observed(load_serve_config("cpu"), grpc_port=free_port(), app_overrides={
         "gateway": {"max_sessions": MAX_SESSIONS, "max_stream_s": MAX_STREAM_S, "first_message_timeout_s": 5,
                     "client_audio_timeout_s": AUDIO_TIMEOUT_S}})
     yield srv

@@ -1,12 +1,18 @@
-"""Validation of client input and the event -> protobuf mapping (no Ray, no models)."""
+"""The gRPC transport's mapping (deployments/grpc): SessionConfig validation, the stream's audio
+wire, the event -> protobuf mapping and status codes (no Ray, no models)."""
 
 from __future__ import annotations
 
 import pytest
 
 from deployments.config import AppArgs
-from deployments.protocol import check_text, decode_audio, event_to_proto, settings_from_config, status_code
+from deployments.grpc.mapper import event_to_proto
+from deployments.grpc.session_config import settings_from_config
+from deployments.grpc.status import status_code
+from deployments.grpc.wire import AudioWire
+from deployments.session_checks import check_text
 from protos.voxserve.v1 import voice_pb2 as pb
+from services.codecs import AudioEncoding
 from services.conversation import SPEECH_NATIVE
 from services.conversation import events as ev
 from services.errors import FailedPrecondition, InvalidArgument, OutOfRange, ResourceExhausted, VoxError
@@ -62,34 +68,59 @@ def test_text_turn_checks() -> None:
         check_text("x" * 101, 100)
 
 
-@pytest.mark.parametrize("cfg,error", [
-    ({"input_encoding": pb.FLOAT32}, InvalidArgument),
-    ({"input_sample_rate": 11025}, OutOfRange),
-    ({"output_sample_rate": 96000}, OutOfRange),
-    ({"language": "english"}, InvalidArgument),
-    ({"vad": pb.VADSettings(threshold=0.99)}, OutOfRange),
-    ({"vad": pb.VADSettings(min_silence_ms=20000)}, OutOfRange),
-    ({"turn_detection": pb.TurnDetectionSettings(max_silence_ms=50)}, OutOfRange),
-    ({"interruptions": pb.InterruptionSettings(min_words=50)}, OutOfRange),
-    ({"output_encoding": pb.FLOAT32}, InvalidArgument),
-    ({"max_response_tokens": 100000}, OutOfRange),
-    ({"system_prompt": "x" * 9000}, OutOfRange),
-    ({"voice": "nonexistent"}, InvalidArgument),
-    ({"response_mode": pb.SPEECH_NATIVE}, FailedPrecondition),
+@pytest.mark.parametrize("cfg,error,field", [
+    ({"input_encoding": pb.FLOAT32}, InvalidArgument, "FLOAT32"),
+    ({"input_sample_rate": 11025}, OutOfRange, "11025"),
+    ({"output_sample_rate": 96000}, OutOfRange, "96000"),
+    ({"language": "english"}, InvalidArgument, "language"),
+    ({"vad": pb.VADSettings(threshold=0.99)}, OutOfRange, "vad.threshold must be within [0.05, 0.95]"),
+    ({"vad": pb.VADSettings(min_speech_ms=2500)}, OutOfRange, "vad.min_speech_ms must be within [0, 2000]"),
+    ({"vad": pb.VADSettings(pre_roll_ms=1500)}, OutOfRange, "vad.pre_roll_ms must be within [0, 1000]"),
+    ({"vad": pb.VADSettings(min_silence_ms=20000)}, OutOfRange, "vad.min_silence_ms must be within [50, 5000]"),
+    # the older vad.min_silence_ms is ignored when turn_detection's is given, but must still be valid
+    ({"vad": pb.VADSettings(min_silence_ms=20000), "turn_detection": pb.TurnDetectionSettings(min_silence_ms=500)},
+     OutOfRange, "vad.min_silence_ms must be within [50, 5000]"),
+    ({"turn_detection": pb.TurnDetectionSettings(min_silence_ms=20)}, OutOfRange,
+     "turn_detection.min_silence_ms must be within [50, 5000]"),
+    ({"turn_detection": pb.TurnDetectionSettings(max_silence_ms=50)}, OutOfRange,
+     "turn_detection.max_silence_ms must be within [100, 10000]"),
+    ({"interruptions": pb.InterruptionSettings(min_words=50)}, OutOfRange,
+     "interruptions.min_words must be within [0, 20]"),
+    ({"interruptions": pb.InterruptionSettings(min_duration_ms=6000)}, OutOfRange,
+     "interruptions.min_duration_ms must be within [0, 5000]"),
+    ({"interruptions": pb.InterruptionSettings(backchannels=["x" * 65])}, OutOfRange, "interruptions.backchannels"),
+    ({"output_encoding": pb.FLOAT32}, InvalidArgument, "FLOAT32"),
+    ({"max_response_tokens": 100000}, OutOfRange, "max_response_tokens must be at most 2048"),
+    ({"system_prompt": "x" * 9000}, OutOfRange, "system_prompt is 9000 characters long"),
+    ({"voice": "nonexistent"}, InvalidArgument, "unknown voice 'nonexistent'"),
+    ({"response_mode": pb.SPEECH_NATIVE}, FailedPrecondition, "speech-native"),
 ])
-def test_bad_config_is_rejected_with_its_code(cfg: dict, error: type[VoxError]) -> None:
+def test_bad_config_is_rejected_with_its_code(cfg: dict, error: type[VoxError], field: str) -> None:
     with pytest.raises(error) as info:
         settings(**cfg)
-    assert info.value.message
+    assert field in info.value.message, info.value.message
     assert status_code(info.value).name == error.code
 
 
+def test_a_longest_silence_below_the_shortest_is_raised_to_it() -> None:
+    s = settings(turn_detection=pb.TurnDetectionSettings(min_silence_ms=2000, max_silence_ms=1000))
+    assert (s.turn.min_silence_ms, s.turn.max_silence_ms) == (2000, 2000)
+    assert settings(vad=pb.VADSettings(min_silence_ms=1800)).turn.max_silence_ms == 1800  # server default 1500
+
+
+def test_session_settings_do_not_share_the_deployment_defaults() -> None:
+    s = settings(vad=pb.VADSettings(threshold=0.6))
+    assert s.vad.threshold == pytest.approx(0.6) and ARGS.vad.threshold == 0.5
+    assert s.turn is not ARGS.gateway.turn and s.interruptions is not ARGS.gateway.interruptions
+
+
 def test_audio_decoding_limits() -> None:
-    assert decode_audio(b"\x00\x00" * 10, 1024).size == 10
+    wire = AudioWire(AudioEncoding.PCM16, 16000, max_bytes=1024)
+    assert wire.decode(b"\x00\x00" * 10).size == 10
     with pytest.raises(InvalidArgument):
-        decode_audio(b"\x00" * 3, 1024)
+        wire.decode(b"\x00" * 3)
     with pytest.raises(ResourceExhausted):
-        decode_audio(b"\x00" * 2048, 1024)
+        wire.decode(b"\x00" * 2048)
 
 
 def test_every_event_maps_to_protobuf() -> None:

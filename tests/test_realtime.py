@@ -1,6 +1,6 @@
 """The OpenAI Realtime adapter on fake stages (tests/fakes.py), through a real WebSocket: the app of
-deployments/realtime.py served by uvicorn in this process, driven by the `websockets` client and
-by the official `openai` SDK. Every server event is checked against the SDK's own event types.
+deployments/realtime/endpoint.py served by uvicorn in this process, driven by the `websockets` client
+and by the official `openai` SDK. Every server event is checked against the SDK's own event types.
 The same endpoint over the real Ray Serve app and models: tests/test_realtime_graph.py."""
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from openai.types.realtime import RealtimeServerEvent
 
 from deployments.auth import KEY_SUBPROTOCOL_PREFIX, ApiKeyAuth
 from deployments.config import AppArgs
-from deployments.realtime import RealtimeAdapter, create_app
-from deployments.realtime_protocol import EventMapper, RealtimeConfig
+from deployments.realtime.endpoint import RealtimeAdapter, create_app
+from deployments.realtime.mapper import EventMapper
+from deployments.realtime.session_config import RealtimeConfig
 from deployments.server import free_port
 from deployments.sessions import SessionHub
 from services.audio import float_to_pcm16, resample

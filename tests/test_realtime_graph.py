@@ -35,9 +35,10 @@ CHROMIUM = "/usr/bin/chromium"
 @pytest.fixture(scope="module")
 def server():  # type: ignore[no-untyped-def]
     from deployments.profiles import load_serve_config
-    from deployments.server import free_port, start_local
+    from deployments.server import free_port
+    from tests.graph_app import start_observed
 
-    srv = start_local(load_serve_config("cpu"), grpc_port=free_port(), app_overrides={
+    srv = start_observed(load_serve_config("cpu"), grpc_port=free_port(), app_overrides={
         "gateway": {"max_sessions": 4, "max_stream_s": 120}})
     yield srv
     srv.stop()

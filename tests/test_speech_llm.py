@@ -11,6 +11,7 @@ before starting the next.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import uuid
@@ -113,10 +114,17 @@ async def engine(request: pytest.FixtureRequest, tiny_models: dict[str, Path], v
         **engine_kwargs(arch, max_audio_s=10.0),
     )
     eng = AsyncLLM.from_engine_args(args)
+    held = [arch, eng]  # what the tests unpack; emptied at teardown so that the engine is freed then
     try:
-        yield arch, eng
+        yield held
     finally:
         eng.shutdown()
+        # AsyncLLM.__del__ shuts down once more: an engine left to the interpreter's exit runs it
+        # after vLLM's module globals are gone ("Exception ignored in AsyncLLM.__del__ ...
+        # TypeError: 'NoneType' object is not callable"). Free it now, while they are there.
+        held.clear()
+        del eng
+        gc.collect()
 
 
 def _params(max_tokens: int, ignore_eos: bool = False) -> Any:

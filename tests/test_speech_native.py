@@ -30,12 +30,13 @@ NATIVE = pb.SessionConfig(input_sample_rate=16000, language="en", response_mode=
 @pytest.fixture(scope="module")
 def server():  # type: ignore[no-untyped-def]
     from deployments.profiles import load_serve_config
-    from deployments.server import free_port, start_local
+    from deployments.server import free_port
     from services.models import cache_dir
+    from tests.graph_app import start_observed
     from tests.tiny_models import build_tiny_qwen2_audio
 
     model = build_tiny_qwen2_audio(cache_dir() / "tiny" / QWEN2_AUDIO)
-    srv = start_local(load_serve_config("cpu"), grpc_port=free_port(), app_overrides={
+    srv = start_observed(load_serve_config("cpu"), grpc_port=free_port(), app_overrides={
         "speech_llm": {"model": str(model), "max_model_len": 2048, "kv_cache_gib": 0.25, "max_audio_s": 30}})
     yield srv
     srv.stop()
