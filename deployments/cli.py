@@ -25,16 +25,27 @@ DEFAULT_QUESTION = "What is the capital of France?"
 def cmd_models(args: argparse.Namespace) -> int:
     from services import models
     from services.errors import VoxError
+    from services.llm_engines import ct2_status, prepare_ct2
 
     if args.cache:
         os.environ[models.CACHE_ENV] = args.cache
     if args.action == "list":
         print(f"cache: {models.cache_dir()}")
-        for name, state, path in models.status():
+        rows = models.status()
+        rows.append(ct2_status(str(models.cache_dir() / models.LLM_DIR)))
+        if args.llm:
+            rows.append(ct2_status(args.llm))
+        for name, state, path in rows:
             print(f"  {name:4} {state:16} {path}")
         return 0
+    only = args.only.split(",") if args.only else None
     try:
-        results = models.prepare(args.only.split(",") if args.only else None, progress=not args.quiet)
+        results = models.prepare(only, progress=not args.quiet)
+        # the CPU engine's copy of the default LLM (and of the user's model with --llm): converted once
+        if only is None or "llm" in only:
+            results.append(prepare_ct2(models.default_llm_model()))
+        if args.llm:
+            results.append(prepare_ct2(models.resolve(args.llm, models.default_llm_model)))
     except VoxError as exc:
         print(f"voxserve models prepare: {exc}", file=sys.stderr)
         return 2
@@ -267,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache", help="cache folder (default: $VOXSERVE_CACHE or ~/.cache/voxserve)")
     m.add_argument("--only", help="comma-separated subset of vad,asr,llm,tts")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
+    m.add_argument("--llm", metavar="MODEL",
+                   help="also convert this LLM (HF folder or hub id, as for llm.model) for the CTranslate2 engine")
     m.set_defaults(func=cmd_models)
 
     s = sub.add_parser("serve", help="run the voice pipeline on a local Ray cluster until Ctrl-C/SIGTERM")

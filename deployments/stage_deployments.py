@@ -19,7 +19,8 @@ from services.asr import ASRConfig, ASRRouter
 from services.audio import StreamResampler, float_to_pcm16
 from services.batching import Priority
 from services.errors import FailedPrecondition
-from services.llm import LLMConfig, LLMEngine, coalesce_deltas
+from services.llm import ChatEngine, LLMConfig, coalesce_deltas
+from services.llm_engines import create_llm_engine
 from services.tts import PiperTTS, TTSConfig
 from services.vad import SileroModel, VADConfig, VADState
 
@@ -90,11 +91,12 @@ class LLMDeployment:
                        speech_config: dict[str, Any] | None = None) -> None:
         self.config = LLMConfig.model_validate(config or {})
         self.metrics = StageMetrics("llm")
-        self.engine = await LLMEngine.create(_fixed(self.config))  # vLLM starts in a thread (~15 s on CPU)
-        self.audio_engine: LLMEngine | None = self.engine if self.engine.supports_audio else None
+        # llm.engine picks CTranslate2 or vLLM (logged); either starts in a thread (vLLM ~15 s on CPU)
+        self.engine = await create_llm_engine(_fixed(self.config))
+        self.audio_engine: ChatEngine | None = self.engine if self.engine.supports_audio else None
         try:
             if speech_config is not None:
-                self.audio_engine = await LLMEngine.create(_fixed(LLMConfig.model_validate(speech_config)))
+                self.audio_engine = await create_llm_engine(_fixed(LLMConfig.model_validate(speech_config)))
                 if not self.audio_engine.supports_audio:
                     raise ValueError(f"speech_llm model {self.audio_engine.model} is not an audio LLM")
             async with self.engine.stream_chat([{"role": "user", "content": WARMUP_TEXT}], max_tokens=2) as warm:
@@ -105,7 +107,7 @@ class LLMDeployment:
 
     async def generate(self, messages: list[dict[str, str]], max_tokens: int | None = None,
                        audio: np.ndarray | None = None) -> AsyncIterator[str]:
-        # A cancelled caller cancels this generator; closing the stream aborts the vLLM request.
+        # A cancelled caller cancels this generator; closing the stream aborts the engine's request.
         if audio is None:
             stream = self.engine.stream_chat(messages, max_tokens=max_tokens)
         elif self.audio_engine is None:
@@ -119,7 +121,7 @@ class LLMDeployment:
                 async for piece in coalesce_deltas(stream, cfg.delta_interval_ms / 1000, cfg.delta_eager_words):
                     yield piece
 
-    def _engines(self) -> list[LLMEngine]:
+    def _engines(self) -> list[ChatEngine]:
         return [self.engine] + ([self.audio_engine] if self.audio_engine not in (None, self.engine) else [])
 
     async def count_tokens(self, text: str) -> int:
@@ -127,17 +129,17 @@ class LLMDeployment:
         return self.engine.count_tokens(text)
 
     async def stats(self) -> dict[str, Any]:
-        """What the engines hold now (operators, autoscaling): requests vLLM still tracks, running
+        """What the engines hold now (operators, autoscaling): requests the engines still track, running
         or queued (0 once every stream ended or was aborted: a hang-up leaves none behind)."""
         return {"unfinished_requests": sum(e.num_unfinished_requests() for e in self._engines())}
 
     async def info(self) -> dict[str, Any]:
-        return {"model": self.config.model or "SmolLM2-135M-Instruct (embedded)",
+        return {"model": self.config.model or "SmolLM2-135M-Instruct (embedded)", "engine": self.engine.name,
                 "speech_model": self.audio_engine.model if self.audio_engine else "",
                 "speech_native": self.audio_engine is not None}
 
     def _shutdown_engines(self) -> None:
-        """Stop vLLM's engines (idempotent)."""
+        """Stop the LLM engines (idempotent)."""
         engines = (getattr(self, "engine", None), getattr(self, "audio_engine", None))
         for engine in {id(e): e for e in engines if e is not None}.values():
             engine.shutdown()

@@ -9,6 +9,7 @@ an engine that finds no converted copy converts it at start, into the same cache
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from services.llm import ChatEngine, LLMConfig, LLMEngine
-from services.llm_ctranslate2 import CT2Engine, compute_type, convert, is_ctranslate2_folder
+from services.llm_ctranslate2 import CT2Engine, convert, is_ctranslate2_folder
 from services.models import LLM_DIR, PrepareResult, cache_dir, default_llm_model, resolve
 
 log = logging.getLogger(__name__)
@@ -74,15 +75,24 @@ def prepare_ct2(source: str, quantization: str = "int8", cache: Path | None = No
     return PrepareResult("llm-ct2", str(out), "prepared", time.monotonic() - t0)
 
 
-async def create_llm_engine(cfg: LLMConfig) -> ChatEngine:
-    """Start the engine ``cfg`` asks for (without blocking the event loop for long)."""
-    import asyncio
-
+def create_llm_engine_sync(cfg: LLMConfig) -> ChatEngine:
+    """Start the engine ``cfg`` asks for (blocks the calling thread while the model loads)."""
     model = resolve(cfg.model, default_llm_model)
     engine = choose_engine(cfg, model)
     log.info("LLM engine: %s for %s (llm.engine=%s)", engine, model, cfg.engine)
     if engine == "vllm":
-        return await LLMEngine.create(cfg)
-    folder = model if is_ctranslate2_folder(model) else (
-        await asyncio.to_thread(prepare_ct2, model, compute_type(cfg.ct2_compute_type).split("_")[0])).path
-    return await CT2Engine.create(cfg, folder)
+        return LLMEngine.create_sync(cfg)
+    folder = model if is_ctranslate2_folder(model) else prepare_ct2(model).path
+    return CT2Engine.create_sync(cfg, folder)
+
+
+def ct2_status(source: str) -> tuple[str, str, str]:
+    """(name, state, path) of the CTranslate2 copy of ``source``, for `voxserve models list`."""
+    out = ct2_folder(source, "int8")
+    ready = is_ctranslate2_folder(str(out)) and (out / _STAMP).is_file()
+    return "llm-ct2", "ready" if ready else "not prepared", str(out)
+
+
+async def create_llm_engine(cfg: LLMConfig) -> ChatEngine:
+    """``create_llm_engine_sync`` in a worker thread: the event loop keeps serving meanwhile."""
+    return await asyncio.to_thread(create_llm_engine_sync, cfg)

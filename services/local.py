@@ -12,7 +12,8 @@ import numpy as np
 from services.asr import ASRConfig, ASRRouter, Transcript
 from services.audio import StreamResampler, float_to_pcm16
 from services.batching import Priority
-from services.llm import LLMConfig, LLMEngine
+from services.llm import ChatEngine, LLMConfig
+from services.llm_engines import create_llm_engine_sync
 from services.tts import PiperTTS, TTSConfig
 from services.turn_detection import SmartTurnModel, TurnDetectorConfig
 from services.vad import SileroModel, VADConfig, VADState
@@ -24,7 +25,7 @@ class LocalStages:
 
     vad: SileroModel
     asr: ASRRouter
-    llm: LLMEngine
+    llm: ChatEngine
     tts: PiperTTS
     turn_model: SmartTurnModel | None = None
 
@@ -36,7 +37,7 @@ class LocalStages:
         router.warm_up()
         turn_model = SmartTurnModel.load(turn or TurnDetectorConfig())
         turn_model.warm_up()
-        return cls(SileroModel.load(vad or VADConfig()), router, LLMEngine.create_sync(llm or LLMConfig()),
+        return cls(SileroModel.load(vad or VADConfig()), router, create_llm_engine_sync(llm or LLMConfig()),
                    PiperTTS.load(tts or TTSConfig()), turn_model)
 
     async def vad_probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:

@@ -39,7 +39,9 @@ def test_latency_window_forgets_old_answers() -> None:
     window = LatencyWindow(30, clock=lambda: now[0])
     for ms in (100, 200, 300, 400, 5000):
         window.add(ms)
-    assert window.p95() == 5000 and window.p95(min_samples=6) is None
+    # one slow answer in five lifts the p95 most of the way (numpy's linear interpolation, as
+    # everywhere else in the project): 400 + 0.8 * (5000 - 400)
+    assert window.p95() == pytest.approx(4080) and window.p95(min_samples=6) is None
     now[0] = 31
     assert window.p95(min_samples=1) is None
 
