@@ -159,7 +159,7 @@ if __name__ == "__main__":  # vLLM starts its engine process with spawn
     p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated numbers of requests at once")
     p.add_argument("--engine", default="vllm,ctranslate2", help="comma-separated: vllm, ctranslate2, auto")
     p.add_argument("--threads", type=int, default=0, help="llm.cpu_threads (0 = the engine's default)")
-    p.add_argument("--max-parallel", type=int, default=4, help="llm.max_parallel (CTranslate2)")
+    p.add_argument("--max-parallel", type=int, default=8, help="llm.max_parallel (CTranslate2)")
     p.add_argument("--multiprocessing", action="store_true",
                    help="CPU: model in a separate worker process (VLLM_ENABLE_V1_MULTIPROCESSING)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")

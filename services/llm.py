@@ -80,8 +80,9 @@ class LLMConfig(BaseModel):
         default="auto", description="CTranslate2 only: weights type ('auto' = int8 on CPU; int8_float32, float32)."
     )
     max_parallel: int = Field(
-        default=4, ge=1, le=64,
-        description="CTranslate2 only: answers generated at once (each on cpu_threads cores); more wait their turn.",
+        default=8, ge=1, le=64,
+        description="CTranslate2 only: answers generated at once (each on cpu_threads cores; more than the cores "
+        "share them, so none waits for another's whole answer); more wait their turn.",
     )
     max_model_len: int = Field(
         default=2048, ge=128, description="Context length (prompt + answer) in tokens."
