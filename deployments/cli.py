@@ -32,7 +32,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.action == "list":
         print(f"cache: {models.cache_dir()}")
         rows = models.status()
-        rows.append(ct2_status(str(models.cache_dir() / models.LLM_DIR)))
+        rows += [ct2_status(str(models.cache_dir() / folder)) for folder, _ in models.EMBEDDED_LLMS.values()]
         if args.llm:
             rows.append(ct2_status(args.llm))
         for name, state, path in rows:
@@ -41,11 +41,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     only = args.only.split(",") if args.only else None
     try:
         results = models.prepare(only, progress=not args.quiet)
-        # the CPU engine's copy of the default LLM (and of the user's model with --llm): converted once
-        if only is None or "llm" in only:
-            results.append(prepare_ct2(models.default_llm_model()))
+        # the CPU engine's copy of the embedded LLMs (and of the user's model with --llm): converted once
+        for name, (_, step) in models.EMBEDDED_LLMS.items():
+            if only is None or step in only:
+                results.append(prepare_ct2(models.resolve_llm(name)))
         if args.llm:
-            results.append(prepare_ct2(models.resolve(args.llm, models.default_llm_model)))
+            results.append(prepare_ct2(models.resolve_llm(args.llm)))
     except VoxError as exc:
         print(f"voxserve models prepare: {exc}", file=sys.stderr)
         return 2
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="prepare or list the embedded default models")
     m.add_argument("action", choices=["prepare", "list"])
     m.add_argument("--cache", help="cache folder (default: $VOXSERVE_CACHE or ~/.cache/voxserve)")
-    m.add_argument("--only", help="comma-separated subset of vad,asr,llm,tts")
+    m.add_argument("--only", help="comma-separated subset of vad,asr,moonshine,turn,llm,qwen,tts")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.add_argument("--llm", metavar="MODEL",
                    help="also convert this LLM (HF folder or hub id, as for llm.model) for the CTranslate2 engine")

@@ -21,6 +21,7 @@ from services.batching import Priority
 from services.errors import FailedPrecondition
 from services.llm import ChatEngine, LLMConfig, coalesce_deltas
 from services.llm_engines import create_llm_engine
+from services.models import EMBEDDED_LLMS
 from services.tts import PiperTTS, TTSConfig
 from services.vad import SileroModel, VADConfig, VADState
 
@@ -77,8 +78,8 @@ class ASRDeployment:
 
 def _fixed(cfg: LLMConfig) -> LLMConfig:
     """``cfg`` pointing at a checkpoint vLLM can load (a repaired copy where one is needed)."""
-    if not cfg.model:
-        return cfg  # the embedded default needs nothing
+    if not cfg.model or cfg.model in EMBEDDED_LLMS:
+        return cfg  # the embedded models need nothing
     return cfg.model_copy(update={"model": fix_checkpoint(cfg.model)})
 
 

@@ -44,7 +44,7 @@ from services.errors import (
     Unavailable,
     to_vox_error,
 )
-from services.models import default_llm_model, resolve
+from services.models import resolve_llm
 
 if TYPE_CHECKING:
     from services.speech_llm import AudioArch
@@ -471,7 +471,7 @@ class LLMEngine(ChatEngine):
     def create_sync(cls, cfg: LLMConfig | None = None) -> LLMEngine:
         """Blocking variant of ``create`` (blocks the calling thread while vLLM starts)."""
         cfg = cfg or LLMConfig()
-        model = resolve(cfg.model, default_llm_model)
+        model = resolve_llm(cfg.model)
         if model.startswith("/") and not os.path.isdir(model):
             raise NotFound(f"LLM model folder not found: {model}")
         from services.speech_llm import detect_audio_arch, engine_kwargs

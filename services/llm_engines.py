@@ -19,7 +19,7 @@ from pathlib import Path
 
 from services.llm import ChatEngine, LLMConfig, LLMEngine
 from services.llm_ctranslate2 import CT2Engine, convert, is_ctranslate2_folder
-from services.models import LLM_DIR, PrepareResult, cache_dir, default_llm_model, resolve
+from services.models import EMBEDDED_LLMS, PrepareResult, cache_dir, resolve_llm
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,14 @@ def choose_engine(cfg: LLMConfig, model: str) -> str:
 
 
 def ct2_folder(source: str, quantization: str, cache: Path | None = None) -> Path:
-    """Where the CTranslate2 copy of ``source`` lives in the cache."""
+    """Where the CTranslate2 copy of ``source`` lives in the cache (beside an embedded model's folder)."""
     cache = cache or cache_dir()
-    if source == default_llm_model_path(cache):
-        return cache / f"{LLM_DIR}-ct2-{quantization}"
+    embedded = {str(cache / folder) for folder, _ in EMBEDDED_LLMS.values()}
+    if source in embedded:
+        return Path(f"{source}-ct2-{quantization}")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", source.strip("/"))[-48:]
     digest = hashlib.sha256(source.encode()).hexdigest()[:8]
     return cache / "ct2" / f"{slug}-{digest}-{quantization}"
-
-
-def default_llm_model_path(cache: Path) -> str:
-    return str(cache / LLM_DIR)
 
 
 def prepare_ct2(source: str, quantization: str = "int8", cache: Path | None = None) -> PrepareResult:
@@ -77,7 +74,7 @@ def prepare_ct2(source: str, quantization: str = "int8", cache: Path | None = No
 
 def create_llm_engine_sync(cfg: LLMConfig) -> ChatEngine:
     """Start the engine ``cfg`` asks for (blocks the calling thread while the model loads)."""
-    model = resolve(cfg.model, default_llm_model)
+    model = resolve_llm(cfg.model)
     engine = choose_engine(cfg, model)
     log.info("LLM engine: %s for %s (llm.engine=%s)", engine, model, cfg.engine)
     if engine == "vllm":

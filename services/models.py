@@ -118,6 +118,19 @@ def default_llm_model() -> str:
     return _require_prepared(cache_dir() / LLM_DIR, "llm")
 
 
+#: The embedded LLMs by the name ``llm.model`` accepts (besides a local path or a hub id), with
+#: the cache folder ``voxserve models prepare`` assembles each in.
+EMBEDDED_LLMS = {"smollm2-135m-instruct": (LLM_DIR, "llm"), "qwen2.5-coder-0.5b-instruct": (QWEN_DIR, "qwen")}
+
+
+def resolve_llm(value: str | None) -> str:
+    """``llm.model`` as a loadable path or hub id: '' is the default, an embedded name its folder."""
+    if value in EMBEDDED_LLMS:
+        folder, name = EMBEDDED_LLMS[value]
+        return _require_prepared(cache_dir() / folder, name)
+    return resolve(value, default_llm_model)
+
+
 def default_tts_voice() -> str:
     """Path of the Piper 'joe' voice ONNX file (its .json config lies beside it)."""
     return _require_file(piper_voice_source(), "tts")
@@ -391,8 +404,9 @@ def locate_smart_turn() -> PrepareResult:
     return PrepareResult("turn", str(path), "located", time.monotonic() - t0)
 
 
-#: Every embedded default, in the order `voxserve models` handles them ("asr" is Whisper).
-MODEL_NAMES = ("vad", "asr", "moonshine", "turn", "llm", "tts")
+#: Every embedded model, in the order `voxserve models` handles them ("asr" is Whisper, "llm" the
+#: default SmolLM2, "qwen" the larger Qwen2.5-Coder-0.5B-Instruct option).
+MODEL_NAMES = ("vad", "asr", "moonshine", "turn", "llm", "qwen", "tts")
 
 
 def prepare(names: list[str] | None = None, cache: Path | None = None,
@@ -420,6 +434,8 @@ def prepare(names: list[str] | None = None, cache: Path | None = None,
             results.append(PrepareResult("tts", voice, "located"))
         elif name == "asr":
             results.append(prepare_asr(cache, progress))
+        elif name == "qwen":
+            results.append(prepare_qwen(cache, progress))
         else:
             results.append(prepare_llm(cache, progress))
     return results
@@ -434,7 +450,7 @@ def status() -> list[tuple[str, str, str]]:
             rows.append((name, "ready" if p.is_file() else "missing", str(p)))
         except NotFound as exc:
             rows.append((name, "missing package", str(exc)))
-    for name, sub in (("asr", ASR_DIR), ("llm", LLM_DIR)):
+    for name, sub in (("asr", ASR_DIR), ("llm", LLM_DIR), ("qwen", QWEN_DIR)):
         folder = cache_dir() / sub
         rows.append((name, "ready" if _stamp_ok(folder) else "not prepared", str(folder)))
     for name, locate in (("moonshine", default_moonshine_model), ("turn", default_turn_model)):

@@ -15,7 +15,7 @@ Supported architectures (``config.json``):
 
 Usage by the engine::
 
-    path = resolve(cfg.model, default_llm_model)  # deployments.checkpoints.fix_checkpoint first
+    path = resolve_llm(cfg.model)  # deployments.checkpoints.fix_checkpoint first
     arch = detect_audio_arch(path)                                  # None: cascade-only model
     engine_args = AsyncEngineArgs(model=path, **engine_kwargs(arch), ...)
     prompt = build_audio_prompt(arch, tokenizer, history, audio_count=1)

@@ -249,3 +249,15 @@ def test_ctranslate2_conversion_is_done_once() -> None:
         assert engine.name == "ctranslate2" and engine.num_unfinished_requests() == 0
     finally:
         engine.shutdown()  # a CTranslate2 model left to interpreter exit aborts the process
+
+
+async def test_the_larger_embedded_model_answers_on_the_cpu_engine() -> None:
+    """llm.model names the embedded Qwen2.5-Coder-0.5B-Instruct (prepared by the bootstrap)."""
+    engine = await create_llm_engine(LLMConfig(model="qwen2.5-coder-0.5b-instruct", seed=0))
+    try:
+        assert engine.name == "ctranslate2" and engine.model.endswith("qwen2.5-coder-0.5b-instruct-ct2-int8")
+        async with engine.stream_chat(FRANCE, temperature=0) as stream:
+            assert "Paris" in "".join([d async for d in stream])
+        assert stream.stats is not None and stream.stats.finish_reason == "stop"
+    finally:
+        engine.shutdown()
