@@ -34,7 +34,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows = models.status()
         rows += [ct2_status(str(models.cache_dir() / folder)) for folder, _ in models.EMBEDDED_LLMS.values()]
         if args.llm:
-            rows.append(ct2_status(args.llm))
+            try:
+                rows.append(ct2_status(models.resolve_llm(args.llm)))
+            except VoxError as exc:
+                rows.append(("llm-ct2", "not prepared", str(exc)))
         for name, state, path in rows:
             print(f"  {name:4} {state:16} {path}")
         return 0

@@ -115,12 +115,16 @@ class RemoteStages:
         it until a replica is back (2 s after a kill, here), and health must say NOT_SERVING
         while the stage is down, not only when the outage outlasts the call's timeout."""
         from ray import serve
-        from ray.serve._private.common import ReplicaState
 
         status = await asyncio.to_thread(serve.status)  # a controller call: off the event loop
         handles = [self.asr, self.llm, self.tts] + ([self.vad] if self.local_vad is None else [])
         for handle in handles:
             app = status.applications.get(handle.app_name)
             deployment = app.deployments.get(handle.deployment_name) if app is not None else None
-            if deployment is not None and not deployment.replica_states.get(ReplicaState.RUNNING, 0):
+            if deployment is None:
+                continue
+            states: dict[str, int] = {str(getattr(k, "value", k)): int(n) for k, n in deployment.replica_states.items()}
+            # none running while one is starting or recovering: down. None at all: scaled to zero
+            # (min_replicas 0), which the next call wakes; that is not an outage.
+            if not states.get("RUNNING", 0) and any(states.values()):
                 raise Unavailable(f"the {handle.deployment_name} stage has no running replica")

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model")
 _END = object()
 _ABORTED = object()  # stopped by abort(): the stream ends without an error
+
+
+@dataclass
+class _Request:
+    """A generation in flight: its stop flag and the worker thread that runs it."""
+
+    stop: threading.Event
+    thread: threading.Thread
 
 
 def is_ctranslate2_folder(path: str) -> bool:
@@ -64,6 +73,10 @@ def convert(source: str, out: Path, quantization: str = "int8") -> Path:
     try:
         ctranslate2.converters.TransformersConverter(source, copy_files=copy).convert(
             str(tmp), quantization=quantization, force=True)
+        if not copy:  # a hub id: the tokenizer and its chat template come from the hub's copy
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(source).save_pretrained(str(tmp))
     except (OSError, ValueError, NotImplementedError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FailedPrecondition(f"CTranslate2 cannot convert {source}: {exc}") from exc
@@ -86,16 +99,10 @@ class CT2Engine(ChatEngine):
 
     def __init__(self, generator: Any, tokenizer: Any, cfg: LLMConfig, model: str, max_model_len: int) -> None:
         self._gen = generator
-        self._active: dict[str, threading.Event] = {}
+        self._active: dict[str, _Request] = {}
         self._static: tuple[str, list[str]] | None = None  # (system prompt, its tokens)
         super().__init__(cfg, model, tokenizer, max_model_len)
-        end = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        # chat templates end a turn with their own token (<|im_end|>, <end_of_turn>); stop there too
-        for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-            tid = tokenizer.convert_tokens_to_ids(name)
-            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-                end.add(tid)
-        self._end_ids = sorted(end)
+        self._end_ids = _end_ids(tokenizer, model)
 
     @classmethod
     async def create(cls, cfg: LLMConfig, folder: str) -> CT2Engine:
@@ -130,9 +137,9 @@ class CT2Engine(ChatEngine):
         return len(self._active)
 
     async def abort(self, request_id: str) -> None:
-        stop = self._active.get(request_id)
-        if stop is not None:
-            stop.set()
+        request = self._active.get(request_id)
+        if request is not None:
+            request.stop.set()
 
     def _stream(self, request_id: str, prompt: Any, prompt_tokens: int, max_tokens: int,
                 temperature: float) -> ChatStream:
@@ -185,10 +192,11 @@ class CT2Engine(ChatEngine):
         stats = GenerationStats(request_id, len(ids))
         prompt, static = self._split_static(ids)
         loop = asyncio.get_running_loop()
-        handoff: asyncio.Queue[Any] = asyncio.Queue(maxsize=HANDOFF)
+        # Unbounded queue, bounded tokens: the semaphore holds the thread back when the consumer is
+        # slow, and the end marker always fits (a full queue would drop it and hang the consumer).
+        handoff: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()
-        room = threading.Semaphore(HANDOFF)  # the thread waits here when the consumer is slow
-        self._active[request_id] = stop
+        room = threading.Semaphore(HANDOFF)
         t0 = time.monotonic()
 
         def post(item: Any) -> None:
@@ -200,13 +208,19 @@ class CT2Engine(ChatEngine):
                 for token in self._run(prompt, static, max_tokens, temperature, stop):
                     while not room.acquire(timeout=0.1):
                         if stop.is_set():
-                            return
+                            break
+                    if stop.is_set():
+                        break
                     post(token)
                 post(_ABORTED if stop.is_set() else _END)
             except Exception as exc:  # reported to the consumer, raised there
                 post(exc)
+            finally:
+                # the request counts until CTranslate2's job is closed, not when its consumer leaves
+                self._active.pop(request_id, None)
 
         thread = threading.Thread(target=work, name=f"ct2-{request_id[:8]}", daemon=True)
+        self._active[request_id] = _Request(stop, thread)
         thread.start()
         ids_out: list[int] = []
         sent = ""
@@ -225,7 +239,8 @@ class CT2Engine(ChatEngine):
                 room.release()
                 ids_out.append(item)
                 stats.tokens += 1
-                text = self.tokenizer.decode(ids_out, skip_special_tokens=True)
+                # no clean-up of spaces: the decoded text must only ever grow, or the slice below breaks
+                text = self.tokenizer.decode(ids_out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 if text.endswith("\ufffd"):
                     continue  # a character split across tokens: wait for its other bytes
                 delta, sent = text[len(sent):], text
@@ -238,14 +253,8 @@ class CT2Engine(ChatEngine):
             stats.finish_reason = "abort"
             raise
         finally:
-            stop.set()
-            self._active.pop(request_id, None)
-            if stats.finish_reason is None:
-                stats.finish_reason = "abort"
-            stats.total_s = time.monotonic() - t0
-            stats.finished_at = time.time()
-            result.stats = stats
-            self.recent.append(stats)
+            stop.set()  # the worker stops at its next token and closes CTranslate2's job
+            self._finish(result, stats, t0)
 
     @staticmethod
     def _map_error(exc: BaseException) -> Exception:
@@ -258,14 +267,36 @@ class CT2Engine(ChatEngine):
         if self._closed:
             return
         self._closed = True
-        for stop in list(self._active.values()):
-            stop.set()
+        running = list(self._active.values())
+        for request in running:
+            request.stop.set()
+        for request in running:  # CTranslate2 keeps a model loaded while a job of it still runs
+            request.thread.join(timeout=5)
         gen, self._gen = self._gen, None
         if gen is not None:
             # Freed now, by its owner: a CTranslate2 generator destroyed at interpreter exit aborts
             # the process ("terminate called without an active exception").
             gen.unload_model()
             del gen
+
+
+def _end_ids(tokenizer: Any, folder: str) -> list[int]:
+    """Token ids that end an answer, as vLLM stops: the tokenizer's EOS, the checkpoint's
+    generation_config ``eos_token_id`` (one id or a list), and the chat template's end-of-turn
+    tokens (<|im_end|>, <end_of_turn>, ...)."""
+    import json
+
+    end = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        eos = json.loads((Path(folder) / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        eos = None
+    end.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            end.add(tid)
+    return sorted(end)
 
 
 def _context_length(folder: str, configured: int) -> int:

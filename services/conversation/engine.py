@@ -10,7 +10,7 @@ them happens here:
 - end of turn (``policies.EndOfTurn``: silence, the end-of-turn model and the transcript), with
   speculation: when the silence begins, a ``Turn``
   starts in PENDING (ASR, LLM, first TTS chunk), its output held; it is released when the turn
-  ends, and discarded (vLLM request aborted, nothing sent, nothing in the history) if the user
+  ends, and discarded (the LLM request aborted, nothing sent, nothing in the history) if the user
   speaks on, the words then being the same turn;
 - interruptions: user speech over an answer pauses it, then ``policies.classify_barge_in``
   decides: a real turn interrupts it (history = what was heard), noise or a backchannel resumes it;
@@ -127,11 +127,6 @@ class Conversation:
         """An answer is being generated or sent (a new one would have to wait)."""
         r = self._response
         return r is not None and r.state in (TurnState.ACTIVE, TurnState.PAUSED)
-
-    @property
-    def user_speaking(self) -> bool:
-        """An utterance is open: the VAD heard speech start and no end yet."""
-        return self._listener.segmenter.in_speech
 
     def _notify(self) -> None:
         self._changed.set()

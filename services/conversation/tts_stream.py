@@ -102,12 +102,14 @@ class TTSStream:
         self._closed = True
         self._ended = True
         self._pending.clear()
-        # the caller's own cancel while waiting goes through (no suppress around the await)
-        await cancel_and_wait(self._task)
-        # Wake a consumer blocked in __anext__: drop undelivered audio, leave the end marker.
-        while not self._out.empty():
-            self._out.get_nowait()
-        self._out.put_nowait(_DONE)
+        try:
+            # the caller's own cancel while waiting goes through (no suppress around the await)
+            await cancel_and_wait(self._task)
+        finally:
+            # Wake a consumer blocked in __anext__: drop undelivered audio, leave the end marker.
+            while not self._out.empty():
+                self._out.get_nowait()
+            self._out.put_nowait(_DONE)
 
     async def __aenter__(self) -> TTSStream:
         return self
