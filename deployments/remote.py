@@ -124,7 +124,9 @@ class RemoteStages:
             if deployment is None:
                 continue
             states: dict[str, int] = {str(getattr(k, "value", k)): int(n) for k, n in deployment.replica_states.items()}
-            # none running while one is starting or recovering: down. None at all: scaled to zero
-            # (min_replicas 0), which the next call wakes; that is not an outage.
-            if not states.get("RUNNING", 0) and any(states.values()):
+            # None running while one starts or recovers, or while Serve says the deployment is not
+            # healthy: down. None at all in a HEALTHY deployment: scaled to zero (min_replicas 0),
+            # which the next call wakes; that is not an outage.
+            healthy = str(getattr(deployment.status, "value", deployment.status)) == "HEALTHY"
+            if not states.get("RUNNING", 0) and (any(states.values()) or not healthy):
                 raise Unavailable(f"the {handle.deployment_name} stage has no running replica")

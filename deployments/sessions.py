@@ -31,8 +31,12 @@ log = logging.getLogger("ray.serve")
 #: Histories of recently ended sessions kept for operators and tests.
 RECENT_SESSIONS = 64
 #: How long a health verdict is reused (probes come every few seconds from several places).
-HEALTH_TTL_S = 2.0
-HEALTH_TIMEOUT_S = 5.0
+HEALTH_TTL_S = 0.5
+#: How long every stage has to answer a health probe. A live stage answers in milliseconds (under
+#: full load, after one synthesis chunk at most); a stage whose replica Ray is restarting holds the
+#: call until it is back (~5 s measured for TTS here), and Serve's status shows RUNNING all along:
+#: this timeout is what says NOT_SERVING meanwhile.
+HEALTH_TIMEOUT_S = 2.0
 
 
 class GatewayStages(Stages, Protocol):

@@ -185,8 +185,8 @@ async def test_system_prompt_over_the_token_limit_is_refused(server) -> None:  #
 
 
 async def test_pause_inside_a_sentence_is_one_turn_and_its_speculation_is_aborted(server) -> None:  # type: ignore[no-untyped-def]
-    """A pause inside a sentence: the speculative answer started in the pause is discarded (its vLLM
-    request aborted, none of its audio sent) and the whole sentence is one turn."""
+    """A pause inside a sentence: the speculative answer started in the pause is discarded (its LLM
+    request aborted if it still runs, none of its audio sent) and the whole sentence is one turn."""
     before = {r["request_id"] for r in await recent_llm_requests()}
     # Piper reads any cut text with a final intonation; "that we could" still sounds unfinished
     first, rest = say("So I was thinking that we could"), say("go to the beach tomorrow.")
@@ -199,7 +199,11 @@ async def test_pause_inside_a_sentence_is_one_turn_and_its_speculation_is_aborte
     assert kinds.count("input_committed") == 1 and kinds.count("response_started") == 1, kinds
     assert wer("So I was thinking that we could go to the beach tomorrow", result.turns[0].transcript) < 0.25
     new = [r for r in await recent_llm_requests() if r["request_id"] not in before]
-    assert [r["finish_reason"] for r in new].count("abort") >= 1 or len(new) == 1, new
+    # The speculation's request, if one started, is gone: aborted while it ran, or, with the CPU
+    # engine's ~70 tok/s, already finished inside the 0.7 s pause (its answer then simply unused).
+    # That a discard aborts a running request is pinned by the engine's state in test_conversation
+    # (test_speculation_discarded_when_the_user_speaks_on_aborts_and_sends_nothing).
+    assert len(new) in (1, 2) and all(r["finish_reason"] in ("abort", "stop", "length") for r in new), new
     assert await unfinished_llm_requests() == 0
 
 

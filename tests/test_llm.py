@@ -9,6 +9,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -262,3 +263,31 @@ async def test_the_larger_embedded_model_answers_on_the_cpu_engine() -> None:
         assert stream.stats is not None and stream.stats.finish_reason == "stop"
     finally:
         engine.shutdown()
+
+
+async def test_a_consumer_that_stops_reading_still_gets_the_whole_answer(engine: ChatEngine) -> None:
+    """A paused or held answer stops reading for a while; generation runs ahead (CTranslate2: up to
+    its handoff bound) and the answer must still end, not hang waiting for a lost end marker."""
+    async with engine.stream_chat(STORY, max_tokens=100, temperature=0) as stream:
+        first = await stream.__anext__()
+        await asyncio.sleep(2.0)  # ~100 tokens' time at this model's speed: the thread waits for room
+        rest = await asyncio.wait_for(_drain(stream), timeout=60)
+    assert first and rest
+    assert stream.stats is not None and stream.stats.finish_reason == "length" and stream.stats.tokens == 100
+    assert await wait_idle(engine) == 0
+
+
+async def test_abort_while_the_consumer_is_not_reading(engine: ChatEngine) -> None:
+    if engine.name != "ctranslate2":
+        pytest.skip("vLLM's abort of an unread request is covered by test_explicit_abort_by_request_id")
+    stream = engine.stream_chat(STORY, max_tokens=400, request_id="slow-reader")
+    await stream.__anext__()
+    await asyncio.sleep(1.5)  # the worker thread now waits for room in the handoff
+    await engine.abort("slow-reader")
+    await asyncio.wait_for(_drain(stream), timeout=30)  # ends instead of hanging
+    assert stream.stats is not None and stream.stats.finish_reason == "abort"
+    assert await wait_idle(engine) == 0
+
+
+async def _drain(stream: Any) -> str:
+    return "".join([d async for d in stream])
