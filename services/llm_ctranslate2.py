@@ -184,7 +184,7 @@ class CT2Engine(ChatEngine):
             steps.close()  # stops CTranslate2's generation if we left early
 
     async def _generate(self, result: _Result, request_id: str, ids: list[int], max_tokens: int,
-                             temperature: float) -> AsyncGenerator[str, None]:
+                        temperature: float) -> AsyncGenerator[str, None]:
         if self.cfg.seed is not None:
             import ctranslate2
 
