@@ -63,6 +63,14 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                                    "User's last speech sample received -> first answer audio sent (server)."),
     "voxserve_turn_total_ms": ("histogram", (), "Turn declared over -> answer fully sent."),
     "voxserve_llm_tokens_per_s": ("histogram", (), "LLM decode speed per answer."),
+    "voxserve_stalled_turns_total": ("counter", (),
+                                     "Answers whose audio ran dry at the caller at least once (estimated "
+                                     "server-side: real-time playback from the first audio sent)."),
+    "voxserve_underrun_ms": ("histogram", (),
+                             "Silence inside one stalled answer: the caller's buffer ran dry this long "
+                             "(server-side estimate)."),
+    "voxserve_min_buffer_ms": ("histogram", (),
+                               "Least audio the caller had in hand while an answer was sent (per answer)."),
     "voxserve_stage_request_ms": ("histogram", ("stage", "method"),
                                   "Duration of one request inside a stage deployment replica "
                                   "(for streams: until the last item)."),
@@ -95,7 +103,8 @@ class GatewayMetrics:
               "voxserve_barge_ins_total", "voxserve_speculations_total", "voxserve_interruptions_total",
               "voxserve_turn_ends_total", "voxserve_errors_total", "voxserve_stage_latency_ms",
               "voxserve_first_audio_ms", "voxserve_voice_to_voice_ms", "voxserve_turn_total_ms",
-              "voxserve_llm_tokens_per_s")
+              "voxserve_llm_tokens_per_s", "voxserve_stalled_turns_total", "voxserve_underrun_ms",
+              "voxserve_min_buffer_ms")
 
     def __init__(self, backend: dict[str, Any] | None = None) -> None:
         self._m = backend if backend is not None else {name: _make(name) for name in self._NAMES}
@@ -148,6 +157,11 @@ class GatewayMetrics:
             self._m["voxserve_turn_total_ms"].observe(float(lat.total_ms))
         if lat.llm_tokens_per_s > 0:
             self._m["voxserve_llm_tokens_per_s"].observe(float(lat.llm_tokens_per_s))
+        if lat.underruns > 0:
+            self._m["voxserve_stalled_turns_total"].inc(1)
+            self._m["voxserve_underrun_ms"].observe(float(lat.underrun_ms))
+        if lat.first_audio_ms > 0:
+            self._m["voxserve_min_buffer_ms"].observe(float(lat.min_buffer_ms))
 
     def observe(self, event: ev.Event) -> None:
         """Feed every event a conversation emits; the ones that matter are counted."""

@@ -93,8 +93,9 @@ class RemoteStages:
         async for delta in _stream(gen):
             yield delta
 
-    async def synthesize(self, text: str, *, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
-        gen = self.tts.options(stream=True).synthesize.remote(text, sample_rate)
+    async def synthesize(self, text: str, *, voice: str, sample_rate: int,
+                         slack_s: float | None = None) -> AsyncIterator[bytes]:
+        gen = self.tts.options(stream=True).synthesize.remote(text, sample_rate, slack_s)
         async for pcm in _stream(gen):
             yield pcm
 

@@ -18,6 +18,7 @@ from deployments.metrics import StageMetrics
 from services.asr import ASRConfig, ASRRouter
 from services.audio import StreamResampler, float_to_pcm16
 from services.batching import Priority
+from services.deadline_slots import deadline_in
 from services.errors import FailedPrecondition
 from services.llm import ChatEngine, LLMConfig, coalesce_deltas
 from services.llm_engines import create_llm_engine
@@ -158,13 +159,16 @@ class TTSDeployment:
         for _ in self.tts.synthesize_blocking(WARMUP_TEXT):  # warm-up
             pass
 
-    async def synthesize(self, text: str, sample_rate: int = 0) -> AsyncIterator[bytes]:
-        """PCM16 for ``text`` at ``sample_rate`` (0 = the voice's own), one piece per sentence."""
+    async def synthesize(self, text: str, sample_rate: int = 0, slack_s: float | None = None) -> AsyncIterator[bytes]:
+        """PCM16 for ``text`` at ``sample_rate`` (0 = the voice's own), one piece per sentence.
+        ``slack_s``: seconds until the caller's audio runs out (None: a speculation); waiting
+        syntheses get the CPU smallest slack first (``TTSConfig.scheduling``)."""
+        deadline = deadline_in(slack_s)  # taken on arrival: the caller's clock is not ours
         rate = sample_rate or self.tts.sample_rate
         resampler = StreamResampler(self.tts.sample_rate, rate)
         # aclosing: a cancelled stream stops the synthesis thread now, not at garbage collection
         with self.metrics.time("synthesize"):
-            async with contextlib.aclosing(self.tts.synthesize(text)) as audio_stream:
+            async with contextlib.aclosing(self.tts.synthesize(text, deadline)) as audio_stream:
                 async for audio in audio_stream:
                     yield float_to_pcm16(resampler.push(audio))
         if (tail := resampler.flush()).size:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -64,6 +65,16 @@ class ChunkerConfig(BaseModel):
     )
     clean: bool = Field(
         default=True, description="Strip markdown symbols and emojis from chunks (see clean_for_speech)."
+    )
+    adaptive: bool = Field(
+        default=True, description="After the first chunk, size chunks by the audio the caller has in "
+        "hand (when the stream knows it): small while the buffer is thin, up to max_words when it is "
+        "full; off = the fixed next_words/growth schedule."
+    )
+    ms_per_word: float = Field(
+        default=150.0, gt=0, description="What one word of a chunk costs to generate and synthesize under "
+        "load (adaptive): a chunk is cut at a clause once it has buffer/(2*ms_per_word) words, and "
+        "at any word once it has buffer/ms_per_word, so its audio comes before the buffer runs dry."
     )
 
     @model_validator(mode="after")
@@ -164,11 +175,15 @@ class TextChunker:
     """Incremental splitter: ``push`` deltas, get completed chunks; ``flush`` at end of stream.
 
     Not thread-safe; one instance per text stream. After ``flush`` the next text starts a new
-    segment, whose first chunk is short again.
+    segment, whose first chunk is short again. ``buffer_ms``, when given, says how much audio the
+    listener has in hand right now (None: unknown); with ``config.adaptive`` it sizes the chunks
+    after the first, which then depend on timing as well as on the text.
     """
 
-    def __init__(self, config: ChunkerConfig | None = None) -> None:
+    def __init__(self, config: ChunkerConfig | None = None,
+                 buffer_ms: Callable[[], float | None] | None = None) -> None:
         self.config = config or ChunkerConfig()
+        self._buffer_ms = buffer_ms if self.config.adaptive else None
         self.reset()
 
     def reset(self) -> None:
@@ -221,6 +236,11 @@ class TextChunker:
 
     def _budget(self) -> float:
         cfg = self.config
+        buffer = self._buffer_ms() if self._buffer_ms is not None else None
+        if buffer is not None:
+            # half of what the buffer covers: the forced cut (twice the budget) still fits in it
+            words = buffer / (2 * cfg.ms_per_word)
+            return min(float(cfg.max_words), max(float(cfg.first_max_words), words))
         return min(float(cfg.max_words), cfg.next_words * cfg.growth ** (self._index - 1))
 
     def _should_cut(self, token: str, gap: str, next_char: str) -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 from services.asr import ASRConfig, ASRRouter, Transcript
 from services.audio import StreamResampler, float_to_pcm16
 from services.batching import Priority
+from services.deadline_slots import deadline_in
 from services.llm import ChatEngine, LLMConfig
 from services.llm_engines import create_llm_engine_sync
 from services.tts import PiperTTS, TTSConfig
@@ -63,9 +64,10 @@ class LocalStages:
             async for delta in stream:
                 yield delta
 
-    async def synthesize(self, text: str, *, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
+    async def synthesize(self, text: str, *, voice: str, sample_rate: int,
+                         slack_s: float | None = None) -> AsyncIterator[bytes]:
         resampler = StreamResampler(self.tts.sample_rate, sample_rate or self.tts.sample_rate)
-        async with contextlib.aclosing(self.tts.synthesize(text)) as audio_stream:
+        async with contextlib.aclosing(self.tts.synthesize(text, deadline_in(slack_s))) as audio_stream:
             async for audio in audio_stream:
                 yield float_to_pcm16(resampler.push(audio))
         if (tail := resampler.flush()).size:

@@ -18,12 +18,13 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.chunking import ChunkerConfig
+from services.deadline_slots import NO_DEADLINE, DeadlineSlots
 from services.errors import (
     InternalError,
     InvalidArgument,
@@ -70,6 +71,11 @@ class TTSConfig(BaseModel):
         default=2, ge=1,
         description="ONNX runs allowed at once per loaded voice; more syntheses wait their turn.",
     )
+    scheduling: Literal["deadline", "fifo"] = Field(
+        default="deadline",
+        description="Which waiting synthesis gets a free ONNX slot: the one whose caller's audio runs "
+                    "out first (deadline), or the first to ask (fifo, the order before issue 20).",
+    )
     memory_arena: bool = Field(
         default=True,
         description="onnxruntime's CPU memory arena: 20-30% faster on long chunks (+8 ms on a "
@@ -112,7 +118,7 @@ class PiperTTS:
             normalize_audio=config.normalize_audio,
             volume=config.volume,
         )
-        self._onnx_slots = threading.BoundedSemaphore(config.max_concurrent)
+        self._onnx_slots = DeadlineSlots(config.max_concurrent, config.scheduling)
         self._active = 0
         self._active_lock = threading.Lock()
         self._ids = itertools.count()
@@ -196,20 +202,20 @@ class PiperTTS:
         return text.strip()
 
     def synthesize_blocking(
-        self, text: str, stop: threading.Event | None = None
+        self, text: str, stop: threading.Event | None = None, deadline: float = NO_DEADLINE
     ) -> Iterator[np.ndarray]:
         """Synthesize in the calling thread: one float32 array per sentence.
 
         Stops before the next sentence once ``stop`` is set. Each ONNX run holds one of the
-        voice's ``max_concurrent`` slots.
+        voice's ``max_concurrent`` slots; waiting runs get them earliest ``deadline`` (a
+        ``time.monotonic()`` value: when the caller's audio runs out) first.
         """
         text = self._check_text(text)
         chunks = iter(self.voice.synthesize(text, syn_config=self._syn_config))
         while True:
             # Waiting for a slot keeps checking the flag, so a cancelled synthesis never runs.
-            while not self._onnx_slots.acquire(timeout=0.05):
-                if stop is not None and stop.is_set():
-                    return
+            if not self._onnx_slots.acquire(deadline, stop):
+                return
             try:
                 if stop is not None and stop.is_set():
                     return
@@ -221,17 +227,20 @@ class PiperTTS:
                 return
             yield np.asarray(chunk.audio_float_array, dtype=np.float32)
 
-    def synthesize(self, text: str) -> AsyncGenerator[np.ndarray, None]:
+    def synthesize(self, text: str, deadline: float = NO_DEADLINE) -> AsyncGenerator[np.ndarray, None]:
         """Stream float32 audio (one array per sentence) for ``text``, without blocking the loop.
+
+        ``deadline`` (``time.monotonic()``; see ``services.deadline_slots.deadline_in``) orders this
+        synthesis among those waiting for the CPU: the caller whose audio runs out first goes first.
 
         The text is checked now (InvalidArgument for empty text); synthesis starts at the first
         iteration. Closing or cancelling the iterator stops the synthesis thread before its next
         sentence; use ``contextlib.aclosing`` when you may stop iterating early.
         """
         text = self._check_text(text)
-        return self._synthesize(text)
+        return self._synthesize(text, deadline)
 
-    async def _synthesize(self, text: str) -> AsyncGenerator[np.ndarray, None]:
+    async def _synthesize(self, text: str, deadline: float) -> AsyncGenerator[np.ndarray, None]:
         loop = asyncio.get_running_loop()
         maxsize = self.config.audio_queue
         # The slots bound the handoff; the queue itself never holds more than maxsize items.
@@ -253,7 +262,7 @@ class PiperTTS:
 
         def work() -> None:
             try:
-                for audio in self.synthesize_blocking(text, stop):
+                for audio in self.synthesize_blocking(text, stop, deadline):
                     if not post(audio):
                         return
                 post(_DONE)

@@ -9,11 +9,13 @@ running, so a test can prove a request was aborted rather than hope it ended.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import numpy as np
 
+from services.deadline_slots import DeadlineSlots, deadline_in
 from services.errors import Unavailable
 from services.vad import WINDOW, VADState
 
@@ -65,6 +67,7 @@ class FakeStages:
         self.answer = answer
         self.word_s = word_s
         self.llm_calls: list[list[dict[str, str]]] = []
+        self.tts_slacks: list[float | None] = []  # slack_s of each synthesize call, in order
         self.llm_audio: list[np.ndarray | None] = []
         self.llm_running = 0  # requests started and neither finished nor closed
         self.llm_aborted = 0  # requests closed before their last word
@@ -73,6 +76,11 @@ class FakeStages:
         self.fail: dict[str, BaseException] = {}  # stage name -> error to raise
         self.hang: set[str] = set()  # stage names that never answer
         self.answers: list[str] = []  # per-call answers (pop from the front), else self.answer
+        # A TTS that shares its CPU the way the real one does: one DeadlineSlots for every
+        # session on these stages; each chunk holds a slot for tts_s seconds.
+        self.tts_slots: DeadlineSlots | None = None
+        self.tts_s = 0.0
+        self.tts_grants: list[tuple[str, float | None]] = []  # (chunk text, slack_s), in grant order
 
     async def _gate(self, stage: str) -> None:
         if stage in self.hang:
@@ -121,10 +129,31 @@ class FakeStages:
             if not finished:
                 self.llm_aborted += 1
 
-    async def synthesize(self, text: str, *, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
+    async def synthesize(self, text: str, *, voice: str, sample_rate: int,
+                         slack_s: float | None = None) -> AsyncIterator[bytes]:
+        self.tts_slacks.append(slack_s)
         await self._gate("tts")
+        if self.tts_slots is not None:
+            await self._synthesize_in_slot(text, slack_s)
         await asyncio.sleep(0.001)
         yield b"\x00\x00" * int(0.2 * sample_rate) * len(text.split())
+
+    async def _synthesize_in_slot(self, text: str, slack_s: float | None) -> None:
+        assert self.tts_slots is not None
+        stop = threading.Event()
+        waiter = asyncio.ensure_future(asyncio.to_thread(self.tts_slots.acquire, deadline_in(slack_s), stop))
+        try:
+            await asyncio.shield(waiter)
+        except asyncio.CancelledError:
+            stop.set()  # the thread gives up its place; a slot it got meanwhile goes back
+            if await waiter:
+                self.tts_slots.release()
+            raise
+        try:
+            self.tts_grants.append((text, slack_s))
+            await asyncio.sleep(self.tts_s)
+        finally:
+            self.tts_slots.release()
 
     def fails(self, stage: str, exc: BaseException | None = None) -> None:
         self.fail[stage] = exc or Unavailable(f"the {stage} is down")

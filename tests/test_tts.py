@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,6 +180,53 @@ async def test_concurrent_syntheses_share_the_onnx_slots(tts: PiperTTS) -> None:
     assert [len(r) for r in results] == [2, 2]
     assert stats["runs"] == 4
     assert stats["peak"] == 1
+
+
+@pytest.mark.parametrize("order", ["deadline", "fifo"])
+async def test_a_free_slot_goes_to_the_earliest_deadline(tts: PiperTTS, order: str) -> None:
+    """Real ONNX runs: with the slot taken, a late-deadline synthesis queues first and an urgent
+    one after it; when the slot frees, the urgent one's audio comes first (arrival order under fifo)."""
+    config = TTSConfig(max_concurrent=1, scheduling=order)  # type: ignore[arg-type]
+    one = PiperTTS(tts.voice, config, tts.voice_path)
+    heard: list[str] = []
+
+    async def speak(name: str, deadline: float) -> None:
+        async for _ in one.synthesize("Hello there.", deadline):
+            heard.append(name)
+
+    assert await asyncio.to_thread(one._onnx_slots.acquire, -math.inf)
+    late = asyncio.create_task(speak("late", time.monotonic() + 10))
+    while one._onnx_slots.waiting < 1:
+        await asyncio.sleep(0.01)
+    urgent = asyncio.create_task(speak("urgent", time.monotonic()))
+    while one._onnx_slots.waiting < 2:
+        await asyncio.sleep(0.01)
+    one._onnx_slots.release()
+    await asyncio.gather(late, urgent)
+    assert heard == (["urgent", "late"] if order == "deadline" else ["late", "urgent"])
+
+
+@pytest.mark.parametrize("lookahead", [1, 2])
+async def test_stream_keeps_the_next_chunk_queued_while_one_is_synthesized(lookahead: int) -> None:
+    """lookahead=2: chunk n+1's synthesis has started (is queued at the TTS) before chunk n's
+    audio is done; lookahead=1 waits for it."""
+    started: list[str] = []
+    release = asyncio.Event()
+
+    async def synth(text: str) -> Any:
+        started.append(text)
+        await release.wait()
+        yield np.zeros(160, np.float32)
+
+    async with TTSStream(synth, sample_rate=16000, chunker=CLAUSE_CHUNKS, lookahead=lookahead) as stream:
+        stream.push_text("Hello there, my friend. How are you? I am fine.")
+        stream.end_input()
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert len(started) == lookahead
+        release.set()
+        texts = [p.text async for p in stream]
+    assert texts == ["Hello there, my friend.", "How are you?", "I am fine."]
 
 
 async def test_engine_failure_is_internal_error(tts: PiperTTS) -> None:

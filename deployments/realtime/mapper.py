@@ -67,7 +67,8 @@ class Ids:
 
 _CANCEL_REASONS = {"barge_in": "turn_detected"}
 _LATENCY_FIELDS = ("vad_end_delay_ms", "asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_ms",
-                   "voice_to_voice_ms", "total_ms", "llm_tokens", "llm_tokens_per_s", "speculative")
+                   "voice_to_voice_ms", "total_ms", "llm_tokens", "llm_tokens_per_s", "speculative",
+                   "underruns", "underrun_ms", "min_buffer_ms")
 
 
 class EventMapper:

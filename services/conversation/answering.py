@@ -122,7 +122,8 @@ class AnswerProducer:
     async def _generate_and_speak(self, turn: Turn, audio: np.ndarray | None) -> None:
         s, lat, t = self._settings(), turn.latency, self._timeouts
         messages = self.messages(turn)
-        tts = TTSStream(self._synthesizer(turn), sample_rate=s.output_sample_rate, chunker=s.chunker)
+        tts = TTSStream(self._synthesizer(turn), sample_rate=s.output_sample_rate, chunker=s.chunker,
+                        buffer_ms=lambda: self._buffer_ms(turn), lookahead=s.playout.tts_lookahead)
         async with tts:
             speaker = asyncio.get_running_loop().create_task(self._speak(turn, tts), name="speak")
             try:
@@ -146,12 +147,24 @@ class AnswerProducer:
             finally:
                 await cancel_and_wait(speaker)
 
+    def _slack_s(self, turn: Turn) -> float | None:
+        return turn.audio_slack_s(self._settings().playout.speculative_slack_ms / 1000)
+
+    def _buffer_ms(self, turn: Turn) -> float | None:
+        """Audio the caller has in hand, for sizing chunks; None (the fixed schedule) while the
+        answer is not playing (a speculation, or paused)."""
+        if not turn.live or turn.state is TurnState.PAUSED:
+            return None
+        slack = self._slack_s(turn)
+        return None if slack is None else max(0.0, 1000 * slack)
+
     def _synthesizer(self, turn: Turn) -> Callable[[str], AsyncIterator[bytes]]:
         s, t, lat = self._settings(), self._timeouts, turn.latency
 
         async def synthesize(text: str) -> AsyncIterator[bytes]:
             t0 = self._clock()
-            stream = self.stages.synthesize(text, voice=s.voice, sample_rate=s.output_sample_rate)
+            stream = self.stages.synthesize(text, voice=s.voice, sample_rate=s.output_sample_rate,
+                                            slack_s=self._slack_s(turn))
             async for pcm in deadline_stream(stream, t.tts_first_audio_s, t.tts_stall_s, "speech synthesis"):
                 if lat.tts_first_audio_ms == 0.0:
                     lat.tts_first_audio_ms = 1000 * (self._clock() - t0)

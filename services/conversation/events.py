@@ -24,6 +24,10 @@ class TurnLatency:
     llm_tokens: int = 0
     llm_tokens_per_s: float = 0.0
     speculative: bool = False  # the answer was started before the turn ended, and kept
+    # The caller's playout buffer, estimated server-side up to the last audio sent:
+    underruns: int = 0  # audio pieces sent after the buffer had run dry (stalls inside the answer)
+    underrun_ms: float = 0.0  # the silence those stalls put inside the answer
+    min_buffer_ms: float = 0.0  # least audio the caller had in hand when a piece was sent
 
 
 @dataclass

@@ -87,6 +87,19 @@ class StageTimeouts(BaseModel):
     turn_detector_s: float = Field(2.0, gt=0, description="One end-of-turn model call.")
 
 
+class Playout(BaseModel):
+    """How the answer audio is scheduled against the caller's playout buffer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speculative_slack_ms: int = Field(
+        2000, ge=0, le=60000, description="A speculative answer's speech synthesis is scheduled as if "
+        "its caller had this much audio in hand: after callers about to run dry, before ones with more.")
+    tts_lookahead: int = Field(
+        2, ge=1, le=8, description="Text chunks of one answer being synthesized at once: the next one "
+        "waits in the TTS queue with its deadline while this one is synthesized (1: one after another).")
+
+
 class SessionSettings(BaseModel):
     """Per-conversation settings (from the client's session config, validated by its adapter)."""
 
@@ -114,6 +127,7 @@ class SessionSettings(BaseModel):
     history_turns: int = Field(8, ge=0, description="User+assistant turn pairs kept as LLM context.")
     output_chunk_ms: int = Field(100, ge=20, description="Answer audio is sent in pieces of this length.")
     chunker: ChunkerConfig = Field(default_factory=ChunkerConfig, description="LLM text -> TTS chunks.")
+    playout: Playout = Field(default_factory=Playout, description="Scheduling against the caller's playout buffer.")
     send_queue: int = Field(64, ge=4, description="Events buffered for a slow client before backpressure.")
     held_events: int = Field(
         256, ge=8, description="Events a speculative or paused answer may hold before its generation waits.")

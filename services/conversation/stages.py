@@ -49,8 +49,11 @@ class Stages(Protocol):
         """LLM text deltas; ``audio`` (16 kHz) is the user's turn in speech-native mode."""
         ...
 
-    def synthesize(self, text: str, *, voice: str, sample_rate: int) -> AsyncIterator[bytes]:
-        """PCM16 audio for ``text`` at ``sample_rate``, streamed."""
+    def synthesize(self, text: str, *, voice: str, sample_rate: int,
+                   slack_s: float | None = None) -> AsyncIterator[bytes]:
+        """PCM16 audio for ``text`` at ``sample_rate``, streamed. ``slack_s``: seconds until the
+        caller's audio runs out (negative: already waiting; None: nobody waits yet, a
+        speculation); the TTS serves the smallest slack first when it has more work than CPU."""
         ...
 
 

@@ -1,7 +1,10 @@
 """The TTS stream the conversation drives: LLM text deltas in, audio pieces out, in order.
 
-Text is cut into clause-sized chunks by ``TextChunker``; chunk n+1 is synthesized while chunk
-n's audio waits in a bounded queue for the consumer (run-ahead).
+Text is cut into clause-sized chunks by ``TextChunker``. Up to ``lookahead`` chunks are asked of
+the synthesizer at once: chunk n+1 is already waiting in the TTS stage's queue (with its own
+deadline) while chunk n is synthesized, so a busy TTS hands its next free slot to the caller who
+needs it, not to whoever happened to ask in the gap between two chunks. Audio comes out in
+order through a bounded queue (run-ahead).
 """
 
 from __future__ import annotations
@@ -60,12 +63,23 @@ class TTSStream:
     """
 
     def __init__(self, synthesize: Synthesize, *, sample_rate: int, chunker: ChunkerConfig | None = None,
-                 audio_queue: int = 4, max_pending_chunks: int = 64) -> None:
+                 audio_queue: int = 4, max_pending_chunks: int = 64,
+                 buffer_ms: Callable[[], float | None] | None = None, lookahead: int = 2) -> None:
+        """``buffer_ms``: the listener's audio in hand now (None: unknown); it sizes the chunks
+        (``ChunkerConfig.adaptive``). ``lookahead``: chunks being synthesized at once (1 = one
+        after the other)."""
+        if lookahead < 1:
+            raise ValueError("lookahead must be >= 1")
+        self._lookahead = lookahead
         self._synthesize = synthesize
         self._rate = sample_rate
         self._max_pending = max_pending_chunks
-        self._chunker = TextChunker(chunker or ChunkerConfig())
+        self._chunker = TextChunker(chunker or ChunkerConfig(), buffer_ms)
         self._pending: collections.deque[tuple[str, bool, int]] = collections.deque()
+        # Each chunk in flight: its synthesis task, the pieces it made so far (None ends them),
+        # its text, whether it starts a segment, and its index.
+        self._flight: collections.deque[tuple[asyncio.Task[None], asyncio.Queue[Any], str, bool, int]] = \
+            collections.deque()
         self._wake = asyncio.Event()
         self._out: asyncio.Queue[Any] = asyncio.Queue(maxsize=audio_queue)
         self._new_segment = True
@@ -150,24 +164,28 @@ class TTSStream:
 
     async def _run(self) -> None:
         carry_first = False
+        flight = self._flight
         try:
             while True:
-                while not self._pending:
+                self._start_ready()
+                if not flight:
                     if self._ended:
                         await self._out.put(_DONE)
                         return
                     self._wake.clear()
                     await self._wake.wait()
-                text, first, index = self._pending.popleft()
+                    continue
+                task, pieces, text, first, index = flight[0]
                 first = first or carry_first
-                prev: np.ndarray | None = None
+                prev: Any = None
                 # Hold back one piece so the last piece of the chunk can be marked as such.
-                async with contextlib.aclosing(self._synthesize(text)) as audio:  # type: ignore[type-var]
-                    async for pcm in audio:
-                        if prev is not None:
-                            await self._out.put(self._piece(prev, text, first, index, False))
-                            first = False
-                        prev = pcm
+                while (pcm := await self._next_piece(pieces)) is not None:
+                    if prev is not None:
+                        await self._out.put(self._piece(prev, text, first, index, False))
+                        first = False
+                    prev = pcm
+                flight.popleft()
+                task.result()  # a failed synthesis fails the stream
                 if prev is not None:
                     await self._out.put(self._piece(prev, text, first, index, True))
                     first = False
@@ -177,6 +195,46 @@ class TTSStream:
             raise
         except Exception as exc:
             await self._out.put(exc)
+        finally:
+            for task, *_ in flight:
+                task.cancel()
+            await asyncio.gather(*(task for task, *_ in flight), return_exceptions=True)
+            flight.clear()
+
+    def _start_ready(self) -> None:
+        """Start synthesis of waiting chunks while fewer than ``lookahead`` are in flight."""
+        while len(self._flight) < self._lookahead and self._pending:
+            text, first, index = self._pending.popleft()
+            pieces: asyncio.Queue[Any] = asyncio.Queue()  # bounded by the chunk's sentences
+            task = asyncio.get_running_loop().create_task(self._synthesize_chunk(text, pieces))
+            self._flight.append((task, pieces, text, first, index))
+
+    async def _next_piece(self, pieces: asyncio.Queue[Any]) -> Any:
+        """The chunk's next audio piece; None at its end. Text that arrives while this waits may
+        start the next chunk's synthesis (``_wake``)."""
+        while True:
+            if not pieces.empty():
+                return pieces.get_nowait()
+            getter = asyncio.ensure_future(pieces.get())
+            waker = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waker.cancel()
+                if not getter.done():
+                    getter.cancel()
+            if getter.done() and not getter.cancelled():
+                return getter.result()
+            self._wake.clear()
+            self._start_ready()
+
+    async def _synthesize_chunk(self, text: str, pieces: asyncio.Queue[Any]) -> None:
+        try:
+            async with contextlib.aclosing(self._synthesize(text)) as audio:  # type: ignore[type-var]
+                async for pcm in audio:
+                    pieces.put_nowait(pcm)
+        finally:
+            pieces.put_nowait(None)
 
     def _piece(
         self, pcm: np.ndarray | bytes, text: str, first: bool, index: int, last: bool

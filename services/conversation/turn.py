@@ -83,8 +83,14 @@ class UserInput:
 
 
 class PlaybackClock:
-    """What the user has heard of one answer: from the client's reports, else real-time playback
-    from the first chunk sent, with the time the answer was paused taken out."""
+    """What the user has heard of one answer, and how much is still in the caller's playout buffer.
+
+    Playback starts at the first chunk sent and runs in real time, minus the time it was paused
+    and the time the buffer was dry: when a chunk is sent after everything earlier has been
+    played, the caller heard a gap (an underrun) and playback resumes from there. A client report
+    (``PlaybackPosition``, ``conversation.item.truncate``) re-anchors the estimate. In
+    ``reported`` mode only reports count as heard; the buffer is estimated either way.
+    """
 
     def __init__(self, mode: Literal["estimate", "reported", "none"],
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -92,16 +98,35 @@ class PlaybackClock:
         self.clock = clock
         self.sent_ms = 0.0
         self.first_wall: float | None = None
+        self.underruns = 0  # chunks sent after the buffer had run dry
+        self.underrun_ms = 0.0  # total estimated silence inside the answer
+        self.min_buffer_ms: float | None = None  # least audio in hand when a chunk was sent
         self._pauses: list[list[float]] = []  # [start, end]; end is inf while paused
         self._report: tuple[float, float] | None = None  # (played ms, wall time of the report)
+        self._anchor: tuple[float, float] | None = None  # (position ms, wall) playback runs from
+        self._anchor_stall_ms = 0.0  # dry time since the anchor
 
     def on_sent(self, ms: float) -> None:
+        now = self.clock()
         if self.first_wall is None:
-            self.first_wall = self.clock()
+            self.first_wall = now
+            self._anchor = (0.0, now)
+            self._anchor_stall_ms = 0.0
+        elif not self.paused:
+            ahead = self.sent_ms - self._position(now)
+            if ahead < 0:  # the buffer ran dry before this chunk: an audible gap
+                self._anchor_stall_ms += -ahead
+                self.underrun_ms += -ahead
+                self.underruns += 1
+            ahead = max(0.0, ahead)
+            self.min_buffer_ms = ahead if self.min_buffer_ms is None else min(self.min_buffer_ms, ahead)
         self.sent_ms += ms
 
     def report(self, played_ms: float) -> None:
-        self._report = (float(played_ms), self.clock())
+        now = self.clock()
+        self._report = (float(played_ms), now)
+        self._anchor = (min(float(played_ms), self.sent_ms), now)
+        self._anchor_stall_ms = 0.0
 
     @property
     def paused(self) -> bool:
@@ -120,18 +145,30 @@ class PlaybackClock:
         paused = sum(max(0.0, min(end, now) - max(start, since)) for start, end in self._pauses)
         return max(0.0, now - since - paused)
 
+    def _position(self, now: float) -> float:
+        """Estimated playback position (ms), not capped by what was sent."""
+        if self._anchor is None:
+            return 0.0
+        at_ms, at = self._anchor
+        return at_ms + 1000 * self._playing_s(at, now) - self._anchor_stall_ms
+
     def played_ms(self) -> float:
         if self.mode == "none":
             return self.sent_ms
-        now = self.clock()
-        if self._report is not None:
-            played, at = self._report
-            if self.mode == "reported":
-                return min(played, self.sent_ms)
-            return min(self.sent_ms, played + 1000 * self._playing_s(at, now))
-        if self.mode == "reported" or self.first_wall is None:
-            return 0.0
-        return min(self.sent_ms, 1000 * self._playing_s(self.first_wall, now))
+        if self.mode == "reported":
+            return 0.0 if self._report is None else min(self._report[0], self.sent_ms)
+        return min(self.sent_ms, self._position(self.clock()))
+
+    def buffer_ms(self) -> float:
+        """Audio sent but not yet played (estimated): what the caller has in hand."""
+        return max(0.0, self.sent_ms - self._position(self.clock()))
+
+    def slack_s(self, produced_ms: float) -> float | None:
+        """Seconds until the caller runs out of audio, counting ``produced_ms`` of this answer
+        made so far (sent or on its way); None while paused (nothing plays: no deadline)."""
+        if self.paused:
+            return None
+        return (produced_ms - self.sent_ms) / 1000 + self.buffer_ms() / 1000
 
 
 def heard_text(segments: list[tuple[str, float, float]], played_ms: float) -> str:
@@ -255,6 +292,19 @@ class Turn:
         while not predicate():
             await self._changed.wait()
 
+    def audio_slack_s(self, speculative_s: float) -> float | None:
+        """Seconds until the caller runs out of this answer's audio: the deadline its next TTS
+        chunk is scheduled by. Negative before the first audio (the caller has waited that long
+        since the turn ended); ``speculative_s`` for a speculation (nobody hears it yet); None
+        while paused (nothing plays)."""
+        if self.state is TurnState.PENDING:
+            return speculative_s
+        if self.state is TurnState.PAUSED:
+            return None
+        if self.playback.first_wall is None:
+            return -(self._clock() - self.user.t_end)
+        return self.playback.slack_s(self.audio_ms)
+
     def playback_done(self) -> bool:
         """Everything was sent and (by report or estimate) played."""
         return self.state is TurnState.SENT and self.playback.played_ms() >= self.playback.sent_ms - 1
@@ -290,6 +340,10 @@ class Turn:
                 self._on_audio_sent(event)
             elif isinstance(event, ev.ResponseDone):
                 self.latency.total_ms = 1000 * (self._clock() - self.user.t_end)
+                pb = self.playback  # every audio piece was sent before this event: final figures
+                self.latency.underruns = pb.underruns
+                self.latency.underrun_ms = pb.underrun_ms
+                self.latency.min_buffer_ms = pb.min_buffer_ms or 0.0
             await self._outbox.put(self._stamp(event))
         if self._producer is not None and not self._producer.cancelled() and self._producer.exception() is None:
             if self.state is TurnState.ACTIVE:

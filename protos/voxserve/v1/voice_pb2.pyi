@@ -275,7 +275,7 @@ class AudioChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., sample_rate: _Optional[int] = ..., response_id: _Optional[int] = ..., offset_ms: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class TurnLatency(_message.Message):
-    __slots__ = ("vad_end_delay_ms", "asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_ms", "voice_to_voice_ms", "total_ms", "llm_tokens", "llm_tokens_per_s", "speculative")
+    __slots__ = ("vad_end_delay_ms", "asr_ms", "llm_first_token_ms", "tts_first_audio_ms", "first_audio_ms", "voice_to_voice_ms", "total_ms", "llm_tokens", "llm_tokens_per_s", "speculative", "underruns", "underrun_ms", "min_buffer_ms")
     VAD_END_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     ASR_MS_FIELD_NUMBER: _ClassVar[int]
     LLM_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +286,9 @@ class TurnLatency(_message.Message):
     LLM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LLM_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    UNDERRUNS_FIELD_NUMBER: _ClassVar[int]
+    UNDERRUN_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_BUFFER_MS_FIELD_NUMBER: _ClassVar[int]
     vad_end_delay_ms: float
     asr_ms: float
     llm_first_token_ms: float
@@ -296,7 +299,10 @@ class TurnLatency(_message.Message):
     llm_tokens: int
     llm_tokens_per_s: float
     speculative: bool
-    def __init__(self, vad_end_delay_ms: _Optional[float] = ..., asr_ms: _Optional[float] = ..., llm_first_token_ms: _Optional[float] = ..., tts_first_audio_ms: _Optional[float] = ..., first_audio_ms: _Optional[float] = ..., voice_to_voice_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., llm_tokens: _Optional[int] = ..., llm_tokens_per_s: _Optional[float] = ..., speculative: _Optional[bool] = ...) -> None: ...
+    underruns: int
+    underrun_ms: float
+    min_buffer_ms: float
+    def __init__(self, vad_end_delay_ms: _Optional[float] = ..., asr_ms: _Optional[float] = ..., llm_first_token_ms: _Optional[float] = ..., tts_first_audio_ms: _Optional[float] = ..., first_audio_ms: _Optional[float] = ..., voice_to_voice_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., llm_tokens: _Optional[int] = ..., llm_tokens_per_s: _Optional[float] = ..., speculative: _Optional[bool] = ..., underruns: _Optional[int] = ..., underrun_ms: _Optional[float] = ..., min_buffer_ms: _Optional[float] = ...) -> None: ...
 
 class ResponseDone(_message.Message):
     __slots__ = ("response_id", "text", "audio_ms", "latency")

@@ -1,0 +1,206 @@
+"""The caller's playout buffer: how the server estimates it, and how TTS work is ordered by it.
+
+Fake stages (``tests.fakes``) share one ``DeadlineSlots`` the way every session shares the TTS
+replica's CPU; the real engine's ordering is tested in test_tts.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from deployments.metrics import GatewayMetrics
+from services.chunking import ChunkerConfig, TextChunker
+from services.conversation import events as ev
+from services.conversation.settings import TurnDetection
+from services.conversation.turn import PlaybackClock
+from services.deadline_slots import NO_DEADLINE, DeadlineSlots, deadline_in
+from tests.fakes import FakeStages, silence
+from tests.test_conversation import Harness, question
+
+# --- the slots ------------------------------------------------------------------------------------
+
+
+def _queue(slots: DeadlineSlots, deadlines: list[float]) -> tuple[list[float], list[threading.Thread]]:
+    """Threads waiting for ``slots`` (held by the caller), one per deadline, queued in list order."""
+    granted: list[float] = []
+    threads = []
+    for d in deadlines:
+        def take(d: float = d) -> None:
+            slots.acquire(d)
+            granted.append(d)
+            slots.release()
+        t = threading.Thread(target=take)
+        t.start()
+        threads.append(t)
+        while slots.waiting < len(threads):  # queued before the next one arrives
+            threading.Event().wait(0.001)
+    return granted, threads
+
+
+@pytest.mark.parametrize(("order", "expected"), [("deadline", [1.0, 2.0, 3.0, NO_DEADLINE]),
+                                                 ("fifo", [3.0, NO_DEADLINE, 1.0, 2.0])])
+def test_slots_go_earliest_deadline_first_or_in_arrival_order(order: str, expected: list[float]) -> None:
+    slots = DeadlineSlots(1, order)  # type: ignore[arg-type]
+    assert slots.acquire(-math.inf)
+    granted, threads = _queue(slots, [3.0, NO_DEADLINE, 1.0, 2.0])
+    slots.release()
+    for t in threads:
+        t.join(5)
+    assert granted == expected and slots.granted == 5
+
+
+def test_a_stopped_waiter_leaves_the_queue_and_takes_no_slot() -> None:
+    slots = DeadlineSlots(1)
+    assert slots.acquire()
+    stop = threading.Event()
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(slots.acquire(0.0, stop)))
+    t.start()
+    while not slots.waiting:
+        threading.Event().wait(0.001)
+    stop.set()
+    t.join(5)
+    assert result == [False] and slots.waiting == 0
+    slots.release()
+    assert slots.acquire(1.0)  # the slot is free again
+    slots.release()
+    with pytest.raises(ValueError):
+        slots.release()
+
+
+def test_deadline_in_turns_slack_into_a_local_deadline() -> None:
+    assert deadline_in(None) == NO_DEADLINE == deadline_in(math.inf)
+    assert deadline_in(0.5, now=10.0) == 10.5 and deadline_in(-1.0, now=10.0) == 9.0
+
+
+# --- the server's view of the buffer --------------------------------------------------------------
+
+
+def test_playback_clock_counts_underruns_and_restarts_playback_after_one() -> None:
+    now = [0.0]
+    clock = PlaybackClock("estimate", clock=lambda: now[0])
+    clock.on_sent(1000)
+    now[0] = 0.4
+    assert clock.buffer_ms() == pytest.approx(600)
+    clock.on_sent(500)  # in time: 600 ms were in hand
+    assert clock.underruns == 0 and clock.min_buffer_ms == pytest.approx(600)
+    now[0] = 2.0  # 1500 ms sent, 2000 ms elapsed: dry for 500 ms
+    clock.on_sent(1000)
+    assert clock.underruns == 1 and clock.underrun_ms == pytest.approx(500) and clock.min_buffer_ms == 0
+    now[0] = 2.2  # playback went on from where it stopped, not from the wall clock
+    assert clock.played_ms() == pytest.approx(1700) and clock.buffer_ms() == pytest.approx(800)
+    assert clock.slack_s(produced_ms=clock.sent_ms + 400) == pytest.approx(1.2)
+    clock.pause()
+    now[0] = 9.0
+    assert clock.slack_s(clock.sent_ms) is None and clock.buffer_ms() == pytest.approx(800)
+    clock.resume()
+    clock.report(1500)  # the client is behind the estimate: its report re-anchors it
+    assert clock.buffer_ms() == pytest.approx(1000)
+
+
+async def test_answer_latency_reports_its_stalls_and_the_gateway_counts_them() -> None:
+    stages = FakeStages(answer="one two three four five six seven eight nine ten eleven twelve")
+    stages.tts_slots, stages.tts_s = DeadlineSlots(1), 0.9  # slower than the 600 ms a 3-word chunk plays
+    chunker = ChunkerConfig(adaptive=False, next_words=3, growth=1.0)
+    async with Harness(stages, chunker=chunker) as h:
+        await h.conv.push_text("count to twelve")
+        await h.until(lambda: h.of(ev.ResponseDone), within_s=20)
+    lat = h.of(ev.ResponseDone)[0].latency
+    assert lat.underruns >= 1 and lat.underrun_ms > 100 and lat.min_buffer_ms == 0
+    seen: dict[str, list[float]] = {}
+
+    class Recorder:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def inc(self, value: float, tags: dict[str, str] | None = None) -> None:
+            seen.setdefault(self.name, []).append(value)
+
+        observe = set = inc
+
+    GatewayMetrics({name: Recorder(name) for name in GatewayMetrics._NAMES}).turn_latency(lat)
+    assert seen["voxserve_stalled_turns_total"] == [1]
+    assert seen["voxserve_underrun_ms"] == [pytest.approx(lat.underrun_ms)]
+
+
+# --- what the conversation asks of the TTS --------------------------------------------------------
+
+
+async def test_each_chunk_carries_the_slack_of_its_caller() -> None:
+    stages = FakeStages(answer="one two three. four five six. seven eight nine.")
+    async with Harness(stages, chunker=ChunkerConfig(adaptive=False)) as h:
+        await h.conv.push_text("count")
+        await h.until(lambda: h.of(ev.ResponseDone))
+    first, *later = stages.tts_slacks
+    assert first is not None and first <= 0  # nothing played yet: the caller is waiting now
+    assert later and all(s is not None and 0 < s <= 1.8 for s in later)  # audio in hand, at most what was made
+
+
+async def test_a_speculation_is_scheduled_with_the_speculative_slack() -> None:
+    stages = FakeStages(answer="one two three four five six", word_s=0.01)
+    turn = TurnDetection(mode="silence", min_silence_ms=700, speculate_after_ms=150)
+    async with Harness(stages, turn=turn) as h:
+        await h.feed(np.concatenate([question(1.0, "i would like to order"), silence(0.4)]))
+        await h.until(lambda: bool(stages.tts_slacks))
+        assert h.counts.get("speculation_started") == 1 and not h.of(ev.AudioOut)
+    assert stages.tts_slacks[0] == h.conv.settings.playout.speculative_slack_ms / 1000
+
+
+@pytest.mark.parametrize("order", ["deadline", "fifo"])
+async def test_a_caller_about_to_run_dry_is_served_before_a_speculation(order: str) -> None:
+    """Two sessions share one TTS slot. A speculation asks first; a caller then waits for its
+    answer. Earliest deadline first serves the waiting caller, chunk after chunk, until it has
+    more audio in hand than the speculation's slack; arrival order would serve the speculation."""
+    stages = FakeStages(word_s=0.002)
+    stages.answers = ["alpha beta gamma delta epsilon zeta", "one two three four five six seven eight nine ten"]
+    slots = DeadlineSlots(1, order)  # type: ignore[arg-type]
+    stages.tts_slots, stages.tts_s = slots, 0.03
+    speculating = TurnDetection(mode="silence", min_silence_ms=700, speculate_after_ms=150)
+    async with Harness(stages, turn=speculating) as spec, Harness(stages) as caller:
+        assert await asyncio.to_thread(slots.acquire, -math.inf)  # hold the CPU while both queue up
+        await spec.feed(np.concatenate([question(1.0, "i would like to order"), silence(0.4)]))
+        await spec.until(lambda: slots.waiting >= 1)  # the speculation's first chunks wait
+        await asyncio.sleep(0.1)
+        queued = slots.waiting
+        await caller.conv.push_text("count to ten")
+        await caller.until(lambda: slots.waiting > queued)  # the caller's first chunk waits behind them
+        slots.release()
+        await caller.until(lambda: caller.of(ev.ResponseDone))
+        await caller.until(lambda: any(text.startswith("alpha") for text, _ in stages.tts_grants))
+    spec_at = next(i for i, (text, _) in enumerate(stages.tts_grants) if text.startswith("alpha"))
+    if order == "fifo":
+        assert spec_at == 0
+        return
+    before = stages.tts_grants[:spec_at]
+    assert len(before) >= 2 and before[0][0].startswith("one")
+    speculative = spec.conv.settings.playout.speculative_slack_ms / 1000
+    assert all(slack is not None and slack < speculative for _, slack in before)
+
+
+# --- chunk sizes follow the buffer ----------------------------------------------------------------
+
+
+def _chunks(buffer_ms: float | None, text: str) -> list[str]:
+    chunker = TextChunker(ChunkerConfig(), (lambda: buffer_ms) if buffer_ms is not None else None)
+    out: list[str] = []
+    for word in text.split(" "):
+        out += chunker.push(word + " ")
+    return out + chunker.flush()
+
+
+def test_chunks_are_small_while_the_buffer_is_thin_and_grow_when_it_is_full() -> None:
+    text = " ".join(f"w{i}" for i in range(60)) + "."
+    thin = _chunks(0.0, text)
+    full = _chunks(12000.0, text)
+    fixed = _chunks(None, text)
+    assert max(len(c.split()) for c in thin[1:]) <= 6  # 2 x the smallest budget (first_max_words)
+    assert max(len(c.split()) for c in full[1:]) == ChunkerConfig().max_words
+    assert len(thin) > len(fixed) > len(full)
+    assert " ".join(thin) == " ".join(full) == " ".join(fixed) == text  # the same words, cut elsewhere
+    off = TextChunker(ChunkerConfig(adaptive=False), lambda: 0.0)
+    assert [len(c.split()) for c in off.push(text + " ")] == [len(c.split()) for c in fixed[:-1]]
