@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.auth import AuthConfig
 from services.asr import ASRConfig
-from services.conversation.settings import Interruptions, StageTimeouts, TurnDetection
+from services.conversation.settings import Interruptions, Playout, StageTimeouts, TurnDetection
 from services.llm import LLMConfig
 from services.tts import TTSConfig
 from services.turn_detection import TurnDetectorConfig
@@ -62,6 +62,8 @@ class GatewayConfig(BaseModel):
         description="Default barge-in behaviour of a session (a client may change it).")
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts,
         description="Deadlines of stage calls; a missed one ends that turn with an Error event.")
+    playout: Playout = Field(default_factory=Playout,
+        description="How answers' speech synthesis is scheduled against callers' playout buffers.")
     turn_detector: TurnDetectorConfig = Field(default_factory=TurnDetectorConfig,
         description="End-of-turn model (Smart Turn), run in the gateway for semantic turn detection.")
     turn_detector_enabled: bool = Field(True,

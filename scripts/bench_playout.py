@@ -36,8 +36,12 @@ local_env()
 
 #: What --compare runs: name -> app overrides (merged into the CPU profile's app args).
 CONFIGS: dict[str, dict[str, Any]] = {
-    "fifo": {"tts": {"scheduling": "fifo"}, "session_defaults": {"adaptive_chunks": False}},
-    "deadline": {"tts": {"scheduling": "deadline"}, "session_defaults": {"adaptive_chunks": True}},
+    # the scheduling before issue 20: arrival order, the fixed chunk schedule, one chunk at a time
+    "fifo": {"tts": {"scheduling": "fifo", "chunker": {"adaptive": False}},
+             "gateway": {"playout": {"tts_lookahead": 1}}},
+    # as shipped: earliest deadline first, chunks sized by the buffer, the next chunk queued early
+    "deadline": {"tts": {"scheduling": "deadline", "chunker": {"adaptive": True}},
+                 "gateway": {"playout": {"tts_lookahead": 2}}},
 }
 
 
