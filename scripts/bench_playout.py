@@ -55,10 +55,17 @@ def turn_figures(report: Any) -> dict[str, Any]:
         "turns": len(report.turns), "answered": len(answered), "stalled_turns": len(stalled),
         "stalled_pct": round(100 * len(stalled) / len(answered), 1) if answered else None,
         "stalled_over_200ms": sum(ms > 200 for ms in stall_ms),
-        "underrun_ms_p50": pct(stall_ms, 50), "underrun_ms_p95": pct(stall_ms, 95),
+        # 0 when no turn stalled (not NaN: the JSON stays strict)
+        "underrun_ms_p50": pct(stall_ms, 50) if stall_ms else 0.0,
+        "underrun_ms_p95": pct(stall_ms, 95) if stall_ms else 0.0,
         "underrun_ms_max": round(max(stall_ms), 1) if stall_ms else 0.0,
         "v2v_ms_p50": pct(v2v, 50), "v2v_ms_p95": pct(v2v, 95),
         "errors": report.errors(),
+        # what each stalled turn was, to find why (server_latency holds the server's own estimate)
+        "stalled": [{"caller": t.caller, "turn": t.turn, "t_s": round(t.t_s, 1), "underruns": t.underruns,
+                     "underrun_ms": round(t.underrun_ms, 1), "audio_ms": round(t.audio_ms),
+                     "v2v_ms": t.voice_to_voice_ms, "text": t.response_text[:120],
+                     "server": t.server_latency} for t in stalled],
     }
 
 
@@ -77,12 +84,15 @@ def run_config(name: str, overrides: dict[str, Any], args: argparse.Namespace) -
     result: dict[str, Any] = {"overrides": overrides}
     with local_app(app_overrides=overrides) as server:
         for label, callers, ramp, hold in (("1 caller", 1, 0.0, args.hold1), ("6 callers", 6, args.ramp6, args.hold6)):
-            if callers > args.max_callers:
+            if callers > args.max_callers or callers < args.min_callers:
                 continue
             out = Path(args.out) / name / label.replace(" ", "_") if args.out else None
             figures = asyncio.run(one_load(server.grpc_address, callers, ramp, hold, out))
             result[label] = figures
-            print(f"[{name}] {label}: {json.dumps(figures)}", flush=True)
+            summary = {k: v for k, v in figures.items() if k != "stalled"}
+            print(f"[{name}] {label}: {json.dumps(summary)}", flush=True)
+            for turn in figures["stalled"]:
+                print(f"    stalled: {json.dumps(turn)}", flush=True)
     return result
 
 
@@ -109,6 +119,7 @@ def main() -> None:
     p.add_argument("--ramp6", type=float, default=20.0, help="ramp-up of the 6-caller run (default 20)")
     p.add_argument("--hold6", type=float, default=90.0, help="hold of the 6-caller run (default 90)")
     p.add_argument("--max-callers", type=int, default=6, help="skip loads above this many callers")
+    p.add_argument("--min-callers", type=int, default=1, help="skip loads below this many callers")
     p.add_argument("--out", default="out/bench/playout", help="results folder ('' = none)")
     args = p.parse_args()
     from services.cpu import machine_record

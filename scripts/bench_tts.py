@@ -8,6 +8,14 @@ Both are measured with the text available at once, and with tokens arriving at
 ``--tokens-per-s`` (a simulated LLM): then (a) must also wait for the whole sentence.
 
     .venv/bin/python scripts/bench_tts.py --repeats 5 --out /tmp/bench_tts.json
+
+``--scaling`` instead measures what pays on this CPU when several sessions synthesize at once
+(issue 20): 4 concurrent syntheses of a clause-sized chunk under each (onnxruntime threads,
+``max_concurrent`` slots) pair, giving audio seconds per wall second and the time each synthesis
+took; and one ONNX run with a batch of 2 against two runs of 1 (does batching across sessions
+pay?). Nothing else may run meanwhile.
+
+    .venv/bin/python scripts/bench_tts.py --scaling --out docs/bench/issue20/tts_scaling.json
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from services.conversation.tts_stream import TTSStream
 from services.tts import PiperTTS, TTSConfig
@@ -92,6 +102,69 @@ async def streamed(tts: PiperTTS, text: str, tokens_per_s: float) -> dict[str, A
             "first_chunk": first_text}
 
 
+CHUNK = "the forecast says that clouds will gather in the late afternoon,"
+
+
+async def concurrent(tts: PiperTTS, callers: int, repeats: int) -> dict[str, float]:
+    """``callers`` syntheses of CHUNK at once, ``repeats`` times: throughput and latency."""
+    latencies: list[float] = []
+    audio = 0.0
+
+    async def one() -> None:
+        nonlocal audio
+        t0 = time.perf_counter()
+        async for pcm in tts.synthesize(CHUNK):
+            audio += pcm.size / tts.sample_rate
+        latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        await asyncio.gather(*(one() for _ in range(callers)))
+    wall = time.perf_counter() - t0
+    return {"audio_per_wall_s": audio / wall, "synthesis_s_p50": statistics.median(latencies),
+            "synthesis_s_max": max(latencies)}
+
+
+def batch_pays(tts: PiperTTS, repeats: int) -> dict[str, float]:
+    """One ONNX run over a batch of 2 copies of CHUNK's phonemes vs two runs of one."""
+    voice = tts.voice
+    ids = [i for sentence in voice.phonemize(CHUNK) for i in voice.phonemes_to_ids(sentence)]
+    scales = np.array([voice.config.noise_scale, voice.config.length_scale, voice.config.noise_w_scale],
+                      dtype=np.float32)
+
+    def run(batch: int) -> float:
+        x = np.array([ids] * batch, dtype=np.int64)
+        t0 = time.perf_counter()
+        voice.session.run(None, {"input": x, "input_lengths": np.array([len(ids)] * batch, dtype=np.int64),
+                                 "scales": scales})
+        return time.perf_counter() - t0
+
+    run(1)
+    try:
+        run(2)
+    except Exception as exc:  # a voice exported without a dynamic batch axis
+        return {"batch2_error": str(exc)[:200]}  # type: ignore[dict-item]
+    one = statistics.median(run(1) for _ in range(repeats))
+    two = statistics.median(run(2) for _ in range(repeats))
+    return {"one_run_s": one, "batch_of_2_s": two, "batch_of_2_vs_two_runs": two / (2 * one)}
+
+
+async def scaling(args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    for threads in (1, 2):
+        for slots in (1, 2):
+            tts = PiperTTS.load(TTSConfig(voice=args.voice, num_threads=threads, max_concurrent=slots))
+            await concurrent(tts, 1, 1)  # warm up
+            row = {"num_threads": threads, "max_concurrent": slots, **await concurrent(tts, 4, args.repeats)}
+            rows.append(row)
+            print(f"threads {threads}  slots {slots}: {row['audio_per_wall_s']:.2f} s audio / s, "
+                  f"synthesis p50 {row['synthesis_s_p50'] * 1000:.0f} ms, max {row['synthesis_s_max'] * 1000:.0f} ms",
+                  flush=True)
+    batch = batch_pays(PiperTTS.load(TTSConfig(voice=args.voice, num_threads=1)), args.repeats * 2)
+    print(f"batch of 2 in one ONNX run: {batch}")
+    return {"chunk": CHUNK, "callers": 4, "repeats": args.repeats, "configs": rows, "batching": batch}
+
+
 def median(rows: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(r[key] for r in rows))
 
@@ -105,8 +178,19 @@ async def main() -> None:
     ap.add_argument("--tokens-per-s", type=float, default=30.0,
                     help="simulated LLM speed for the 'llm' rows")
     ap.add_argument("--text", default=LONG_SENTENCE)
+    ap.add_argument("--scaling", action="store_true",
+                    help="measure threads x slots x concurrent syntheses, and batching (see above)")
     ap.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = ap.parse_args()
+    if args.scaling:
+        from services.cpu import machine_record
+
+        result = {"machine": machine_record(), **await scaling(args)}
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+            print(f"wrote {args.out}")
+        return
 
     t0 = time.perf_counter()
     tts = PiperTTS.load(TTSConfig(voice=args.voice, num_threads=args.threads))

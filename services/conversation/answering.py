@@ -148,7 +148,8 @@ class AnswerProducer:
                 await cancel_and_wait(speaker)
 
     def _slack_s(self, turn: Turn) -> float | None:
-        return turn.audio_slack_s(self._settings().playout.speculative_slack_ms / 1000)
+        s = self._settings()
+        return turn.audio_slack_s((s.turn.min_silence_ms + s.playout.speculative_slack_ms) / 1000)
 
     def _buffer_ms(self, turn: Turn) -> float | None:
         """Audio the caller has in hand, for sizing chunks; None (the fixed schedule) while the

@@ -93,8 +93,8 @@ class Playout(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     speculative_slack_ms: int = Field(
-        2000, ge=0, le=60000, description="A speculative answer's speech synthesis is scheduled as if "
-        "its caller had this much audio in hand: after callers about to run dry, before ones with more.")
+        0, ge=0, le=60000, description="A speculation's speech synthesis is scheduled as if its caller "
+        "waited from the earliest end of turn (turn.min_silence_ms after the speech stopped) plus this.")
     tts_lookahead: int = Field(
         2, ge=1, le=8, description="Text chunks of one answer being synthesized at once: the next one "
         "waits in the TTS queue with its deadline while this one is synthesized (1: one after another).")

@@ -292,13 +292,14 @@ class Turn:
         while not predicate():
             await self._changed.wait()
 
-    def audio_slack_s(self, speculative_s: float) -> float | None:
+    def audio_slack_s(self, turn_end_s: float) -> float | None:
         """Seconds until the caller runs out of this answer's audio: the deadline its next TTS
         chunk is scheduled by. Negative before the first audio (the caller has waited that long
-        since the turn ended); ``speculative_s`` for a speculation (nobody hears it yet); None
-        while paused (nothing plays)."""
+        since the turn ended); for a speculation, the time until the turn can end at the
+        earliest (``turn_end_s`` after the user's speech stopped; never negative: nobody waits
+        yet); None while paused (nothing plays)."""
         if self.state is TurnState.PENDING:
-            return speculative_s
+            return max(0.0, self.user.t_user_stop + turn_end_s - self._clock())
         if self.state is TurnState.PAUSED:
             return None
         if self.playback.first_wall is None:
