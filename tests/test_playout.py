@@ -156,7 +156,8 @@ async def test_a_speculation_is_scheduled_by_the_earliest_end_of_its_turn() -> N
 async def test_a_caller_about_to_run_dry_is_served_before_a_speculation(order: str) -> None:
     """Two sessions share one TTS slot. A speculation asks first; a caller then waits for its
     answer. Earliest deadline first serves the waiting caller, chunk after chunk, until it has
-    more audio in hand than the speculation's slack (its earliest end of turn plus 2 s); arrival order would serve the speculation."""
+    more audio in hand than the speculation's slack (its earliest end of turn plus 2 s); arrival
+    order would serve the speculation."""
     stages = FakeStages(word_s=0.002)
     stages.answers = ["alpha beta gamma delta epsilon zeta", "one two three four five six seven eight nine ten"]
     slots = DeadlineSlots(1, order)  # type: ignore[arg-type]
