@@ -69,6 +69,11 @@ class DeadlineSlots:
                 # the next waiter may now be first in line (or a slot may still be free)
                 self._cond.notify_all()
 
+    def wake(self) -> None:
+        """Make waiters look at their stop flags now (call after setting one)."""
+        with self._cond:
+            self._cond.notify_all()
+
     def release(self) -> None:
         with self._cond:
             if self._free >= self.slots:

@@ -298,3 +298,4 @@ class PiperTTS:
             # Not joined: the thread exits by itself before its next sentence, and waiting for
             # the ONNX run in progress would only delay the caller's cancellation.
             stop.set()
+            self._onnx_slots.wake()  # a stopped waiter first in line leaves now, not at its next poll

@@ -81,6 +81,15 @@ def test_deadline_in_turns_slack_into_a_local_deadline() -> None:
 # --- the server's view of the buffer --------------------------------------------------------------
 
 
+def test_a_client_that_plays_nothing_never_stalls() -> None:
+    now = [0.0]
+    clock = PlaybackClock("none", clock=lambda: now[0])
+    clock.on_sent(100)
+    now[0] = 5.0
+    clock.on_sent(100)
+    assert clock.underruns == 0 and clock.underrun_ms == 0
+
+
 def test_playback_clock_counts_underruns_and_restarts_playback_after_one() -> None:
     now = [0.0]
     clock = PlaybackClock("estimate", clock=lambda: now[0])
@@ -90,6 +99,7 @@ def test_playback_clock_counts_underruns_and_restarts_playback_after_one() -> No
     clock.on_sent(500)  # in time: 600 ms were in hand
     assert clock.underruns == 0 and clock.min_buffer_ms == pytest.approx(600)
     now[0] = 2.0  # 1500 ms sent, 2000 ms elapsed: dry for 500 ms
+    assert clock.slack_s(clock.sent_ms) == pytest.approx(-0.5)  # the caller has heard 500 ms of silence
     clock.on_sent(1000)
     assert clock.underruns == 1 and clock.underrun_ms == pytest.approx(500) and clock.min_buffer_ms == 0
     now[0] = 2.2  # playback went on from where it stopped, not from the wall clock
@@ -97,7 +107,8 @@ def test_playback_clock_counts_underruns_and_restarts_playback_after_one() -> No
     assert clock.slack_s(produced_ms=clock.sent_ms + 400) == pytest.approx(1.2)
     clock.pause()
     now[0] = 9.0
-    assert clock.slack_s(clock.sent_ms) is None and clock.buffer_ms() == pytest.approx(800)
+    # nothing plays while paused: the buffer left stands still
+    assert clock.slack_s(clock.sent_ms) == pytest.approx(0.8) and clock.buffer_ms() == pytest.approx(800)
     clock.resume()
     clock.report(1500)  # the client is behind the estimate: its report re-anchors it
     assert clock.buffer_ms() == pytest.approx(1000)
@@ -129,6 +140,20 @@ async def test_answer_latency_reports_its_stalls_and_the_gateway_counts_them() -
 
 
 # --- what the conversation asks of the TTS --------------------------------------------------------
+
+
+async def test_a_chunk_asked_for_ahead_is_due_after_the_words_before_it() -> None:
+    """Lookahead: chunk 1 is asked for while chunk 0 (3 words) is synthesized, before any audio
+    was sent; it is due 3 spoken words later than chunk 0, not at the same moment."""
+    stages = FakeStages(answer="one two three. four five six.")
+    stages.tts_slots, stages.tts_s = DeadlineSlots(2), 0.3
+    async with Harness(stages, chunker=ChunkerConfig(adaptive=False)) as h:
+        await h.conv.push_text("count")
+        await h.until(lambda: h.of(ev.ResponseDone))
+    first, second = stages.tts_slacks
+    per_word = h.conv.settings.playout.speech_ms_per_word / 1000
+    assert first is not None and second is not None
+    assert second - first == pytest.approx(3 * per_word, abs=0.1)
 
 
 async def test_each_chunk_carries_the_slack_of_its_caller() -> None:

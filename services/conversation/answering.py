@@ -11,6 +11,7 @@ Cancelling the producer cancels the LLM and TTS streams, which aborts the engine
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -147,7 +148,7 @@ class AnswerProducer:
             finally:
                 await cancel_and_wait(speaker)
 
-    def _slack_s(self, turn: Turn) -> float | None:
+    def _slack_s(self, turn: Turn) -> float:
         s = self._settings()
         return turn.audio_slack_s((s.turn.min_silence_ms + s.playout.speculative_slack_ms) / 1000)
 
@@ -156,20 +157,31 @@ class AnswerProducer:
         answer is not playing (a speculation, or paused)."""
         if not turn.live or turn.state is TurnState.PAUSED:
             return None
-        slack = self._slack_s(turn)
-        return None if slack is None else max(0.0, 1000 * slack)
+        return max(0.0, 1000 * self._slack_s(turn))
 
     def _synthesizer(self, turn: Turn) -> Callable[[str], AsyncIterator[bytes]]:
         s, t, lat = self._settings(), self._timeouts, turn.latency
 
+        # Chunks asked for ahead (lookahead) and not yet spoken: their words will play before
+        # the next chunk's, so that chunk is due that much later (it must not take a slot from
+        # a caller who needs one sooner).
+        ahead: dict[int, int] = {}
+        ids = itertools.count()
+
         async def synthesize(text: str) -> AsyncIterator[bytes]:
-            t0 = self._clock()
-            stream = self.stages.synthesize(text, voice=s.voice, sample_rate=s.output_sample_rate,
-                                            slack_s=self._slack_s(turn))
-            async for pcm in deadline_stream(stream, t.tts_first_audio_s, t.tts_stall_s, "speech synthesis"):
-                if lat.tts_first_audio_ms == 0.0:
-                    lat.tts_first_audio_ms = 1000 * (self._clock() - t0)
-                yield pcm
+            t0, key = self._clock(), next(ids)
+            slack = self._slack_s(turn) + sum(ahead.values()) * s.playout.speech_ms_per_word / 1000
+            ahead[key] = len(text.split())
+            try:
+                stream = self.stages.synthesize(text, voice=s.voice, sample_rate=s.output_sample_rate,
+                                                slack_s=slack)
+                async for pcm in deadline_stream(stream, t.tts_first_audio_s, t.tts_stall_s, "speech synthesis"):
+                    ahead.pop(key, None)  # its audio is now counted in the turn's own figures
+                    if lat.tts_first_audio_ms == 0.0:
+                        lat.tts_first_audio_ms = 1000 * (self._clock() - t0)
+                    yield pcm
+            finally:
+                ahead.pop(key, None)
 
         return synthesize
 

@@ -192,7 +192,9 @@ class Conversation:
         key = (seg.speech_start_ms or 0, seg.silence_start_ms or 0)
         if self._paused_key != key and silence >= self.settings.turn.speculate_after_ms:
             self._paused_key = key
-            await self._on_pause(seg.utterance_so_far())
+            # when the speech stopped (not now): a speculation is due from there
+            stopped = self._listener.wall_at(self._listener.vad_origin_ms + (seg.silence_start_ms or 0))
+            await self._on_pause(seg.utterance_so_far(), stopped)
         eot = self._listener.end_of_turn
         if self._paused_key == key and eot.wants_score(silence):
             eot.start_score(silence)
@@ -206,7 +208,7 @@ class Conversation:
 
     # --- end of turn and speculation -----------------------------------------------------------
 
-    async def _on_pause(self, audio: np.ndarray | None) -> None:
+    async def _on_pause(self, audio: np.ndarray | None, stopped: float | None = None) -> None:
         """The silence after speech reached ``speculate_after_ms``: start the transcript the end of
         turn needs and, if the output is free, a speculative answer (which makes that transcript)."""
         if audio is None or audio.size == 0:
@@ -218,7 +220,8 @@ class Conversation:
         r = self._response
         output_free = r is None or r.ended or r.state is TurnState.SENT
         if self.settings.turn.speculate and self.settings.auto_respond and output_free:
-            user = UserInput(0, audio, None, self._clock(), self._clock())
+            now = self._clock()
+            user = UserInput(0, audio, None, now, now if stopped is None else min(stopped, now))
             self._spec = self._new_turn(user, speculative=True)
             self._spec_key = self._paused_key
             self.observer.speculation("started")

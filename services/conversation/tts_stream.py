@@ -160,6 +160,7 @@ class TTSStream:
             self._pending.append((text, self._new_segment, self._chunks))
             self._new_segment = False
             self._chunks += 1
+        self._start_ready()  # even while the loop waits to hand over audio
         self._wake.set()
 
     async def _run(self) -> None:

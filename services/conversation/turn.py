@@ -112,7 +112,7 @@ class PlaybackClock:
             self.first_wall = now
             self._anchor = (0.0, now)
             self._anchor_stall_ms = 0.0
-        elif not self.paused:
+        elif not self.paused and self.mode != "none":  # a client that plays nothing never runs dry
             ahead = self.sent_ms - self._position(now)
             if ahead < 0:  # the buffer ran dry before this chunk: an audible gap
                 self._anchor_stall_ms += -ahead
@@ -163,12 +163,11 @@ class PlaybackClock:
         """Audio sent but not yet played (estimated): what the caller has in hand."""
         return max(0.0, self.sent_ms - self._position(self.clock()))
 
-    def slack_s(self, produced_ms: float) -> float | None:
+    def slack_s(self, produced_ms: float) -> float:
         """Seconds until the caller runs out of audio, counting ``produced_ms`` of this answer
-        made so far (sent or on its way); None while paused (nothing plays: no deadline)."""
-        if self.paused:
-            return None
-        return (produced_ms - self.sent_ms) / 1000 + self.buffer_ms() / 1000
+        made so far (sent or on its way); negative once the buffer has run dry (the caller has
+        heard silence that long). While paused the position stands still: the buffer left."""
+        return (produced_ms - self._position(self.clock())) / 1000
 
 
 def heard_text(segments: list[tuple[str, float, float]], played_ms: float) -> str:
@@ -292,16 +291,17 @@ class Turn:
         while not predicate():
             await self._changed.wait()
 
-    def audio_slack_s(self, turn_end_s: float) -> float | None:
+    def audio_slack_s(self, turn_end_s: float) -> float:
         """Seconds until the caller runs out of this answer's audio: the deadline its next TTS
         chunk is scheduled by. Negative before the first audio (the caller has waited that long
         since the turn ended); for a speculation, the time until the turn can end at the
         earliest (``turn_end_s`` after the user's speech stopped; never negative: nobody waits
-        yet); None while paused (nothing plays)."""
+        yet); while paused, the audio left at the pause plus ``turn_end_s`` (it plays again
+        once the speech over it is judged; finite, so its queued chunks are not last forever)."""
         if self.state is TurnState.PENDING:
             return max(0.0, self.user.t_user_stop + turn_end_s - self._clock())
         if self.state is TurnState.PAUSED:
-            return None
+            return self.playback.slack_s(self.audio_ms) + turn_end_s
         if self.playback.first_wall is None:
             return -(self._clock() - self.user.t_end)
         return self.playback.slack_s(self.audio_ms)
@@ -344,7 +344,8 @@ class Turn:
                 pb = self.playback  # every audio piece was sent before this event: final figures
                 self.latency.underruns = pb.underruns
                 self.latency.underrun_ms = pb.underrun_ms
-                self.latency.min_buffer_ms = pb.min_buffer_ms or 0.0
+                # one piece only (or a client that plays nothing): all of it was in hand
+                self.latency.min_buffer_ms = pb.sent_ms if pb.min_buffer_ms is None else pb.min_buffer_ms
             await self._outbox.put(self._stamp(event))
         if self._producer is not None and not self._producer.cancelled() and self._producer.exception() is None:
             if self.state is TurnState.ACTIVE:
