@@ -96,8 +96,8 @@ class Playout(BaseModel):
         0, ge=0, le=60000, description="A speculation's speech synthesis is scheduled as if its caller "
         "waited from the earliest end of turn (turn.min_silence_ms after the speech stopped) plus this.")
     speech_ms_per_word: float = Field(
-        300.0, gt=0, le=2000, description="Spoken length of a word, to date a chunk asked for ahead: it is "
-        "due after the audio of the chunks before it (a low guess schedules it early, never late).")
+        200.0, gt=0, le=2000, description="Spoken length of a word, to date a chunk asked for ahead: it "
+        "is due after the audio of the chunks before it (a low guess schedules it early, never late).")
     tts_lookahead: int = Field(
         2, ge=1, le=8, description="Text chunks of one answer being synthesized at once: the next one "
         "waits in the TTS queue with its deadline while this one is synthesized (1: one after another).")
