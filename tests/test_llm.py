@@ -223,9 +223,11 @@ async def test_audio_goes_to_vllm_only(engine: ChatEngine) -> None:
 
     from services.errors import FailedPrecondition
 
+    # an earlier test's cancelled generation may still be stopping in its thread: compare with it
+    before = engine.num_unfinished_requests()
     with pytest.raises(FailedPrecondition, match="audio"):
         engine.stream_chat(FRANCE, audio=np.zeros(16000, np.float32))
-    assert engine.num_unfinished_requests() == 0
+    assert engine.num_unfinished_requests() <= before  # the refused call started nothing
 
 
 def test_auto_engine_is_ctranslate2_for_text_llms_without_a_gpu(tmp_path: Path) -> None:
