@@ -161,7 +161,7 @@ class TTSDeployment:
 
     async def synthesize(self, text: str, sample_rate: int = 0, slack_s: float | None = None) -> AsyncIterator[bytes]:
         """PCM16 for ``text`` at ``sample_rate`` (0 = the voice's own), one piece per sentence.
-        ``slack_s``: seconds until the caller's audio runs out (None: a speculation); waiting
+        ``slack_s``: seconds until the caller's audio runs out (None: no deadline); waiting
         syntheses get the CPU smallest slack first (``TTSConfig.scheduling``)."""
         deadline = deadline_in(slack_s)  # taken on arrival: the caller's clock is not ours
         rate = sample_rate or self.tts.sample_rate

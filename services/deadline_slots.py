@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Literal
 
-#: Deadline of work nobody waits for yet (a speculation): after any work with a finite deadline.
+#: Deadline of work nobody waits for: after any work with a finite deadline.
 NO_DEADLINE = math.inf
 
 

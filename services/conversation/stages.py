@@ -52,8 +52,8 @@ class Stages(Protocol):
     def synthesize(self, text: str, *, voice: str, sample_rate: int,
                    slack_s: float | None = None) -> AsyncIterator[bytes]:
         """PCM16 audio for ``text`` at ``sample_rate``, streamed. ``slack_s``: seconds until the
-        caller's audio runs out (negative: already waiting; None: nobody waits yet, a
-        speculation); the TTS serves the smallest slack first when it has more work than CPU."""
+        caller's audio runs out (negative: already waiting; None: no deadline, after all work
+        that has one); the TTS serves the smallest slack first when it has more work than CPU."""
         ...
 
 

@@ -160,7 +160,7 @@ class TTSStream:
             self._pending.append((text, self._new_segment, self._chunks))
             self._new_segment = False
             self._chunks += 1
-        self._start_ready()  # even while the loop waits to hand over audio
+        self._start_ready()  # at once, even while the loop waits for audio or hands it over
         self._wake.set()
 
     async def _run(self) -> None:
@@ -168,7 +168,6 @@ class TTSStream:
         flight = self._flight
         try:
             while True:
-                self._start_ready()
                 if not flight:
                     if self._ended:
                         await self._out.put(_DONE)
@@ -180,13 +179,14 @@ class TTSStream:
                 first = first or carry_first
                 prev: Any = None
                 # Hold back one piece so the last piece of the chunk can be marked as such.
-                while (pcm := await self._next_piece(pieces)) is not None:
+                while (pcm := await pieces.get()) is not None:
                     if prev is not None:
                         await self._out.put(self._piece(prev, text, first, index, False))
                         first = False
                     prev = pcm
                 flight.popleft()
                 task.result()  # a failed synthesis fails the stream
+                self._start_ready()  # a place in flight is free
                 if prev is not None:
                     await self._out.put(self._piece(prev, text, first, index, True))
                     first = False
@@ -209,25 +209,6 @@ class TTSStream:
             pieces: asyncio.Queue[Any] = asyncio.Queue()  # bounded by the chunk's sentences
             task = asyncio.get_running_loop().create_task(self._synthesize_chunk(text, pieces))
             self._flight.append((task, pieces, text, first, index))
-
-    async def _next_piece(self, pieces: asyncio.Queue[Any]) -> Any:
-        """The chunk's next audio piece; None at its end. Text that arrives while this waits may
-        start the next chunk's synthesis (``_wake``)."""
-        while True:
-            if not pieces.empty():
-                return pieces.get_nowait()
-            getter = asyncio.ensure_future(pieces.get())
-            waker = asyncio.ensure_future(self._wake.wait())
-            try:
-                await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waker.cancel()
-                if not getter.done():
-                    getter.cancel()
-            if getter.done() and not getter.cancelled():
-                return getter.result()
-            self._wake.clear()
-            self._start_ready()
 
     async def _synthesize_chunk(self, text: str, pieces: asyncio.Queue[Any]) -> None:
         try:

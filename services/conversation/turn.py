@@ -161,7 +161,7 @@ class PlaybackClock:
 
     def buffer_ms(self) -> float:
         """Audio sent but not yet played (estimated): what the caller has in hand."""
-        return max(0.0, self.sent_ms - self._position(self.clock()))
+        return max(0.0, 1000 * self.slack_s(self.sent_ms))
 
     def slack_s(self, produced_ms: float) -> float:
         """Seconds until the caller runs out of audio, counting ``produced_ms`` of this answer
