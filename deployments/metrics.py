@@ -71,6 +71,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                              "(server-side estimate)."),
     "voxserve_min_buffer_ms": ("histogram", (),
                                "Least audio the caller had in hand while an answer was sent (per answer)."),
+    "voxserve_tool_calls_total": ("counter", ("outcome",),
+                                  "Tool calls by outcome: made, result, result_after_cancel (recorded, not "
+                                  "spoken), cancelled, timed_out, invalid (arguments off the schema: not made), "
+                                  "filler (a filler was spoken while one ran)."),
+    "voxserve_tool_latency_ms": ("histogram", ("span",),
+                                 "Tool calls: call -> result (the client's tool), and result -> first audio "
+                                 "of the answer that uses it (ours)."),
     "voxserve_stage_request_ms": ("histogram", ("stage", "method"),
                                   "Duration of one request inside a stage deployment replica "
                                   "(for streams: until the last item)."),
@@ -104,7 +111,7 @@ class GatewayMetrics:
               "voxserve_turn_ends_total", "voxserve_errors_total", "voxserve_stage_latency_ms",
               "voxserve_first_audio_ms", "voxserve_voice_to_voice_ms", "voxserve_turn_total_ms",
               "voxserve_llm_tokens_per_s", "voxserve_stalled_turns_total", "voxserve_underrun_ms",
-              "voxserve_min_buffer_ms")
+              "voxserve_min_buffer_ms", "voxserve_tool_calls_total", "voxserve_tool_latency_ms")
 
     def __init__(self, backend: dict[str, Any] | None = None) -> None:
         self._m = backend if backend is not None else {name: _make(name) for name in self._NAMES}
@@ -141,6 +148,14 @@ class GatewayMetrics:
     def answered(self, latency: ev.TurnLatency) -> None:
         pass  # recorded from the ResponseDone event in observe()
 
+    def tool_call(self, outcome: str, seconds: float | None = None) -> None:
+        if outcome == "result_to_audio":
+            self._m["voxserve_tool_latency_ms"].observe(1000 * (seconds or 0.0), tags={"span": "result_to_audio"})
+            return
+        self._m["voxserve_tool_calls_total"].inc(1, tags={"outcome": outcome})
+        if outcome == "result" and seconds is not None:
+            self._m["voxserve_tool_latency_ms"].observe(1000 * seconds, tags={"span": "call_to_result"})
+
     def turn_latency(self, lat: ev.TurnLatency) -> None:
         """Record an answered turn's latency breakdown (``ResponseDone.latency``)."""
         self._m["voxserve_turns_total"].inc(1, tags={"outcome": "done"})
@@ -171,6 +186,8 @@ class GatewayMetrics:
             self._m["voxserve_turns_total"].inc(1, tags={"outcome": "interrupted"})
             if event.reason == "barge_in":
                 self.barge_in()
+        elif isinstance(event, ev.ToolCallDone) and event.error:
+            self.tool_call("invalid")
         elif isinstance(event, ev.ErrorEvent):
             self._m["voxserve_turns_total"].inc(1, tags={"outcome": "error"})
             self.error(event.code, where="turn")

@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 
 from services.batching import Priority
 from services.errors import Unavailable
+from services.tools import ToolCallDelta, ToolChoice, ToolSpec
 from services.turn_detection import SmartTurnModel
 from services.vad import SileroModel, VADBatcher, VADState
 
@@ -87,9 +88,10 @@ class RemoteStages:
             return None
         return await self.turn_model.apredict(audio16k)
 
-    async def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
-                       audio: np.ndarray | None = None) -> AsyncIterator[str]:
-        gen = self.llm.options(stream=True).generate.remote(messages, max_tokens, audio)
+    async def generate(self, messages: list[dict[str, Any]], *, max_tokens: int | None,
+                       audio: np.ndarray | None = None, tools: list[ToolSpec] | None = None,
+                       tool_choice: ToolChoice | None = None) -> AsyncIterator[str | ToolCallDelta]:
+        gen = self.llm.options(stream=True).generate.remote(messages, max_tokens, audio, tools, tool_choice)
         async for delta in _stream(gen):
             yield delta
 

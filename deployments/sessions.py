@@ -111,6 +111,10 @@ class _HubObserver:
         if self.inner is not None:
             self.inner.answered(latency)
 
+    def tool_call(self, outcome: str, seconds: float | None = None) -> None:
+        if self.inner is not None:
+            self.inner.tool_call(outcome, seconds)
+
 
 class SessionHub:
     """Sessions of one gateway replica."""

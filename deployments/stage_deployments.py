@@ -6,6 +6,7 @@ override them per profile (replicas, CPUs, GPU fractions).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,8 +22,9 @@ from services.batching import Priority
 from services.deadline_slots import deadline_in
 from services.errors import FailedPrecondition
 from services.llm import ChatEngine, LLMConfig, coalesce_deltas
-from services.llm_engines import create_llm_engine
+from services.llm_engines import ToolEngine, create_llm_engine
 from services.models import EMBEDDED_LLMS
+from services.tools import ToolCallDelta, ToolChoice, ToolSpec
 from services.tts import PiperTTS, TTSConfig
 from services.vad import SileroModel, VADConfig, VADState
 
@@ -96,7 +98,12 @@ class LLMDeployment:
         # llm.engine picks CTranslate2 or vLLM (logged); either starts in a thread (vLLM ~15 s on CPU)
         self.engine = await create_llm_engine(_fixed(self.config))
         self.audio_engine: ChatEngine | None = self.engine if self.engine.supports_audio else None
+        self.tool_engine = ToolEngine(_fixed(self.config))
         try:
+            # sessions with tools: the tool model, loaded now so the first call does not wait for it
+            await self.tool_engine.load()
+            if not self.tool_engine.separate:
+                await asyncio.to_thread(self.engine.warm_tools)
             if speech_config is not None:
                 self.audio_engine = await create_llm_engine(_fixed(LLMConfig.model_validate(speech_config)))
                 if not self.audio_engine.supports_audio:
@@ -107,11 +114,14 @@ class LLMDeployment:
             self._shutdown_engines()  # a replica that fails to start must not leave its engines to the collector
             raise
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int | None = None,
-                       audio: np.ndarray | None = None) -> AsyncIterator[str]:
+    async def generate(self, messages: list[dict[str, Any]], max_tokens: int | None = None,
+                       audio: np.ndarray | None = None, tools: list[ToolSpec] | None = None,
+                       tool_choice: ToolChoice | None = None) -> AsyncIterator[str | ToolCallDelta]:
+        """Text deltas (and ``ToolCallDelta`` items when ``tools`` are offered: the tool model answers)."""
         # A cancelled caller cancels this generator; closing the stream aborts the engine's request.
         if audio is None:
-            stream = self.engine.stream_chat(messages, max_tokens=max_tokens)
+            engine = await self.tool_engine.engine_for(self.engine, tools)
+            stream = engine.stream_chat(messages, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice)
         elif self.audio_engine is None:
             raise FailedPrecondition("this deployment has no audio LLM for speech-native turns")
         else:
@@ -124,7 +134,8 @@ class LLMDeployment:
                     yield piece
 
     def _engines(self) -> list[ChatEngine]:
-        return [self.engine] + ([self.audio_engine] if self.audio_engine not in (None, self.engine) else [])
+        extra = [e for e in (self.audio_engine, self.tool_engine.engine) if e is not None and e is not self.engine]
+        return [self.engine, *extra]
 
     async def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` for the text LLM (the gateway checks system prompts with it)."""
@@ -137,12 +148,15 @@ class LLMDeployment:
 
     async def info(self) -> dict[str, Any]:
         return {"model": self.config.model or "SmolLM2-135M-Instruct (embedded)", "engine": self.engine.name,
+                "tool_model": self.tool_engine.engine.model if self.tool_engine.engine else self.engine.model,
                 "speech_model": self.audio_engine.model if self.audio_engine else "",
                 "speech_native": self.audio_engine is not None}
 
     def _shutdown_engines(self) -> None:
         """Stop the LLM engines (idempotent)."""
-        engines = (getattr(self, "engine", None), getattr(self, "audio_engine", None))
+        tools = getattr(self, "tool_engine", None)
+        engines = (getattr(self, "engine", None), getattr(self, "audio_engine", None),
+                   tools.engine if tools is not None else None)
         for engine in {id(e): e for e in engines if e is not None}.values():
             engine.shutdown()
 

@@ -18,7 +18,7 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,6 +31,16 @@ from services.errors import (
     InvalidArgument,
     OutOfRange,
     Unavailable,
+)
+from services.tools import (
+    CALL_START,
+    ToolCallDelta,
+    ToolCallReader,
+    ToolChoice,
+    ToolSpec,
+    call_schema,
+    check_tools,
+    parse_calls,
 )
 
 if TYPE_CHECKING:
@@ -45,7 +55,7 @@ DEFAULT_SYSTEM_PROMPT = (
 
 #: Finished or aborted requests an engine remembers (``ChatEngine.recent``).
 RECENT_REQUESTS = 64
-_ROLES = frozenset({"system", "user", "assistant"})
+_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 class LLMConfig(BaseModel):
@@ -89,6 +99,13 @@ class LLMConfig(BaseModel):
         description="vLLM only: skip graph compilation (fast start; same speed on small CPU models).",
     )
     max_tokens: int = Field(default=96, ge=1, le=4096, description="Default cap on answer tokens.")
+    max_tool_call_tokens: int = Field(
+        default=256, ge=16, le=4096, description="Least token cap of an answer that must be a tool call "
+        "(tool_choice required or named): its arguments are never cut off by a short answer cap.")
+    tool_model: str = Field(
+        default="qwen2.5-coder-0.5b-instruct",
+        description="Model for sessions that offer tools, when it differs from ``model`` ('' = ``model``): "
+        "the embedded SmolLM2 cannot call tools, the embedded Qwen can (same engine choice, same settings).")
     temperature: float = Field(default=0.3, ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(default=0.9, gt=0, le=1, description="Nucleus sampling.")
     system_prompt: str = Field(
@@ -184,16 +201,23 @@ class GenerationStats:
         return (self.tokens - 1) / (self.total_s - self.ttft_s)
 
 
-async def coalesce_deltas(stream: AsyncIterator[str], interval_s: float, eager_words: int = 0,
-                          clock: Callable[[], float] = time.monotonic) -> AsyncIterator[str]:
+async def coalesce_deltas(stream: AsyncIterator[Any], interval_s: float, eager_words: int = 0,
+                          clock: Callable[[], float] = time.monotonic) -> AsyncIterator[Any]:
     """Text deltas joined into pieces at least ``interval_s`` apart, except the first
     ``eager_words`` words, which pass one delta at a time (the first TTS chunk waits for them).
 
     A joined piece is sent when the next delta arrives late enough, or at the end: text is never
-    held longer than one token interval past ``interval_s``.
+    held longer than one token interval past ``interval_s``. Other items (tool calls) pass at
+    once, after the text before them.
     """
     pending, last, words = "", -1e18, 0
     async for delta in stream:
+        if not isinstance(delta, str):
+            if pending:
+                yield pending
+                pending = ""
+            yield delta
+            continue
         pending += delta
         now = clock()
         if words < eager_words or now - last >= interval_s:
@@ -257,6 +281,27 @@ class ChatStream:
         await self.aclose()
 
 
+class ParsedStream(ChatStream):
+    """A stream whose text is split into spoken text and tool calls (``services.tools``): items
+    are ``str`` or ``ToolCallDelta``. Closing it closes (and aborts) the engine's stream."""
+
+    def __init__(self, inner: ChatStream, items: Callable[[ChatStream], AsyncGenerator[Any, None]]) -> None:
+        self.request_id = inner.request_id
+        self.prompt_tokens = inner.prompt_tokens
+        self._inner = inner
+        self._result = inner._result
+        self._gen = items(inner)
+
+    async def __anext__(self) -> str | ToolCallDelta:  # type: ignore[override]
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._gen.aclose()
+        finally:
+            await self._inner.aclose()
+
+
 class ChatEngine:
     """What every LLM engine shares: chat templating, history fitting, token counting, request
     checks and the record of recent requests. An engine adds how a prompt is generated
@@ -293,8 +338,9 @@ class ChatEngine:
         raise NotImplementedError
 
     def _stream(self, request_id: str, prompt: Any, prompt_tokens: int, max_tokens: int,
-                temperature: float) -> ChatStream:
-        """A stream generating ``prompt`` (token ids, or an engine-specific audio prompt)."""
+                temperature: float, guide: dict[str, Any] | None = None) -> ChatStream:
+        """A stream generating ``prompt`` (token ids, or an engine-specific audio prompt);
+        ``guide``: a JSON schema the whole answer must match (constrained decoding)."""
         raise NotImplementedError
 
     def _audio_prompt(self, messages: list[dict[str, str]], audio: np.ndarray) -> tuple[Any, int]:
@@ -323,22 +369,24 @@ class ChatEngine:
         return self.audio_arch is not None
 
 
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` rendered with the model's chat template (+ answer prefix).
+    def prompt_ids(self, messages: list[dict[str, Any]], tools: Sequence[ToolSpec] | None = None) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template (+ answer prefix),
+        with ``tools`` offered in the template's own way.
 
         A configured system prompt is put first when ``messages`` has none.
         """
         self._check_roles(messages)
         if messages[0]["role"] != "system" and self.cfg.system_prompt:
             messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
+        extra: dict[str, Any] = {"tools": [t.openai() for t in tools]} if tools else {}
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tokenize=False, add_generation_prompt=True, **extra
         )
         # The template already writes the special tokens.
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     @staticmethod
-    def _check_roles(messages: list[dict[str, str]]) -> None:
+    def _check_roles(messages: list[dict[str, Any]]) -> None:
         if not messages:
             raise InvalidArgument("messages is empty: send at least one user message")
         for i, m in enumerate(messages):
@@ -346,10 +394,17 @@ class ChatEngine:
                 m.get("content"), str
             ):
                 raise InvalidArgument(
-                    f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}"
+                    f"messages[{i}] must be {{'role': system|user|assistant|tool, 'content': str}}"
                 )
+            calls = m.get("tool_calls")
+            if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls)):
+                raise InvalidArgument(
+                    f"messages[{i}].tool_calls must be a list of {{'id', 'function': {{'name', 'arguments'}}}} "
+                    "on an assistant message")
 
-    def fit_messages(self, messages: list[dict[str, str]], max_tokens: int) -> list[dict[str, str]]:
+    def fit_messages(self, messages: list[dict[str, Any]], max_tokens: int,
+                     tools: Sequence[ToolSpec] | None = None) -> list[dict[str, Any]]:
         """``messages`` with the oldest turns dropped until earlier turns take at most
         ``history_tokens`` and the prompt leaves room for an answer in ``max_model_len``.
 
@@ -362,7 +417,7 @@ class ChatEngine:
         room = self.max_model_len - min(max_tokens, max(1, self.max_model_len // 8))
         costs = [self.count_tokens(m["content"]) + 4 for m in turns]  # + role tags, roughly
         while len(turns) > 1:
-            if sum(costs[:-1]) <= self.cfg.history_tokens and len(self.prompt_ids(head + turns)) <= room:
+            if sum(costs[:-1]) <= self.cfg.history_tokens and len(self.prompt_ids(head + turns, tools)) <= room:
                 break
             turns.pop(0)
             costs.pop(0)
@@ -370,6 +425,15 @@ class ChatEngine:
                 turns.pop(0)
                 costs.pop(0)
         return head + turns
+
+    def warm_tools(self) -> None:
+        """Load what tool calls need (vLLM's parser, the grammar compiler) before the first
+        call pays for it (blocks: run it in a thread)."""
+        ToolCallReader(self.tokenizer, [])
+        self._warm_guide()
+
+    def _warm_guide(self) -> None:
+        """Engine-specific part of ``warm_tools`` (constrained decoding)."""
 
     def count_tokens(self, text: str) -> int:
         """Token count of plain text (for ChatHistory budgets)."""
@@ -383,6 +447,8 @@ class ChatEngine:
         temperature: float | None = None,
         request_id: str | None = None,
         audio: np.ndarray | None = None,
+        tools: Sequence[ToolSpec] | None = None,
+        tool_choice: ToolChoice | None = None,
     ) -> ChatStream:
         """Start a chat completion; iterate the returned stream for text deltas.
 
@@ -394,6 +460,11 @@ class ChatEngine:
         Validation happens here, before anything is queued: InvalidArgument for empty or
         malformed messages and bad sampling values, OutOfRange when the prompt leaves no room in
         ``max_model_len`` (trim the history first). ``max_tokens`` is clamped to what fits.
+
+        ``tools`` (with ``tool_choice``, default auto) are offered to the model: the stream then
+        yields ``ToolCallDelta`` items for its calls between the text deltas (see
+        ``services.tools``). With required or a named function the answer is one call, decoded
+        under its JSON schema; with none the tools are not offered.
         """
         if self._closed:
             raise Unavailable("the LLM engine is shut down")
@@ -403,9 +474,19 @@ class ChatEngine:
             raise InvalidArgument(f"max_tokens must be at least 1, got {max_tokens}")
         if not 0 <= temperature <= 2:
             raise InvalidArgument(f"temperature must be within [0, 2], got {temperature}")
+        choice = tool_choice or ToolChoice()
+        offered = list(tools or []) if choice.mode != "none" else []
+        if offered:
+            if audio is not None:
+                raise FailedPrecondition("tools are offered to text turns only (not in speech-native mode)")
+            check_tools(offered, choice)
         prompt: Any
+        prefix = ""
         if audio is None:
-            prompt = self.prompt_ids(self.fit_messages(messages, max_tokens))
+            prompt = self.prompt_ids(self.fit_messages(messages, max_tokens, offered), offered)
+            if choice.constrained:  # the answer is a call: its opening tag is written for the model
+                prefix = CALL_START + "\n"
+                prompt = prompt + list(self.tokenizer.encode(prefix, add_special_tokens=False))
             n_prompt = len(prompt)
         else:
             prompt, n_prompt = self._audio_prompt(messages, audio)
@@ -415,4 +496,13 @@ class ChatEngine:
                 f"the conversation is {n_prompt} tokens but the model's context holds "
                 f"{self.max_model_len} (prompt + answer); drop older turns and retry"
             )
-        return self._stream(request_id or uuid.uuid4().hex, prompt, n_prompt, min(max_tokens, room), temperature)
+        rid, n = request_id or uuid.uuid4().hex, min(max_tokens, room)
+        if not offered:
+            return self._stream(rid, prompt, n_prompt, n, temperature)
+        if choice.constrained:
+            # a call is a few dozen tokens: an answer cap meant for speech must not cut it off
+            n = min(max(n, self.cfg.max_tool_call_tokens), room)
+        inner = self._stream(rid, prompt, n_prompt, n, temperature,
+                             guide=call_schema(offered, choice) if choice.constrained else None)
+        reader = ToolCallReader(self.tokenizer, offered, prefix=prefix)
+        return ParsedStream(inner, lambda stream: parse_calls(stream, reader))

@@ -103,6 +103,9 @@ class CT2Engine(ChatEngine):
         self._static: tuple[str, list[str]] | None = None  # (system prompt, its tokens)
         super().__init__(cfg, model, tokenizer, max_model_len)
         self._end_ids = _end_ids(tokenizer, model)
+        from services.llm_guided import GuidedDecoder
+
+        self._guides = GuidedDecoder(tokenizer, self._end_ids)
 
     @classmethod
     async def create(cls, cfg: LLMConfig, folder: str) -> CT2Engine:
@@ -142,8 +145,8 @@ class CT2Engine(ChatEngine):
             request.stop.set()
 
     def _stream(self, request_id: str, prompt: Any, prompt_tokens: int, max_tokens: int,
-                temperature: float) -> ChatStream:
-        return ChatStream(lambda result: self._generate(result, request_id, prompt, max_tokens, temperature),
+                temperature: float, guide: dict[str, Any] | None = None) -> ChatStream:
+        return ChatStream(lambda result: self._generate(result, request_id, prompt, max_tokens, temperature, guide),
                           request_id, prompt_tokens)
 
     def _split_static(self, ids: list[int]) -> tuple[list[str], list[str] | None]:
@@ -162,17 +165,22 @@ class CT2Engine(ChatEngine):
             return tokens[len(static):], static
         return tokens, None
 
-    def _run(self, prompt: list[str], static: list[str] | None, max_tokens: int, temperature: float,
-             stop: threading.Event) -> Iterator[int]:
-        kwargs: dict[str, Any] = dict(
-            max_length=max_tokens, end_token=self._end_ids, repetition_penalty=self.cfg.repetition_penalty)
+    def _sampling(self, temperature: float, static: list[str] | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(end_token=self._end_ids, repetition_penalty=self.cfg.repetition_penalty)
         if temperature > 0:
             kwargs.update(sampling_temperature=temperature, sampling_topp=self.cfg.top_p, sampling_topk=0)
         else:
             kwargs.update(sampling_topk=1)
         if static is not None:
             kwargs["static_prompt"] = static
-        steps = self._gen.generate_tokens(prompt, **kwargs)
+        return kwargs
+
+    def _run(self, prompt: list[str], static: list[str] | None, max_tokens: int, temperature: float,
+             stop: threading.Event, guide: dict[str, Any] | None = None) -> Iterator[int]:
+        if guide is not None:
+            yield from self._guides.run(self, prompt, static, max_tokens, temperature, stop, guide)
+            return
+        steps = self._gen.generate_tokens(prompt, max_length=max_tokens, **self._sampling(temperature, static))
         try:
             for step in steps:
                 if stop.is_set():
@@ -184,7 +192,7 @@ class CT2Engine(ChatEngine):
             steps.close()  # stops CTranslate2's generation if we left early
 
     async def _generate(self, result: _Result, request_id: str, ids: list[int], max_tokens: int,
-                        temperature: float) -> AsyncGenerator[str, None]:
+                        temperature: float, guide: dict[str, Any] | None = None) -> AsyncGenerator[str, None]:
         if self.cfg.seed is not None:
             import ctranslate2
 
@@ -205,7 +213,7 @@ class CT2Engine(ChatEngine):
 
         def work() -> None:
             try:
-                for token in self._run(prompt, static, max_tokens, temperature, stop):
+                for token in self._run(prompt, static, max_tokens, temperature, stop, guide):
                     while not room.acquire(timeout=0.1):
                         if stop.is_set():
                             break
@@ -255,6 +263,9 @@ class CT2Engine(ChatEngine):
         finally:
             stop.set()  # the worker stops at its next token and closes CTranslate2's job
             self._finish(result, stats, t0)
+
+    def _warm_guide(self) -> None:
+        self._guides.warm()
 
     @staticmethod
     def _map_error(exc: BaseException) -> Exception:

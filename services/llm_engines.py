@@ -21,6 +21,7 @@ from services.llm import ChatEngine, LLMConfig
 from services.llm_ctranslate2 import CT2Engine, convert, is_ctranslate2_folder
 from services.llm_vllm import LLMEngine
 from services.models import EMBEDDED_LLMS, PrepareResult, cache_dir, resolve_llm
+from services.tools import ToolSpec
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +95,46 @@ def ct2_status(source: str) -> tuple[str, str, str]:
 async def create_llm_engine(cfg: LLMConfig) -> ChatEngine:
     """``create_llm_engine_sync`` in a worker thread: the event loop keeps serving meanwhile."""
     return await asyncio.to_thread(create_llm_engine_sync, cfg)
+
+
+class ToolEngine:
+    """The engine of sessions that offer tools: ``llm.tool_model`` when it is another model than
+    ``llm.model`` (the embedded SmolLM2 cannot call tools; the embedded Qwen can), loaded on
+    first use or by ``load()`` at start; otherwise the main engine answers them too."""
+
+    def __init__(self, cfg: LLMConfig | None) -> None:
+        self.cfg = cfg
+        self.engine: ChatEngine | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def separate(self) -> bool:
+        """A model of its own serves tool sessions."""
+        cfg = self.cfg
+        return cfg is not None and bool(cfg.tool_model) and resolve_llm(cfg.tool_model) != resolve_llm(cfg.model)
+
+    def _config(self) -> LLMConfig:
+        assert self.cfg is not None
+        return self.cfg.model_copy(update={"model": self.cfg.tool_model})
+
+    async def load(self) -> ChatEngine | None:
+        """Start the tool model now (None if the main engine serves tool sessions)."""
+        if not self.separate:
+            return None
+        async with self._lock:
+            if self.engine is None:
+                engine = await create_llm_engine(self._config())
+                await asyncio.to_thread(engine.warm_tools)
+                self.engine = engine
+            return self.engine
+
+    async def engine_for(self, main: ChatEngine, tools: list[ToolSpec] | None) -> ChatEngine:
+        """``main`` for a turn without tools; the tool model for one with tools."""
+        if not tools:
+            return main
+        return await self.load() or main
+
+    def shutdown(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()

@@ -158,9 +158,9 @@ class LLMEngine(ChatEngine):
 
 
     def _stream(self, request_id: str, prompt: Any, prompt_tokens: int, max_tokens: int,
-                temperature: float) -> ChatStream:
+                temperature: float, guide: dict[str, Any] | None = None) -> ChatStream:
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         if isinstance(prompt, list):
             prompt = TokensPrompt(prompt_token_ids=prompt)
@@ -172,6 +172,8 @@ class LLMEngine(ChatEngine):
             frequency_penalty=self.cfg.frequency_penalty,
             seed=self.cfg.seed,
             output_kind=RequestOutputKind.DELTA,
+            # a tool call that must be made: vLLM's structured outputs decode it under its schema
+            structured_outputs=StructuredOutputsParams(json=guide) if guide is not None else None,
         )
         return ChatStream(lambda result: self._generate(result, request_id, prompt, prompt_tokens, params),
                           request_id, prompt_tokens)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,8 @@ from services.audio import StreamResampler, float_to_pcm16
 from services.batching import Priority
 from services.deadline_slots import deadline_in
 from services.llm import ChatEngine, LLMConfig
-from services.llm_engines import create_llm_engine_sync
+from services.llm_engines import ToolEngine, create_llm_engine_sync
+from services.tools import ToolCallDelta, ToolChoice, ToolSpec
 from services.tts import PiperTTS, TTSConfig
 from services.turn_detection import SmartTurnModel, TurnDetectorConfig
 from services.vad import SileroModel, VADConfig, VADState
@@ -29,6 +30,7 @@ class LocalStages:
     llm: ChatEngine
     tts: PiperTTS
     turn_model: SmartTurnModel | None = None
+    tool_engines: ToolEngine = field(default_factory=lambda: ToolEngine(None))
 
     @classmethod
     def load(cls, vad: VADConfig | None = None, asr: ASRConfig | None = None,
@@ -38,8 +40,9 @@ class LocalStages:
         router.warm_up()
         turn_model = SmartTurnModel.load(turn or TurnDetectorConfig())
         turn_model.warm_up()
-        return cls(SileroModel.load(vad or VADConfig()), router, create_llm_engine_sync(llm or LLMConfig()),
-                   PiperTTS.load(tts or TTSConfig()), turn_model)
+        llm = llm or LLMConfig()
+        return cls(SileroModel.load(vad or VADConfig()), router, create_llm_engine_sync(llm),
+                   PiperTTS.load(tts or TTSConfig()), turn_model, ToolEngine(llm))
 
     async def vad_probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
         return self.vad.probs(audio16k, state)
@@ -57,10 +60,13 @@ class LocalStages:
             return None
         return await self.turn_model.apredict(audio16k)
 
-    async def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
-                       audio: np.ndarray | None = None) -> AsyncIterator[str]:
+    async def generate(self, messages: list[dict[str, Any]], *, max_tokens: int | None,
+                       audio: np.ndarray | None = None, tools: list[ToolSpec] | None = None,
+                       tool_choice: ToolChoice | None = None) -> AsyncIterator[str | ToolCallDelta]:
         kwargs: dict[str, Any] = {"audio": audio} if audio is not None else {}
-        async with self.llm.stream_chat(messages, max_tokens=max_tokens, **kwargs) as stream:
+        engine = await self.tool_engines.engine_for(self.llm, tools)
+        async with engine.stream_chat(messages, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice,
+                                      **kwargs) as stream:
             async for delta in stream:
                 yield delta
 
@@ -85,3 +91,4 @@ class LocalStages:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        self.tool_engines.shutdown()

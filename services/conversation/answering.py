@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,7 +26,43 @@ from services.conversation.settings import SPEECH_NATIVE, SessionSettings
 from services.conversation.stages import Stages, deadline_stream, within
 from services.conversation.tts_stream import SynthesizedAudio, TTSStream
 from services.conversation.turn import Turn, TurnState
-from services.errors import VoxError
+from services.errors import InvalidArgument, VoxError
+from services.tools import ToolCallDelta, ToolChoice, ToolSpec, check_arguments
+
+
+class _CallReader:
+    """Tool-call items of one answer's LLM stream -> the turn's tool-call events, each call
+    checked against its tool's schema when done (a call that does not match is reported, not made)."""
+
+    def __init__(self, turn: Turn, tools: dict[str, ToolSpec]) -> None:
+        self._turn = turn
+        self._tools = tools
+        self._ids: dict[int, str] = {}
+
+    async def on_delta(self, delta: ToolCallDelta) -> None:
+        turn = self._turn
+        call_id = self._ids.get(delta.index)
+        if call_id is None:
+            call_id = self._ids[delta.index] = f"call_{uuid.uuid4().hex[:20]}"
+            await turn.put(ev.ToolCallStarted(response_id=turn.response_id, call_id=call_id,
+                                              name=delta.name, index=delta.index))
+        if delta.arguments_delta:
+            await turn.put(ev.ToolCallArguments(response_id=turn.response_id, call_id=call_id,
+                                                delta=delta.arguments_delta))
+        if delta.done:
+            error = ""
+            tool = self._tools.get(delta.name)
+            try:
+                if tool is None:
+                    raise InvalidArgument(f"the model called {delta.name!r}, which is not among the session's tools")
+                check_arguments(tool, delta.arguments)
+            except InvalidArgument as exc:
+                error = exc.message
+            await turn.put(ev.ToolCallDone(response_id=turn.response_id, call_id=call_id, name=delta.name,
+                                           arguments=delta.arguments, error=error))
+            if error:
+                await turn.put(ev.ErrorEvent(code="INVALID_ARGUMENT", response_id=turn.response_id,
+                                             message=f"tool call {call_id} not made: {error}"))
 
 
 class NothingToSay(Exception):
@@ -43,16 +80,17 @@ class AnswerProducer:
         self._output_owner = output_owner
         self._clock = clock
 
-    def messages(self, turn: Turn) -> list[dict[str, str]]:
+    def messages(self, turn: Turn) -> list[dict[str, Any]]:
         """What the LLM sees for ``turn``, once its user text is known."""
         messages = self._history.messages(2 * self._settings().history_turns)
         r = self._output_owner()
         if r is not None and r is not turn and r.state is TurnState.SENT:
             # not committed yet, but it will be played in full before this answer
-            if r.user.full_text():
-                messages.append({"role": "user", "content": r.user.full_text()})
-            if r.generated.strip():
-                messages.append({"role": "assistant", "content": r.generated.strip()})
+            for entry in r.history_entries():
+                if messages and entry["role"] == messages[-1]["role"] == "user":
+                    messages[-1] = {"role": "user", "content": f"{messages[-1]['content']} {entry['content']}"}
+                else:
+                    messages.append(entry)
         content = turn.user.full_text()
         if not content and turn.user.audio is None:
             return messages  # create_response with nothing new: the model continues
@@ -89,10 +127,13 @@ class AnswerProducer:
                 if not user.text:
                     raise NothingToSay
         elif not turn.transcript.done():
-            turn.transcript.set_result(user.text or "")
+            turn.transcript.set_result("" if turn.filler else user.text or "")
         try:
             await turn.put(ev.ResponseStarted(response_id=turn.response_id, input_id=user.input_id))
-            await self._generate_and_speak(turn, audio_in)
+            if turn.filler:
+                await self._say(turn, turn.filler)
+            else:
+                await self._generate_and_speak(turn, audio_in)
             if side_asr is not None:
                 await side_asr
         finally:
@@ -130,11 +171,17 @@ class AnswerProducer:
             try:
                 t_llm = self._clock()
                 tokens = 0
-                stream = self.stages.generate(messages, max_tokens=s.max_response_tokens, audio=audio)
+                tools, choice = self._tools_for(turn, audio)
+                stream = self.stages.generate(messages, max_tokens=s.max_response_tokens, audio=audio,
+                                              tools=tools, tool_choice=choice)
+                calls = _CallReader(turn, {t.name: t for t in s.tools})
                 async for delta in deadline_stream(stream, t.llm_first_token_s, t.llm_stall_s, "the LLM"):
                     if tokens == 0:
                         lat.llm_first_token_ms = 1000 * (self._clock() - t_llm)
                     tokens += 1
+                    if isinstance(delta, ToolCallDelta):
+                        await calls.on_delta(delta)
+                        continue
                     turn.generated += delta
                     await turn.put(ev.TextDelta(response_id=turn.response_id, text=delta))
                     if speaker.done():  # TTS failed: end the turn now, not when the LLM is done
@@ -147,6 +194,30 @@ class AnswerProducer:
                 await speaker
             finally:
                 await cancel_and_wait(speaker)
+
+    def _tools_for(self, turn: Turn, audio: np.ndarray | None) -> tuple[list[ToolSpec] | None, ToolChoice | None]:
+        """The session's tools for this answer: none for audio turns (speech-native LLMs take
+        none); a continuation (nothing new from the user, e.g. after tool results) may answer
+        in words even when the session requires a call, or it would call tools forever."""
+        s = self._settings()
+        if not s.tools or audio is not None:
+            return None, None
+        choice = s.choice
+        if choice.constrained and not turn.user.full_text() and turn.user.audio is None:
+            choice = ToolChoice("auto")
+        return list(s.tools), choice
+
+    async def _say(self, turn: Turn, text: str) -> None:
+        """A fixed phrase (a filler while a tool runs), spoken as an answer of its own."""
+        s = self._settings()
+        turn.generated = text
+        await turn.put(ev.TextDelta(response_id=turn.response_id, text=text))
+        tts = TTSStream(self._synthesizer(turn), sample_rate=s.output_sample_rate, chunker=s.chunker,
+                        buffer_ms=lambda: self._buffer_ms(turn), lookahead=s.playout.tts_lookahead)
+        async with tts:
+            tts.push_text(text)
+            tts.end_input()
+            await self._speak(turn, tts)
 
     def _slack_s(self, turn: Turn) -> float:
         s = self._settings()

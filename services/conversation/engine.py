@@ -42,6 +42,7 @@ from services.conversation.outbox import Outbox
 from services.conversation.policies import classify_barge_in
 from services.conversation.settings import SPEECH_NATIVE, SessionSettings
 from services.conversation.stages import Stages
+from services.conversation.tool_calls import ToolCalls
 from services.conversation.turn import PlaybackClock, Turn, TurnState, UserInput
 from services.conversation.vad_stream import SpeechEnd, SpeechStart, VADEvent
 from services.errors import FailedPrecondition, OutOfRange, VoxError, to_vox_error
@@ -93,6 +94,9 @@ class Conversation:
         self._listener = Listener(stages, settings, self._tasks, clock)
         # the answer before this one may be sent but not yet committed: the model sees it too
         self._answers = AnswerProducer(stages, lambda: self.settings, self.history, lambda: self._response, clock)
+        self._tools = ToolCalls(lambda: self.settings, self.history, self.emit, self._tasks, self.observer,
+                                say=self._say, floor_taken=self._floor_taken, respond=self._continue,
+                                lock=self._lock, clock=clock)
 
     # --- output side ---------------------------------------------------------------------------
 
@@ -248,6 +252,7 @@ class Conversation:
         self._spec, self._spec_key = None, None
         input_id = self._take_input_id()
         await self.emit(ev.InputCommitted(input_id=input_id, utterance_ms=int(1000 * audio.size / MODEL_RATE)))
+        await self._tools.cancel_all("barge_in")  # the user spoke on: no answer waits for those results
         if spec is not None and key == (event.start_ms, event.end_ms) and not spec.ended:
             spec.user.input_id = input_id
             spec.user.t_user_stop = user_stop
@@ -353,6 +358,7 @@ class Conversation:
                 await self._cancel_current("text_turn")
             user = UserInput(self._take_input_id(), None, text, now, now)
             await self.emit(ev.InputCommitted(input_id=user.input_id, text=text))
+            await self._tools.cancel_all("barge_in")
             if not respond:
                 self._unanswered.append(user)
                 return
@@ -398,7 +404,8 @@ class Conversation:
         """Answer now: the inputs committed without auto-respond (or continue the conversation)."""
         async with self._lock:
             self._check_open()
-            if self.response_in_progress:
+            r = self._response
+            if self.response_in_progress and not (r is not None and r.filler):
                 raise FailedPrecondition("a response is already in progress; cancel it first")
             pending, self._unanswered = self._unanswered, []
             audio = [u.audio for u in pending if u.audio is not None]
@@ -412,10 +419,42 @@ class Conversation:
             await self._answer(user)
 
     async def cancel_response(self) -> None:
-        """Stop the answer in progress (history keeps what was heard)."""
+        """Stop the answer in progress (history keeps what was heard) and the wait for its tools' results."""
         async with self._lock:
             await self._discard_speculation()
             await self._cancel_current("cancelled")
+            await self._tools.cancel_all("cancelled")
+
+    async def submit_tool_result(self, call_id: str, output: str) -> None:
+        """The client ran tool call ``call_id``: its ``output`` goes into the history (NotFound for
+        an unknown id). With ``tool_calling.auto_continue`` the model answers once every call of
+        its response has a result; otherwise ``create_response`` asks for that answer."""
+        async with self._lock:
+            self._check_open()
+            await self._tools.submit(call_id, output)
+
+    @property
+    def pending_tool_calls(self) -> list[str]:
+        """Ids of the tool calls whose results are awaited."""
+        return self._tools.pending
+
+    def _floor_taken(self) -> bool:
+        """An answer is being said, or the user is talking: no filler now."""
+        return self.response_in_progress or self._listener.segmenter.in_speech
+
+    async def _say(self, text: str) -> None:
+        """Speak a fixed phrase as a response of its own (the filler while a tool runs); the
+        caller holds the lock."""
+        now = self._clock()
+        await self._make_room()
+        self._own(self._new_turn(UserInput(0, None, None, now, now), speculative=False, filler=text))
+
+    async def _continue(self, since: float) -> None:
+        """The model answers again (tool results are in); ``since``: when the last result came
+        (its latency is measured from there). The caller holds the lock."""
+        if self._closed:
+            return
+        await self._answer(UserInput(0, None, None, since, since, after_tools=True))
 
     async def truncate(self, response_id: int, audio_end_ms: int) -> None:
         """The client stopped playing ``response_id`` at ``audio_end_ms``: that is all the user heard."""
@@ -482,13 +521,14 @@ class Conversation:
             return r
         return self._recent.get(response_id)
 
-    def _new_turn(self, user: UserInput, *, speculative: bool) -> Turn:
+    def _new_turn(self, user: UserInput, *, speculative: bool, filler: str = "") -> Turn:
         self._check_open()  # aclose may have run while the caller awaited
         rid, self._next_response = self._next_response, self._next_response + 1
         s = self.settings
         turn = Turn(rid, user, speculative=speculative, history=self.history, outbox=self._out,
                     stamp=self._stamp, playback=PlaybackClock(s.playback, self._clock),
-                    held_limit=s.held_events, on_sent=self._on_sent, clock=self._clock)
+                    held_limit=s.held_events, on_sent=self._on_sent, on_call=self._tools.made, filler=filler,
+                    clock=self._clock)
         producer = asyncio.get_running_loop().create_task(self._answers.produce(turn), name=f"turn-{rid}")
         turn.start(producer)
         producer.add_done_callback(lambda task: self._tasks.spawn(self._after_producer(turn, task)))
@@ -496,6 +536,8 @@ class Conversation:
 
     def _on_sent(self, turn: Turn) -> None:
         self.observer.answered(turn.latency)
+        if turn.user.after_tools and turn.latency.first_audio_ms:
+            self.observer.tool_call("result_to_audio", turn.latency.first_audio_ms / 1000)
         self._notify()
         if self._queue and turn is self._response:
             self._tasks.spawn(self._next_queued(), name="next-turn")
@@ -576,6 +618,7 @@ class Conversation:
         """
         if self._closed:
             return
+        await self._tools.cancel_all("closed")  # a hang-up: the client is told, if it still listens
         self._closed = True
         await self._out.close(drop_pending=not drain)
         self._queue.clear()

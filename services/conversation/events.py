@@ -153,6 +153,55 @@ class Truncated(Event):
 
 
 @dataclass
+class ToolCallStarted(Event):
+    """The model began a call of ``name`` in ``response_id`` (its arguments follow)."""
+
+    response_id: int
+    call_id: str
+    name: str
+    index: int = 0  # order of the call within its response (parallel calls)
+
+
+@dataclass
+class ToolCallArguments(Event):
+    """A piece of a call's arguments JSON (the pieces add up to ToolCallDone.arguments)."""
+
+    response_id: int
+    call_id: str
+    delta: str
+
+
+@dataclass
+class ToolCallDone(Event):
+    """The call is complete: run it and send its result (``submit_tool_result``). With ``error``
+    set its arguments did not match the tool's schema: it is not a call, no result is awaited."""
+
+    response_id: int
+    call_id: str
+    name: str
+    arguments: str
+    error: str = ""
+
+
+@dataclass
+class ToolCallCancelled(Event):
+    """A call's result is no longer awaited: the user spoke on (barge_in), the response was
+    cancelled (cancelled), the result did not come in time (timeout), or the session ended (closed).
+    A result sent later is recorded in the history but not spoken."""
+
+    call_id: str
+    reason: str
+
+
+@dataclass
+class ToolResultAccepted(Event):
+    """The client's result of ``call_id`` is in the history; ``late`` if the call had been cancelled."""
+
+    call_id: str
+    late: bool = False
+
+
+@dataclass
 class ErrorEvent(Event):
     code: str
     message: str

@@ -19,8 +19,9 @@ by ``count`` (characters by default; the LLM engine trims again by real tokens).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.errors import InvalidArgument
@@ -30,12 +31,38 @@ MESSAGE_OVERHEAD = 8
 
 
 @dataclass
+class ToolCallRecord:
+    """A call the model made (an assistant message's ``tool_calls``)."""
+
+    call_id: str
+    name: str
+    arguments: str  # JSON object
+
+    def message(self) -> dict[str, Any]:
+        try:
+            args = json.loads(self.arguments or "{}")
+        except json.JSONDecodeError:
+            args = {}
+        return {"id": self.call_id, "type": "function", "function": {"name": self.name, "arguments": args}}
+
+
+@dataclass
 class HistoryEntry:
     """One message of the history (the Turn of turn.py is a response in progress, not this)."""
 
-    role: str  # "user" or "assistant"
+    role: str  # "user", "assistant" or "tool" (a call's result)
     text: str
     interrupted: bool = False
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)  # assistant: the calls it made
+    call_id: str = ""  # tool: the call this is the result of
+
+    def message(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.tool_calls:
+            m["tool_calls"] = [c.message() for c in self.tool_calls]
+        if self.call_id:
+            m["tool_call_id"] = self.call_id
+        return m
 
 
 class ChatHistory:
@@ -57,20 +84,33 @@ class ChatHistory:
             raise InvalidArgument("user turn is empty")
         self._append(HistoryEntry("user", text))
 
-    def add_assistant(self, text: str, *, interrupted: bool = False) -> None:
-        """Record what the user heard of an answer (all of it unless ``interrupted``).
+    def add_assistant(self, text: str, *, interrupted: bool = False,
+                      tool_calls: list[ToolCallRecord] | None = None) -> None:
+        """Record what the user heard of an answer (all of it unless ``interrupted``), and the
+        tool calls it made.
 
-        Nothing heard is no turn: the user's next words then join their previous ones.
+        Nothing heard and no call is no turn: the user's next words then join their previous ones.
         """
         text = text.strip()
-        if text:
-            self._append(HistoryEntry("assistant", text, interrupted))
+        if text or tool_calls:
+            self._append(HistoryEntry("assistant", text, interrupted, list(tool_calls or [])))
+
+    def add_tool_result(self, call_id: str, output: str) -> None:
+        """Record the result of a call, after the calls of its answer and the results before it;
+        a second result for the same call (a late one, after a cancel) replaces the first."""
+        for entry in self._turns:
+            if entry.role == "tool" and entry.call_id == call_id:
+                entry.text = output
+                return
+        self._turns.append(HistoryEntry("tool", output, call_id=call_id))
 
     def _append(self, turn: HistoryEntry) -> None:
         last = self._turns[-1] if self._turns else None
-        if last is not None and last.role == turn.role:
-            last.text = f"{last.text} {turn.text}"
+        if last is not None and last.role == turn.role and turn.role != "tool" and not (
+                last.tool_calls and turn.tool_calls):
+            last.text = f"{last.text} {turn.text}".strip()
             last.interrupted = turn.interrupted
+            last.tool_calls += turn.tool_calls
             return
         self._turns.append(turn)
 
@@ -78,8 +118,9 @@ class ChatHistory:
         """The newest answer was heard only up to ``heard`` (a late truncate); False if there is none."""
         if not self._turns or self._turns[-1].role != "assistant":
             return False
-        if heard.strip():
-            self._turns[-1] = HistoryEntry("assistant", heard.strip(), interrupted=True)
+        calls = self._turns[-1].tool_calls
+        if heard.strip() or calls:
+            self._turns[-1] = HistoryEntry("assistant", heard.strip(), interrupted=True, tool_calls=calls)
         else:
             self._turns.pop()
         return True
@@ -94,18 +135,17 @@ class ChatHistory:
     @property
     def turns(self) -> list[HistoryEntry]:
         """A copy of the recorded turns, oldest first."""
-        return [HistoryEntry(t.role, t.text, t.interrupted) for t in self._turns]
+        return [HistoryEntry(t.role, t.text, t.interrupted, list(t.tool_calls), t.call_id) for t in self._turns]
 
     def records(self) -> list[dict[str, Any]]:
         """The history for operators and tests: messages plus the interruption flag."""
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + [{"role": t.role, "content": t.text, "interrupted": t.interrupted}
-                         for t in self._turns]
+        return system + [{**t.message(), "interrupted": t.interrupted} for t in self._turns]
 
     # --- reading -------------------------------------------------------------------------------
 
     def messages(self, max_turns: int | None = None, *, budget: int | None = None,
-                 count: Callable[[str], int] = len) -> list[dict[str, str]]:
+                 count: Callable[[str], int] = len) -> list[dict[str, Any]]:
         """Chat messages for the LLM: system prompt, then the newest turns that fit.
 
         ``max_turns`` caps the number of user/assistant messages (not pairs); ``budget`` (default
@@ -129,4 +169,4 @@ class ChatHistory:
         kept.reverse()
         while kept and kept[0].role != "user":
             kept.pop(0)
-        return system + [{"role": t.role, "content": t.text} for t in kept]
+        return system + [t.message() for t in kept]

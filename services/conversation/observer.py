@@ -22,6 +22,10 @@ class Observer(Protocol):
     def answered(self, latency: ev.TurnLatency) -> None:
         """An answer was sent whole (its latency breakdown is final)."""
 
+    def tool_call(self, outcome: str, seconds: float | None = None) -> None:
+        """made | result (``seconds`` from the call) | result_after_cancel | cancelled | timed_out |
+        filler | invalid | result_to_audio (``seconds`` from the last result to the answer's audio)"""
+
 
 class NullObserver:
     def speculation(self, outcome: str) -> None:
@@ -34,4 +38,7 @@ class NullObserver:
         pass
 
     def answered(self, latency: ev.TurnLatency) -> None:
+        pass
+
+    def tool_call(self, outcome: str, seconds: float | None = None) -> None:
         pass

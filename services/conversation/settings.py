@@ -6,12 +6,14 @@ config into ``SessionSettings``; the engine never sees a protocol message.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.audio import MODEL_RATE
 from services.chunking import ChunkerConfig
+from services.errors import InvalidArgument
+from services.tools import ToolChoice, ToolSpec, check_tools
 from services.vad import VADConfig
 
 CASCADE, SPEECH_NATIVE = "cascade", "speech_native"
@@ -103,6 +105,23 @@ class Playout(BaseModel):
         "waits in the TTS queue with its deadline while this one is synthesized (1: one after another).")
 
 
+class ToolCalling(BaseModel):
+    """What happens while the client runs a tool the model called."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filler: bool = Field(True, description="Speak filler_text while a tool runs, when the model said nothing "
+                         "before its call and no result came within filler_after_ms (no dead air).")
+    filler_text: str = Field("One moment.", min_length=1, max_length=200, description="What the filler says.")
+    filler_after_ms: int = Field(700, ge=0, le=30_000, description="Wait for a result before the filler is spoken.")
+    result_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A call with no result after this ends with an error event; the model "
+        "is then told it failed.")
+    auto_continue: bool = Field(
+        True, description="Answer by itself once every call of a response has its result (gRPC); off: wait for "
+        "create_response, as the OpenAI Realtime API does.")
+
+
 class SessionSettings(BaseModel):
     """Per-conversation settings (from the client's session config, validated by its adapter)."""
 
@@ -137,3 +156,28 @@ class SessionSettings(BaseModel):
     max_queued_inputs: int = Field(
         4, ge=1, description="User turns waiting for the current answer to finish (barge-in off, typed turns).")
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts, description="Stage deadlines.")
+    tools: list[ToolSpec] = Field(default_factory=list, description="Functions the model may call.")
+    tool_choice: Any = Field(
+        "auto", description="auto, none, required, or a function ({'type': 'function', 'name': ...}).")
+    tool_calling: ToolCalling = Field(default_factory=ToolCalling, description="Filler, deadline and "
+                                      "continuation of tool calls.")
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice(cls, value: Any) -> Any:
+        try:
+            return ToolChoice.parse(value).wire()
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+
+    @model_validator(mode="after")
+    def _tools(self) -> SessionSettings:
+        try:
+            check_tools(self.tools, self.choice)
+        except InvalidArgument as exc:
+            raise ValueError(exc.message) from None
+        return self
+
+    @property
+    def choice(self) -> ToolChoice:
+        return ToolChoice.parse(self.tool_choice)

@@ -18,6 +18,7 @@ import numpy as np
 
 from services.batching import Priority
 from services.errors import DeadlineExceeded
+from services.tools import ToolCallDelta, ToolChoice, ToolSpec
 from services.vad import VADState
 
 T = TypeVar("T")
@@ -44,9 +45,12 @@ class Stages(Protocol):
         """Probability that the user's turn is complete (end-of-turn model); None if there is none."""
         ...
 
-    def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
-                 audio: np.ndarray | None = None) -> AsyncIterator[str]:
-        """LLM text deltas; ``audio`` (16 kHz) is the user's turn in speech-native mode."""
+    def generate(self, messages: list[dict[str, Any]], *, max_tokens: int | None,
+                 audio: np.ndarray | None = None, tools: list[ToolSpec] | None = None,
+                 tool_choice: ToolChoice | None = None) -> AsyncIterator[str | ToolCallDelta]:
+        """LLM text deltas; ``audio`` (16 kHz) is the user's turn in speech-native mode. With
+        ``tools`` the model may call them: ``ToolCallDelta`` items come between the text deltas
+        (a session with tools is answered by ``llm.tool_model``)."""
         ...
 
     def synthesize(self, text: str, *, voice: str, sample_rate: int,

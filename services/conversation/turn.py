@@ -32,7 +32,7 @@ import numpy as np
 
 from services.conversation import events as ev
 from services.conversation.aio import cancel_and_wait
-from services.conversation.history import ChatHistory
+from services.conversation.history import ChatHistory, ToolCallRecord
 from services.conversation.outbox import Outbox
 from services.errors import FailedPrecondition
 
@@ -73,6 +73,7 @@ class UserInput:
     t_end: float  # wall time the turn was declared over (or the text arrived)
     t_user_stop: float  # wall time the user's last speech sample arrived
     carried: str = ""  # words of earlier turns nothing was answered to, said before these
+    after_tools: bool = False  # no new words: the model goes on after its tools' results came
 
     @property
     def utterance_ms(self) -> int:
@@ -203,6 +204,7 @@ class Turn:
     def __init__(self, response_id: int, user: UserInput, *, speculative: bool, history: ChatHistory,
                  outbox: Outbox, stamp: Callable[[ev.Event], ev.Event], playback: PlaybackClock,
                  held_limit: int, on_sent: Callable[[Turn], None] | None = None,
+                 on_call: Callable[[Turn, ToolCallRecord], None] | None = None, filler: str = "",
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.response_id = response_id
         self.user = user
@@ -216,6 +218,10 @@ class Turn:
         self.segments: list[tuple[str, float, float]] = []  # text, start ms, end ms of the audio
         self.transcript: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.interrupt_reason = ""
+        self.filler = filler  # a fixed phrase said while a tool runs (not an answer of the model), or ''
+        self.calls: list[ToolCallRecord] = []  # tool calls sent to the client (made)
+        self.tool_outputs: dict[str, str] = {}  # their results known before this turn ended
+        self._on_call = on_call
         self._outbox = outbox
         self._stamp = stamp  # sets the event's timestamps before it is queued
         self._clock = clock
@@ -339,6 +345,11 @@ class Turn:
             self._notify()
             if isinstance(event, ev.AudioOut):
                 self._on_audio_sent(event)
+            elif isinstance(event, ev.ToolCallDone) and not event.error:
+                record = ToolCallRecord(event.call_id, event.name, event.arguments)
+                self.calls.append(record)  # made: the client may run it from now on
+                if self._on_call is not None:
+                    self._on_call(self, record)
             elif isinstance(event, ev.ResponseDone):
                 self.latency.total_ms = 1000 * (self._clock() - self.user.t_end)
                 pb = self.playback  # every audio piece was sent before this event: final figures
@@ -381,8 +392,8 @@ class Turn:
         heard = heard_text(self.segments, heard_ms)
         if state is TurnState.COMMITTED and self.state is not TurnState.SENT:
             state = TurnState.INTERRUPTED  # not everything was sent: it can only be cut off
-        if state is TurnState.INTERRUPTED and not heard:
-            state = TurnState.DISCARDED
+        if state is TurnState.INTERRUPTED and not heard and not self.calls:
+            state = TurnState.DISCARDED  # (calls the client was sent were made: they stay)
         was_released = self.state is not TurnState.PENDING
         self._to(state)
         self.interrupt_reason = reason
@@ -395,12 +406,14 @@ class Turn:
         if state is TurnState.COMMITTED:
             if user_text:
                 self.history.add_user(user_text)
-            self.history.add_assistant(self.generated)
+            self.history.add_assistant(self.generated, tool_calls=self.calls)
+            self._write_tool_outputs()
             return TurnEnd(state)
         if state is TurnState.INTERRUPTED:
             if user_text:
                 self.history.add_user(user_text)
-            self.history.add_assistant(heard, interrupted=True)
+            self.history.add_assistant(heard, interrupted=True, tool_calls=self.calls)
+            self._write_tool_outputs()
         if was_released and state is not TurnState.COMMITTED:
             await self._outbox.put(self._stamp(ev.ResponseInterrupted(
                 response_id=self.response_id, heard_text=heard, heard_ms=int(heard_ms),
@@ -408,6 +421,25 @@ class Turn:
         if state is TurnState.DISCARDED and carry and (self.user.full_text() or self.user.audio is not None):
             return TurnEnd(state, carry=self.user)
         return TurnEnd(state)
+
+    def _write_tool_outputs(self) -> None:
+        for call in self.calls:  # results that came while this turn was still playing
+            if call.call_id in self.tool_outputs:
+                self.history.add_tool_result(call.call_id, self.tool_outputs[call.call_id])
+
+    def history_entries(self) -> list[dict[str, object]]:
+        """The messages this turn will write if it is committed (for an answer made before that)."""
+        out: list[dict[str, object]] = []
+        if self.user.full_text():
+            out.append({"role": "user", "content": self.user.full_text()})
+        if self.generated.strip() or self.calls:
+            entry: dict[str, object] = {"role": "assistant", "content": self.generated.strip()}
+            if self.calls:
+                entry["tool_calls"] = [c.message() for c in self.calls]
+            out.append(entry)
+        out += [{"role": "tool", "content": self.tool_outputs[c.call_id], "tool_call_id": c.call_id}
+                for c in self.calls if c.call_id in self.tool_outputs]
+        return out
 
     def truncate(self, audio_end_ms: float) -> str:
         """The client says the user heard only ``audio_end_ms`` of this ended turn: if it is the
