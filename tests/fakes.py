@@ -12,11 +12,13 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 
 from services.deadline_slots import DeadlineSlots, deadline_in
 from services.errors import Unavailable
+from services.tools import ToolCallDelta
 from services.vad import WINDOW, VADState
 
 RATE = 16000
@@ -69,13 +71,14 @@ class FakeStages:
         self.llm_calls: list[list[dict[str, str]]] = []
         self.tts_slacks: list[float | None] = []  # slack_s of each synthesize call, in order
         self.llm_audio: list[np.ndarray | None] = []
+        self.llm_tools: list[tuple[Any, Any]] = []  # (tools, tool_choice) of each generate call
         self.llm_running = 0  # requests started and neither finished nor closed
         self.llm_aborted = 0  # requests closed before their last word
         self.transcribed: list[int] = []
         self.priorities: list[int] = []  # of each transcribe call
         self.fail: dict[str, BaseException] = {}  # stage name -> error to raise
         self.hang: set[str] = set()  # stage names that never answer
-        self.answers: list[str] = []  # per-call answers (pop from the front), else self.answer
+        self.answers: list[Any] = []  # per-call answers or scripts (pop from the front), else self.answer
         # A TTS that shares its CPU the way the real one does: one DeadlineSlots for every
         # session on these stages; each chunk holds a slot for tts_s seconds.
         self.tts_slots: DeadlineSlots | None = None
@@ -109,20 +112,26 @@ class FakeStages:
         phrases = _phrases_in(audio16k)
         return 0.9 if not phrases or phrases[-1][1] else 0.1
 
-    async def generate(self, messages: list[dict[str, str]], *, max_tokens: int | None,
-                       audio: np.ndarray | None = None) -> AsyncIterator[str]:
+    async def generate(self, messages: list[dict[str, Any]], *, max_tokens: int | None,
+                       audio: np.ndarray | None = None, tools: list[Any] | None = None,
+                       tool_choice: Any = None) -> AsyncIterator[Any]:
+        """Words of the answer; an answer may also be a script: a list of text deltas and
+        ``ToolCallDelta`` items (see ``call()``), yielded as they are."""
         self.llm_calls.append(messages)
         self.llm_audio.append(audio)
+        self.llm_tools.append((tools, tool_choice))
         await self._gate("llm")
         answer = self.answers.pop(0) if self.answers else self.answer
+        items: list[Any] = answer if isinstance(answer, list) else \
+            [w if i == 0 else " " + w for i, w in enumerate(answer.split())]
         self.llm_running += 1
         finished = False
         try:
-            for i, word in enumerate(answer.split()):
+            for i, item in enumerate(items):
                 await asyncio.sleep(self.word_s)
                 if "llm_stall" in self.hang and i == 2:
                     await asyncio.Event().wait()
-                yield word if i == 0 else " " + word
+                yield item
             finished = True
         finally:
             self.llm_running -= 1
@@ -157,3 +166,11 @@ class FakeStages:
 
     def fails(self, stage: str, exc: BaseException | None = None) -> None:
         self.fail[stage] = exc or Unavailable(f"the {stage} is down")
+
+
+def call(name: str, arguments: str, index: int = 0) -> list[ToolCallDelta]:
+    """A tool call as an LLM stream gives it: name, arguments in two pieces, done."""
+    half = len(arguments) // 2
+    return [ToolCallDelta(index, name=name), ToolCallDelta(index, arguments_delta=arguments[:half]),
+            ToolCallDelta(index, arguments_delta=arguments[half:]),
+            ToolCallDelta(index, name, done=True, arguments=arguments)]

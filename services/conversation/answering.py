@@ -172,8 +172,9 @@ class AnswerProducer:
                 t_llm = self._clock()
                 tokens = 0
                 tools, choice = self._tools_for(turn, audio)
-                stream = self.stages.generate(messages, max_tokens=s.max_response_tokens, audio=audio,
-                                              tools=tools, tool_choice=choice)
+                # stages that predate tools are still called the old way when there are none
+                extra: dict[str, Any] = {"tools": tools, "tool_choice": choice} if tools else {}
+                stream = self.stages.generate(messages, max_tokens=s.max_response_tokens, audio=audio, **extra)
                 calls = _CallReader(turn, {t.name: t for t in s.tools})
                 async for delta in deadline_stream(stream, t.llm_first_token_s, t.llm_stall_s, "the LLM"):
                     if tokens == 0:

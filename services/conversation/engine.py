@@ -414,6 +414,7 @@ class Conversation:
             user = UserInput(pending[-1].input_id if pending else 0,
                              np.concatenate(audio) if audio else None, text, now,
                              pending[-1].t_user_stop if pending else now)
+            await self._make_room()  # an answer all sent (e.g. tool calls only) joins the history first
             if user.audio is None and user.text is None and not len(self.history):
                 raise FailedPrecondition("nothing to respond to: send audio or a text item first")
             await self._answer(user)
