@@ -34,6 +34,7 @@ from services.errors import (
 )
 from services.tools import (
     CALL_START,
+    ConstrainedCallReader,
     ToolCallDelta,
     ToolCallReader,
     ToolChoice,
@@ -504,5 +505,5 @@ class ChatEngine:
             n = min(max(n, self.cfg.max_tool_call_tokens), room)
         inner = self._stream(rid, prompt, n_prompt, n, temperature,
                              guide=call_schema(offered, choice) if choice.constrained else None)
-        reader = ToolCallReader(self.tokenizer, offered, prefix=prefix)
+        reader = ConstrainedCallReader() if choice.constrained else ToolCallReader(self.tokenizer, offered)
         return ParsedStream(inner, lambda stream: parse_calls(stream, reader))

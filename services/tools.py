@@ -241,7 +241,52 @@ class ToolCallReader:
         return out
 
 
-async def parse_calls(deltas: AsyncIterator[str], reader: ToolCallReader) -> AsyncGenerator[str | ToolCallDelta, None]:
+class ConstrainedCallReader:
+    """The one call of a constrained answer: its text is a ``{"name": ..., "arguments": ...}``
+    object by construction, so it is read as JSON, not searched for tags (a string argument may
+    contain anything, even ``</tool_call>``). Pieces are passed on as for ``ToolCallReader``."""
+
+    _NAME = re.compile(r'^\s*\{\s*"name"\s*:\s*"([^"]+)"\s*,\s*"arguments"\s*:\s*')
+
+    def __init__(self) -> None:
+        self._raw = ""
+        self._name = ""
+        self._sent = ""
+
+    def feed(self, delta: str) -> list[str | ToolCallDelta]:
+        self._raw += delta
+        out: list[str | ToolCallDelta] = []
+        match = self._NAME.match(self._raw)
+        if match is None:
+            return out
+        if not self._name:
+            self._name = match.group(1)
+            out.append(ToolCallDelta(0, name=self._name))
+        sure = self._raw[match.end():].rstrip().rstrip("}")  # a '}' may close the call object
+        if len(sure) > len(self._sent) and sure.startswith(self._sent):
+            out.append(ToolCallDelta(0, arguments_delta=sure[len(self._sent):]))
+            self._sent = sure
+        return out
+
+    def finish(self) -> list[str | ToolCallDelta]:
+        try:
+            value = json.loads(self._raw)
+            name, final = value["name"], json.dumps(value["arguments"], ensure_ascii=False)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            match = self._NAME.match(self._raw)
+            name, final = self._name or "?", self._raw[match.end():] if match else self._raw
+        out: list[str | ToolCallDelta] = []
+        if not self._name:
+            self._name = name
+            out.append(ToolCallDelta(0, name=name))
+        if final.startswith(self._sent) and len(final) > len(self._sent):
+            out.append(ToolCallDelta(0, arguments_delta=final[len(self._sent):]))
+        out.append(ToolCallDelta(0, self._name, done=True, arguments=final))
+        return out
+
+
+async def parse_calls(deltas: AsyncIterator[str], reader: ToolCallReader | ConstrainedCallReader,
+                      ) -> AsyncGenerator[str | ToolCallDelta, None]:
     """``deltas`` (text) as spoken text and tool-call items (see ``ToolCallReader``)."""
     async for delta in deltas:
         for item in reader.feed(delta):

@@ -6,6 +6,7 @@ state, token counting, history trimmed to the context, the same errors)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from services.llm_ctranslate2 import CT2Engine
 from services.llm_engines import choose_engine, create_llm_engine, prepare_ct2
 from services.llm_vllm import LLMEngine, _cpu_env
 from services.models import default_llm_model
+from services.tools import ToolCallDelta, ToolChoice, ToolSpec, check_arguments
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -293,3 +295,87 @@ async def test_abort_while_the_consumer_is_not_reading(engine: ChatEngine) -> No
 
 async def _drain(stream: Any) -> str:
     return "".join([d async for d in stream])
+
+
+# --- tools -----------------------------------------------------------------------------------------
+
+WEATHER = ToolSpec(name="get_weather", description="Current weather in a city",
+                   parameters={"type": "object", "properties": {"city": {"type": "string"}},
+                               "required": ["city"], "additionalProperties": False})
+CONVERT = ToolSpec(name="convert_units", description="Convert a value from one unit to another",
+                   parameters={"type": "object", "properties": {
+                       "value": {"type": "number"}, "from_unit": {"type": "string"}, "to_unit": {"type": "string"}},
+                       "required": ["value", "from_unit", "to_unit"], "additionalProperties": False})
+
+
+async def _items(engine: ChatEngine, text: str, tools: list[ToolSpec], choice: ToolChoice | None = None,
+                 **kwargs: Any) -> tuple[str, list[ToolCallDelta]]:
+    async with engine.stream_chat([{"role": "user", "content": text}], temperature=0, tools=tools,
+                                  tool_choice=choice, **kwargs) as stream:
+        items = [d async for d in stream]
+    return "".join(i for i in items if isinstance(i, str)), [i for i in items if not isinstance(i, str) and i.done]
+
+
+async def test_a_required_call_matches_its_schema_on_either_engine(engine: ChatEngine) -> None:
+    """Constrained decoding (vLLM's structured outputs; xgrammar around CTranslate2): even the
+    135M model, whose template does not show it the tools, writes arguments that parse and match,
+    past a short answer cap. (Strings are bounded: an unbounded string lets a model this small
+    ramble inside the quotes until the cap.)"""
+    bounded = [ToolSpec(name=t.name, description=t.description, parameters={
+        **t.parameters, "properties": {k: {**v, "maxLength": 24} if v["type"] == "string" else v
+                                       for k, v in t.parameters["properties"].items()}}) for t in (WEATHER, CONVERT)]
+    for question in ("What is the weather like in Paris?", "Convert 3 miles to kilometers.", "Hello!"):
+        text, calls = await _items(engine, question, bounded, ToolChoice("required"), max_tokens=8)
+        assert not text.strip() and len(calls) == 1, (text, calls)
+        tool = {t.name: t for t in bounded}[calls[0].name]
+        check_arguments(tool, calls[0].arguments)
+    assert await wait_idle(engine) == 0
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def tool_engine() -> AsyncIterator[ChatEngine]:
+    """The default tool model (``llm.tool_model``): the embedded Qwen on CTranslate2."""
+    eng = await create_llm_engine(LLMConfig(model=LLMConfig().tool_model, seed=0))
+    yield eng
+    eng.shutdown()
+
+
+async def test_the_tool_model_calls_a_tool_in_its_own_format_and_answers_otherwise(tool_engine: ChatEngine) -> None:
+    text, calls = await _items(tool_engine, "What is the weather like in Paris?", [WEATHER, CONVERT])
+    assert not text.strip() and [c.name for c in calls] == ["get_weather"]
+    assert "paris" in json.loads(calls[0].arguments)["city"].lower()
+    text, calls = await _items(tool_engine, "How many kilometers are 10 miles?", [WEATHER, CONVERT])
+    assert [c.name for c in calls] == ["convert_units"] and json.loads(calls[0].arguments)["value"] == 10
+    text, calls = await _items(tool_engine, "Hello!", [WEATHER, CONVERT])
+    assert text.strip() and not calls
+
+
+async def test_required_calls_are_schema_valid_ten_of_ten(tool_engine: ChatEngine) -> None:
+    asks = ["Weather in Oslo?", "Is it raining in Lima?", "Convert 5 feet to meters.", "Tell me a joke.",
+            "How warm is Cairo today?", "Turn 100 fahrenheit into celsius.", "What's up?",
+            "Do I need an umbrella in London?", "Convert 2 pounds to kilograms.", "Good morning!"]
+    for ask in asks:
+        text, calls = await _items(tool_engine, ask, [WEATHER, CONVERT], ToolChoice("required"))
+        assert len(calls) == 1 and not text.strip(), (ask, text, calls)
+        check_arguments({"get_weather": WEATHER, "convert_units": CONVERT}[calls[0].name], calls[0].arguments)
+
+
+async def test_the_grammar_corrects_arguments_the_model_gets_wrong(tool_engine: ChatEngine) -> None:
+    """A pattern the model does not follow by itself ('Paris' against ^[A-Z]+$): the refused
+    tokens are masked and the arguments match anyway."""
+    shout = ToolSpec(name="shout_city", description="Say a city's name",
+                     parameters={"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Z]+$"}},
+                                 "required": ["city"]})
+    assert isinstance(tool_engine, CT2Engine)
+    before = tool_engine._guides.masked_steps
+    _, calls = await _items(tool_engine, "Shout Paris", [shout], ToolChoice("function", "shout_city"))
+    assert json.loads(calls[0].arguments)["city"].isupper()
+    assert tool_engine._guides.masked_steps > before
+
+
+async def test_a_cancelled_tool_call_aborts_the_generation(tool_engine: ChatEngine) -> None:
+    stream = tool_engine.stream_chat([{"role": "user", "content": "Weather in Paris and Rome and Oslo?"}],
+                                     tools=[WEATHER], tool_choice=ToolChoice("required"))
+    await stream.__anext__()
+    await stream.aclose()
+    assert await wait_idle(tool_engine) == 0
