@@ -32,7 +32,7 @@ from deployments.sessions import SessionHub
 from services.audio import float_to_pcm16, resample
 from services.codecs import float_to_mulaw
 from services.conversation import events as ev
-from tests.fakes import RATE, FakeStages, silence, speech
+from tests.fakes import RATE, FakeStages, call, silence, speech
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -253,7 +253,8 @@ async def test_session_created_has_openai_defaults_and_update_changes_the_engine
      "session.audio.input.format"),
     ({"audio": {"input": {"format": {"type": "audio/flac"}}}}, "invalid_value", "session.audio.input.format"),
     ({"voice": "alloy"}, "unknown_parameter", "session.voice"),  # the beta shape
-    ({"tools": [{"type": "function", "name": "f"}]}, "invalid_value", "session.tools"),
+    ({"tools": [{"type": "function", "name": "bad name"}]}, "invalid_value", "session.tools[0].name"),
+    ({"tools": [{"type": "function", "name": "f", "strict": True}]}, "unknown_parameter", "session.tools[0].strict"),
     ({"output_modalities": ["text", "audio"]}, "invalid_value", "session.output_modalities"),
     ({"audio": {"input": {"turn_detection": {"type": "semantic_vad", "silence_duration_ms": 300}}}},
      "unknown_parameter", "session.audio.input.turn_detection.silence_duration_ms"),
@@ -616,6 +617,70 @@ async def test_openai_sdk_client_text_and_audio(rig) -> None:  # type: ignore[no
         assert isinstance(error, RealtimeErrorEvent) and error.error.code == "invalid_value"
 
 
+# --- function tools ------------------------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+async def test_function_call_output_then_response_create_answers_with_the_result(rig) -> None:  # type: ignore[no-untyped-def]
+    stages = Stages()
+    stages.answers = [call("get_weather", '{"city": "Paris"}'), "It is sunny in Paris"]
+    r = rig(stages)
+    async with r.connect() as c:
+        await c.send("session.update", session={"type": "realtime", "tools": [WEATHER_TOOL], "tool_choice": "auto"})
+        updated = await c.until("session.updated")
+        assert updated["session"]["tools"] == [WEATHER_TOOL] and updated["session"]["tool_choice"] == "auto"
+        await c.send("conversation.item.create", item={
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather in paris"}]})
+        await c.send("response.create")
+        args = await c.until("response.function_call_arguments.done")
+        assert args["name"] == "get_weather" and json.loads(args["arguments"]) == {"city": "Paris"}
+        deltas = "".join(e["delta"] for e in c.of("response.function_call_arguments.delta"))
+        assert deltas == args["arguments"]
+        done = (await c.until("response.done"))["response"]
+        assert [o["type"] for o in done["output"]] == ["function_call"]
+        assert done["output"][0]["call_id"] == args["call_id"] and done["output"][0]["status"] == "completed"
+        await c.send("conversation.item.create", item={"type": "function_call_output", "call_id": args["call_id"],
+                                                       "output": '{"sky": "sunny"}'})
+        added = await c.until("conversation.item.added", lambda e: e["item"]["type"] == "function_call_output")
+        assert added["item"]["output"] == '{"sky": "sunny"}'
+        await asyncio.sleep(0.2)
+        assert len(c.of("response.created")) == 1  # as OpenAI: the answer waits for response.create
+        await c.send("response.create")
+        answer = (await c.until("response.done"))["response"]
+        assert answer["output"][0]["content"][0]["transcript"] == "It is sunny in Paris"
+        await c.send("conversation.item.create", item={"type": "function_call_output", "call_id": "call_nope",
+                                                       "output": "{}"})
+        assert (await c.error("invalid_value"))["param"] == "item.call_id"
+    assert r.stages.llm_calls[1][-1] == {"role": "tool", "content": '{"sky": "sunny"}', "tool_call_id": args["call_id"]}
+
+
+async def test_bad_tools_are_refused_and_a_cancelled_call_is_told(rig) -> None:  # type: ignore[no-untyped-def]
+    stages = Stages()
+    stages.answers = [call("get_weather", '{"city": "Paris"}')]
+    r = rig(stages)
+    async with r.connect() as c:
+        await c.send("session.update", session={"tools": [{"type": "mcp", "server_label": "x"}]})
+        assert (await c.error("invalid_value"))["param"] == "session.tools[0].type"
+        await c.send("session.update", session={"tools": [{**WEATHER_TOOL, "parameters": {"type": "nope"}}]})
+        assert (await c.error("invalid_value"))["param"].startswith("session.tools[0]")
+        await c.send("session.update", session={"tools": [WEATHER_TOOL], "tool_choice": {"type": "function",
+                                                                                        "name": "other"}})
+        assert (await c.error("invalid_value"))["param"] == "session.tool_choice"
+        await c.send("session.update", session={"tools": [WEATHER_TOOL]})
+        await c.until("session.updated")
+        await c.send("conversation.item.create", item={
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "weather in paris"}]})
+        await c.send("response.create")
+        args = await c.until("response.function_call_arguments.done")
+        await c.until("response.done")
+        await c.send("conversation.item.create", item={
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "never mind"}]})
+        cancelled = await c.error("function_call_cancelled")
+        assert args["call_id"] in cancelled["message"]
+
+
 # --- the mapping itself -----------------------------------------------------------------------------------------------
 
 
@@ -636,6 +701,11 @@ def test_every_engine_event_has_a_realtime_mapping() -> None:
         ev.ResponseInterrupted: ev.ResponseInterrupted(response_id=2, heard_text="", heard_ms=0, generated_text=""),
         ev.Truncated: ev.Truncated(response_id=1, audio_end_ms=5, heard_text="h"),
         ev.ErrorEvent: ev.ErrorEvent(code="UNAVAILABLE", message="down"),
+        ev.ToolCallStarted: ev.ToolCallStarted(response_id=1, call_id="call_1", name="f"),
+        ev.ToolCallArguments: ev.ToolCallArguments(response_id=1, call_id="call_1", delta="{}"),
+        ev.ToolCallDone: ev.ToolCallDone(response_id=1, call_id="call_1", name="f", arguments="{}"),
+        ev.ToolCallCancelled: ev.ToolCallCancelled(call_id="call_1", reason="barge_in"),
+        ev.ToolResultAccepted: ev.ToolResultAccepted(call_id="call_1"),
     }
     subclasses = {c for c in vars(ev).values() if isinstance(c, type) and issubclass(c, ev.Event)}
     assert subclasses - {ev.Event, ev.ResponsePayload} <= set(samples)

@@ -193,8 +193,10 @@ class GrpcAdapter:
                     await conv.push_text(check_text(msg.text.text, g.max_text_chars), interrupt=msg.text.interrupt)
                 elif kind == "playback":
                     conv.playback(msg.playback.response_id, msg.playback.played_ms)
-                elif kind in ("commit", "clear", "cancel_response"):
+                elif kind in ("commit", "clear", "cancel_response", "create_response"):
                     await self._control(conv, kind)
+                elif kind == "tool_result":
+                    await self._tool_result(conv, msg.tool_result)
                 elif kind == "end_of_input":
                     half_closed = True
                     break
@@ -202,7 +204,8 @@ class GrpcAdapter:
                     raise FailedPrecondition("SessionConfig may only be sent once, as the first message")
                 else:
                     raise InvalidArgument("empty ClientMessage: set one of config, audio, text, playback, "
-                                          "commit, clear, cancel_response, end_of_input")
+                                          "commit, clear, cancel_response, create_response, tool_result, "
+                                          "end_of_input")
             if stream.is_cancelled():
                 # Ray ends the input quietly when the client goes away, and also when its proxy
                 # cannot decode a message: stop everything; the status reaches a client still there.
@@ -229,9 +232,21 @@ class GrpcAdapter:
                 await conv.commit_audio()
             elif kind == "clear":
                 await conv.clear_audio()
+            elif kind == "create_response":
+                await conv.create_response()
             else:
                 await conv.cancel_response()
         except VoxError as exc:
+            await conv.emit(ErrorEvent(code=exc.code, message=exc.message))
+
+    @staticmethod
+    async def _tool_result(conv: Conversation, result: pb.ToolResult) -> None:
+        """A tool's result: an unknown call id or a second result is reported, the stream goes on."""
+        try:
+            await conv.submit_tool_result(result.call_id, result.output_json)
+        except VoxError as exc:
+            if conv.closed:
+                raise
             await conv.emit(ErrorEvent(code=exc.code, message=exc.message))
 
     # --- Transcribe -----------------------------------------------------------------------------

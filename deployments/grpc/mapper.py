@@ -53,6 +53,17 @@ def event_to_proto(e: ev.Event, wire: AudioWire | None = None) -> pb.ServerEvent
             session_id=e.session_id, output_sample_rate=e.output_sample_rate,
             response_mode=pb.SPEECH_NATIVE if e.mode == SPEECH_NATIVE else pb.CASCADE,
             llm_model=e.llm_model, asr_model=e.asr_model))
+    elif isinstance(e, ev.ToolCallStarted):
+        out.tool_call.CopyFrom(pb.ToolCall(response_id=e.response_id, call_id=e.call_id, name=e.name))
+    elif isinstance(e, ev.ToolCallArguments):
+        out.tool_call.CopyFrom(pb.ToolCall(response_id=e.response_id, call_id=e.call_id, arguments_delta=e.delta))
+    elif isinstance(e, ev.ToolCallDone):
+        out.tool_call.CopyFrom(pb.ToolCall(response_id=e.response_id, call_id=e.call_id, name=e.name, done=True,
+                                           arguments_json=e.arguments, error=e.error))
+    elif isinstance(e, ev.ToolCallCancelled):
+        out.tool_call_cancelled.CopyFrom(pb.ToolCallCancelled(call_id=e.call_id, reason=e.reason))
+    elif isinstance(e, ev.ToolResultAccepted):
+        out.tool_result_accepted.CopyFrom(pb.ToolResultAccepted(call_id=e.call_id, late=e.late))
     elif isinstance(e, ev.ErrorEvent):
         out.error.CopyFrom(pb.Error(code=e.code, message=e.message, response_id=e.response_id))
     else:  # pragma: no cover - a new event type without a mapping is a bug

@@ -8,7 +8,10 @@ What is gRPC's own lives here: protobuf enums, 0 meaning "unset", the deprecated
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+from pydantic import ValidationError
 
 from deployments.config import AppArgs
 from deployments.grpc.wire import AudioWire
@@ -25,12 +28,14 @@ from deployments.session_checks import (
 from protos.voxserve.v1 import voice_pb2 as pb
 from services.conversation.settings import CASCADE, SPEECH_NATIVE, SessionSettings, TurnDetection
 from services.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from services.tools import ToolChoice, ToolSpec, check_tools
 
 _TURN_MODES = {pb.SEMANTIC: "semantic", pb.SILENCE: "silence", pb.MANUAL: "manual"}
 _INTERRUPTION_MODES = {pb.INTERRUPTION_PAUSE: "pause", pb.INTERRUPTION_CANCEL: "cancel",
                        pb.INTERRUPTION_OFF: "off"}
 _PLAYBACK = {pb.PLAYBACK_ESTIMATE: "estimate", pb.PLAYBACK_REPORTED: "reported", pb.PLAYBACK_NONE: "none"}
 MAX_BACKCHANNELS, MAX_BACKCHANNEL_CHARS = 100, 64
+MAX_TOOLS = 64
 
 
 def settings_from_config(cfg: pb.SessionConfig, args: AppArgs, *, voice_rate: int,
@@ -61,7 +66,35 @@ def settings_from_config(cfg: pb.SessionConfig, args: AppArgs, *, voice_rate: in
         partial_transcripts=cfg.partial_transcripts, max_response_tokens=cfg.max_response_tokens or None,
         playback=_PLAYBACK.get(cfg.playback, "estimate"),
         turn=_turn_detection(cfg, base.turn, names), interruptions=_interruptions(cfg, names))
+    changes.update(_tools(cfg))
     return settings_with(base, changes, names), wire
+
+
+def _tools(cfg: pb.SessionConfig) -> dict[str, Any]:
+    """SessionConfig.tools, tool_choice and tool_calling as settings (InvalidArgument naming the field)."""
+    if len(cfg.tools) > MAX_TOOLS:
+        raise InvalidArgument(f"at most {MAX_TOOLS} tools per session; got {len(cfg.tools)}")
+    tools: list[ToolSpec] = []
+    for i, tool in enumerate(cfg.tools):
+        try:
+            parameters = json.loads(tool.parameters_json) if tool.parameters_json else None
+            tools.append(ToolSpec(name=tool.name, description=tool.description,
+                                  **({"parameters": parameters} if parameters is not None else {})))
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"tools[{i}].parameters_json is not JSON: {exc.msg}") from None
+        except ValidationError as exc:
+            raise InvalidArgument(f"tools[{i}] ({tool.name!r}): {exc.errors()[0]['msg']}") from None
+    choice = ToolChoice.parse(cfg.tool_choice or "auto")
+    check_tools(tools, choice)
+    t = cfg.tool_calling
+    calling: dict[str, Any] = {"filler": not t.disable_filler, "auto_continue": not t.manual_continue}
+    if t.filler_text:
+        calling["filler_text"] = t.filler_text
+    if t.filler_after_ms:
+        calling["filler_after_ms"] = t.filler_after_ms
+    if t.result_timeout_ms:
+        calling["result_timeout_s"] = t.result_timeout_ms / 1000
+    return {"tools": tools, "tool_choice": choice.wire(), "tool_calling": calling}
 
 
 def _turn_detection(cfg: pb.SessionConfig, default: TurnDetection, names: dict[str, str]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from deployments.realtime.schema import (
     SessionUpdate,
     check_item_id,
     parse_event,
+    tool_output_of,
     user_text_of,
 )
 from deployments.realtime.session_config import RealtimeConfig, check_response_params
@@ -250,6 +251,9 @@ class RealtimeSession:
                                 "invalid_value", "previous_item_id")
         if event.item.id is not None:
             check_item_id(event.item.id, "item.id")
+        if event.item.type == "function_call_output":
+            await self._tool_output(event.item.id, *tool_output_of(event.item))
+            return
         try:
             text = check_text(user_text_of(event.item), self.args.gateway.max_text_chars)
         except RealtimeError:
@@ -262,6 +266,18 @@ class RealtimeSession:
         except BaseException:
             self.mapper.forget_text_item(item_id)
             raise
+
+    async def _tool_output(self, item_id: str | None, call_id: str, output: str) -> None:
+        """A function's result: into the history after its call; response.create asks for the answer."""
+        self.mapper.expect_tool_output(call_id, item_id, output)
+        try:
+            await self.conv.submit_tool_result(call_id, output)
+        except VoxError as exc:
+            self.mapper.forget_tool_output(call_id)
+            if self.conv.closed:
+                raise
+            param = "item.output" if exc.code == "INVALID_ARGUMENT" else "item.call_id"
+            raise RealtimeError(exc.message, "invalid_value", param) from None
 
     async def _truncate(self, obj: dict[str, Any]) -> None:
         event = parse_event(ItemTruncate, obj)
@@ -280,7 +296,7 @@ class RealtimeSession:
     async def _response_create(self, obj: dict[str, Any]) -> None:
         event = parse_event(ResponseCreate, obj)
         check_response_params(event.response)
-        if self.conv.response_in_progress:
+        if self.conv.response_in_progress and not self.conv.filler_in_progress:  # a filler: answered after it
             raise RealtimeError("a response is already in progress; wait for response.done or send response.cancel",
                                 "conversation_already_has_active_response")
         try:

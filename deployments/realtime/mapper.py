@@ -47,6 +47,7 @@ class _Response:
     done: bool = False  # response.done was sent: final (a later cut is a conversation.item.truncated)
     audio_ms: float = 0.0
     error: dict[str, Any] | None = None
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)  # call id -> its function_call item
 
     @property
     def text(self) -> str:
@@ -92,6 +93,8 @@ class EventMapper:
         self._by_item: OrderedDict[str, int] = OrderedDict()  # assistant item id -> engine response id
         self._by_id: dict[str, int] = {}  # response id -> engine response id
         self.current: _Response | None = None  # started, not done
+        self._call_items: OrderedDict[str, tuple[str, str]] = OrderedDict()  # call id -> (response id, item id)
+        self._outputs: dict[str, tuple[str, str]] = {}  # call id -> (item id, output) sent by the client
 
     # --- what the reader needs ----------------------------------------------------------------------
 
@@ -120,6 +123,17 @@ class EventMapper:
     @property
     def last_item(self) -> str | None:
         return self._last_item
+
+    def expect_tool_output(self, call_id: str, item_id: str | None, output: str) -> str:
+        """Reserve the item of a function_call_output about to be submitted (ToolResultAccepted follows)."""
+        item = item_id or self.ids.new("item")
+        if item in self._by_item or item in self._by_input.values():
+            raise RealtimeError(f"item id {item!r} is already used in this conversation", "invalid_value", "item.id")
+        self._outputs[call_id] = (item, output)
+        return item
+
+    def forget_tool_output(self, call_id: str) -> None:
+        self._outputs.pop(call_id, None)
 
     # --- mapping --------------------------------------------------------------------------------------
 
@@ -165,6 +179,22 @@ class EventMapper:
             if r is not None:
                 r.error = payload["error"]
             return [payload]
+        if isinstance(e, ev.ToolCallStarted | ev.ToolCallArguments | ev.ToolCallDone):
+            return self._tool_call(e)
+        if isinstance(e, ev.ToolCallCancelled):
+            _, item_id = self._call_items.get(e.call_id, ("", ""))
+            payload = error_for(CodeOnly("CANCELLED", (
+                f"function call {e.call_id} was cancelled ({e.reason}): its result is no longer awaited; one sent "
+                "later is recorded in the conversation, not spoken")))
+            payload["error"].update(code="function_call_cancelled", param="call_id")
+            payload["voxserve"] = {"call_id": e.call_id, "item_id": item_id, "reason": e.reason}
+            return [payload]
+        if isinstance(e, ev.ToolResultAccepted):
+            item_id, output = self._outputs.pop(e.call_id, (self.ids.new("item"), ""))
+            item = {"id": item_id, "type": "function_call_output", "object": "realtime.item", "status": "completed",
+                    "call_id": e.call_id, "output": output}
+            previous = self._last_item
+            return [self._added(item), {"type": "conversation.item.done", "previous_item_id": previous, "item": item}]
         if isinstance(e, ev.SessionStarted):
             self.session_id = e.session_id
             return [{"type": "session.created", "session": self.config.session_json(e.session_id)}]
@@ -279,6 +309,33 @@ class EventMapper:
         return [{"type": kind, "response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0,
                  "delta": e.text}]
 
+    def _tool_call(self, e: ev.ToolCallStarted | ev.ToolCallArguments | ev.ToolCallDone) -> list[dict[str, Any]]:
+        r = self._responses.get(e.response_id)
+        if r is None:
+            return []
+        if isinstance(e, ev.ToolCallStarted):
+            new: dict[str, Any] = {"id": self.ids.new("item"), "type": "function_call", "object": "realtime.item",
+                                   "status": "in_progress", "name": e.name, "call_id": e.call_id, "arguments": ""}
+            r.calls[e.call_id] = new
+            self._call_items[e.call_id] = (r.id, new["id"])
+            while len(self._call_items) > REMEMBERED_IDS:
+                self._call_items.popitem(last=False)
+            return [{"type": "response.output_item.added", "response_id": r.id, "output_index": len(r.calls),
+                     "item": dict(new)}, self._added(dict(new))]
+        item = r.calls.get(e.call_id)
+        if item is None:
+            return []
+        ref = {"response_id": r.id, "item_id": item["id"], "output_index": list(r.calls).index(e.call_id) + 1,
+               "call_id": e.call_id}
+        if isinstance(e, ev.ToolCallArguments):
+            item["arguments"] += e.delta
+            return [{"type": "response.function_call_arguments.delta", **ref, "delta": e.delta}]
+        item.update(arguments=e.arguments, status="incomplete" if e.error else "completed")
+        return [{"type": "response.function_call_arguments.done", **ref, "name": e.name, "arguments": e.arguments},
+                {"type": "response.output_item.done", "response_id": r.id, "output_index": ref["output_index"],
+                 "item": dict(item)},
+                {"type": "conversation.item.done", "previous_item_id": None, "item": dict(item)}]
+
     def _audio(self, e: ev.AudioOut) -> list[dict[str, Any]]:
         r = self._responses.get(e.response_id)
         if r is None or r.text_only:
@@ -335,7 +392,10 @@ class EventMapper:
         usage = {"total_tokens": tokens, "input_tokens": 0, "output_tokens": tokens,
                  "input_token_details": {"text_tokens": 0, "audio_tokens": 0, "cached_tokens": 0},
                  "output_token_details": {"text_tokens": tokens, "audio_tokens": 0}}
-        response = self._response(r, status, output=[item], details=details, usage=usage)
+        # a response that only called functions lists only them (its empty message is left out)
+        message = [item] if r.text or r.audio_ms or not r.calls else []
+        response = self._response(r, status, output=message + [dict(c) for c in r.calls.values()],
+                                  details=details, usage=usage)
         # voxserve's own fields (clients ignore unknown ones): server-measured latency, audio sent
         vox: dict[str, Any] = {"audio_ms": int(r.audio_ms)}
         if latency is not None:

@@ -104,8 +104,8 @@ class WireSession(_Wire):
     output_modalities: list[Literal["text", "audio"]] | None = Field(None, description="['audio'] or ['text'].")
     max_output_tokens: int | Literal["inf"] | None = Field(None, description="Answer length cap.")
     audio: WireAudio | None = Field(None, description="Audio settings.")
-    tools: list[Any] | None = Field(None, description="Not supported: must be empty.")
-    tool_choice: Any = Field(None, description="Accepted, ignored (no tools).")
+    tools: list[Any] | None = Field(None, description="Function tools the model may call.")
+    tool_choice: Any = Field(None, description="auto, none, required, or {'type': 'function', 'name': ...}.")
     tracing: Any = Field(None, description="Accepted, ignored.")
     truncation: Any = Field(None, description="Accepted, ignored (history is trimmed by tokens).")
     prompt: Any = Field(None, description="Not supported: must be null.")
@@ -200,6 +200,15 @@ class ResponseCancel(_Wire):
     response_id: str | None = None
 
 
+def tool_output_of(item: WireItem) -> tuple[str, str]:
+    """(call_id, output) of a function_call_output item."""
+    if not item.call_id:
+        raise RealtimeError("missing required parameter 'item.call_id'", "missing_required_parameter", "item.call_id")
+    if item.output is None:
+        raise RealtimeError("missing required parameter 'item.output'", "missing_required_parameter", "item.output")
+    return item.call_id, item.output
+
+
 def check_item_id(value: str, param: str) -> str:
     if not value or len(value) > _MAX_ID_CHARS or not set(value) <= _ID_CHARS:
         raise RealtimeError(f"'{param}' must be 1-{_MAX_ID_CHARS} letters, digits, '_' or '-'", "invalid_value", param)
@@ -209,8 +218,8 @@ def check_item_id(value: str, param: str) -> str:
 def user_text_of(item: WireItem) -> str:
     """The text of a user message item; RealtimeError for any item this pipeline cannot take."""
     if item.type != "message":
-        raise RealtimeError(f"conversation items of type '{item.type}' are not supported (no tools); send a user "
-                            "message with input_text content", "invalid_value", "item.type")
+        raise RealtimeError(f"conversation items of type '{item.type}' are not supported; send a user message "
+                            "with input_text content, or a function_call_output", "invalid_value", "item.type")
     if item.role != "user":
         raise RealtimeError(f"only user messages can be created (got role {item.role!r}); set the system prompt with "
                             "session.update instructions", "invalid_value", "item.role")

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from deployments.config import AppArgs
 from deployments.realtime.error_events import RealtimeError
 from deployments.realtime.schema import (
@@ -31,6 +33,7 @@ from deployments.session_checks import (
 from services.codecs import G711, AudioEncoding, check_encoding_rate, parse_encoding
 from services.conversation.settings import CASCADE, SPEECH_NATIVE, SessionSettings
 from services.errors import VoxError
+from services.tools import ToolChoice, ToolSpec, check_tools
 
 #: The OpenAI default audio: 16-bit PCM at 24 kHz, in and out.
 DEFAULT_RATE = 24000
@@ -58,6 +61,8 @@ class RealtimeConfig:
     turn_detection: dict[str, Any] | None = None
     transcription: dict[str, Any] | None = None
     noise_reduction: dict[str, Any] | None = None
+    tools: list[ToolSpec] = field(default_factory=list)
+    tool_choice: Any = "auto"
 
     @classmethod
     def initial(cls, args: AppArgs, *, model: str | None = None,
@@ -97,9 +102,19 @@ class RealtimeConfig:
             new.output_modalities = _modalities(session.output_modalities, "session.output_modalities")
         if "max_output_tokens" in given:
             new.max_output_tokens = _max_tokens(session.max_output_tokens, "session.max_output_tokens")
-        if session.tools:
-            raise RealtimeError("tools are not supported by this voice pipeline; send an empty list", "invalid_value",
-                                "session.tools")
+        if session.tools is not None:
+            new.tools = _tools(session.tools)
+        if session.tool_choice is not None:
+            try:
+                new.tool_choice = ToolChoice.parse(session.tool_choice).wire()
+            except VoxError as exc:
+                raise RealtimeError(exc.message, "invalid_value", "session.tool_choice") from None
+        if session.tools is not None or session.tool_choice is not None:
+            try:
+                check_tools(new.tools, ToolChoice.parse(new.tool_choice))
+            except VoxError as exc:
+                where = "session.tool_choice" if "tool_choice" in exc.message else "session.tools"
+                raise RealtimeError(exc.message, "invalid_value", where) from None
         if session.prompt is not None:
             raise RealtimeError("prompt templates are not supported; send instructions", "invalid_value",
                                 "session.prompt")
@@ -213,7 +228,9 @@ class RealtimeConfig:
             "output_sample_rate": self.output_rate, "max_response_tokens": self.max_output_tokens,
             "auto_respond": auto_respond,
             # text only: nothing is played, so everything sent counts as heard
-            "playback": "none" if self.text_only else "estimate"})
+            "playback": "none" if self.text_only else "estimate",
+            # as OpenAI: after function_call_output the client sends response.create
+            "tools": self.tools, "tool_choice": self.tool_choice, "tool_calling": {"auto_continue": False}})
 
     # --- the session object the client sees ----------------------------------------------------------
 
@@ -237,9 +254,38 @@ class RealtimeConfig:
                 "output": {"format": self.format_json(self.output_encoding, self.output_rate),
                            "voice": self.voice, "speed": 1.0},
             },
-            "tools": [], "tool_choice": "auto", "tracing": None, "truncation": "auto", "prompt": None,
+            "tools": [{"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters}
+                      for t in self.tools],
+            "tool_choice": self.tool_choice, "tracing": None, "truncation": "auto", "prompt": None,
             "include": None,
         }
+
+
+def _tools(wire: list[Any]) -> list[ToolSpec]:
+    """session.tools: function tools ({"type": "function", "name", "description", "parameters"})."""
+    out: list[ToolSpec] = []
+    for i, tool in enumerate(wire):
+        param = f"session.tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else type(tool).__name__
+            raise RealtimeError(f"only function tools are supported (got {kind!r}); MCP tools are not",
+                                "invalid_value", f"{param}.type")
+        unknown = set(tool) - {"type", "name", "description", "parameters"}
+        if unknown:
+            raise RealtimeError(f"unknown parameter '{param}.{sorted(unknown)[0]}'", "unknown_parameter",
+                                f"{param}.{sorted(unknown)[0]}")
+        if not isinstance(tool.get("name"), str):
+            raise RealtimeError(f"missing required parameter '{param}.name'", "missing_required_parameter",
+                                f"{param}.name")
+        try:
+            out.append(ToolSpec(name=tool["name"], description=tool.get("description") or "",
+                                parameters=tool.get("parameters") or {"type": "object", "properties": {}}))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise RealtimeError(f"invalid value for '{param}.{where}': {first['msg']}", "invalid_value",
+                                f"{param}.{where}") from None
+    return out
 
 
 def _format(fmt: WireAudioFormat, param: str) -> tuple[AudioEncoding, int]:
@@ -279,7 +325,11 @@ def check_response_params(params: WireResponseParams | None) -> None:
         raise RealtimeError("response.input is not supported: add items with conversation.item.create",
                             "invalid_value", "response.input")
     if params.tools:
-        raise RealtimeError("tools are not supported by this voice pipeline", "invalid_value", "response.tools")
+        raise RealtimeError("per-response tools are not supported: set session.tools with session.update",
+                            "invalid_value", "response.tools")
+    if params.tool_choice is not None:
+        raise RealtimeError("per-response tool_choice is not supported: set session.tool_choice with session.update",
+                            "invalid_value", "response.tool_choice")
     if params.output_modalities is not None:
         _modalities(params.output_modalities, "response.output_modalities")
     if params.max_output_tokens is not None:

@@ -435,6 +435,12 @@ class Conversation:
             await self._tools.submit(call_id, output)
 
     @property
+    def filler_in_progress(self) -> bool:
+        """The answer in progress is a filler said while a tool runs (a new response waits for it)."""
+        r = self._response
+        return self.response_in_progress and r is not None and bool(r.filler)
+
+    @property
     def pending_tool_calls(self) -> list[str]:
         """Ids of the tool calls whose results are awaited."""
         return self._tools.pending

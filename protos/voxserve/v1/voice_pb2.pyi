@@ -99,7 +99,7 @@ class InterruptionSettings(_message.Message):
     def __init__(self, mode: _Optional[_Union[InterruptionMode, str]] = ..., min_duration_ms: _Optional[int] = ..., min_words: _Optional[int] = ..., backchannels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("input_encoding", "input_sample_rate", "language", "system_prompt", "voice", "vad", "response_mode", "output_sample_rate", "partial_transcripts", "max_response_tokens", "barge_in", "disable_barge_in", "turn_detection", "interruptions", "playback", "output_encoding")
+    __slots__ = ("input_encoding", "input_sample_rate", "language", "system_prompt", "voice", "vad", "response_mode", "output_sample_rate", "partial_transcripts", "max_response_tokens", "barge_in", "disable_barge_in", "turn_detection", "interruptions", "playback", "output_encoding", "tools", "tool_choice", "tool_calling")
     INPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
     INPUT_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,9 @@ class SessionConfig(_message.Message):
     INTERRUPTIONS_FIELD_NUMBER: _ClassVar[int]
     PLAYBACK_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALLING_FIELD_NUMBER: _ClassVar[int]
     input_encoding: AudioEncoding
     input_sample_rate: int
     language: str
@@ -132,7 +135,34 @@ class SessionConfig(_message.Message):
     interruptions: InterruptionSettings
     playback: PlaybackReporting
     output_encoding: AudioEncoding
-    def __init__(self, input_encoding: _Optional[_Union[AudioEncoding, str]] = ..., input_sample_rate: _Optional[int] = ..., language: _Optional[str] = ..., system_prompt: _Optional[str] = ..., voice: _Optional[str] = ..., vad: _Optional[_Union[VADSettings, _Mapping]] = ..., response_mode: _Optional[_Union[ResponseMode, str]] = ..., output_sample_rate: _Optional[int] = ..., partial_transcripts: _Optional[bool] = ..., max_response_tokens: _Optional[int] = ..., barge_in: _Optional[bool] = ..., disable_barge_in: _Optional[bool] = ..., turn_detection: _Optional[_Union[TurnDetectionSettings, _Mapping]] = ..., interruptions: _Optional[_Union[InterruptionSettings, _Mapping]] = ..., playback: _Optional[_Union[PlaybackReporting, str]] = ..., output_encoding: _Optional[_Union[AudioEncoding, str]] = ...) -> None: ...
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    tool_choice: str
+    tool_calling: ToolCallSettings
+    def __init__(self, input_encoding: _Optional[_Union[AudioEncoding, str]] = ..., input_sample_rate: _Optional[int] = ..., language: _Optional[str] = ..., system_prompt: _Optional[str] = ..., voice: _Optional[str] = ..., vad: _Optional[_Union[VADSettings, _Mapping]] = ..., response_mode: _Optional[_Union[ResponseMode, str]] = ..., output_sample_rate: _Optional[int] = ..., partial_transcripts: _Optional[bool] = ..., max_response_tokens: _Optional[int] = ..., barge_in: _Optional[bool] = ..., disable_barge_in: _Optional[bool] = ..., turn_detection: _Optional[_Union[TurnDetectionSettings, _Mapping]] = ..., interruptions: _Optional[_Union[InterruptionSettings, _Mapping]] = ..., playback: _Optional[_Union[PlaybackReporting, str]] = ..., output_encoding: _Optional[_Union[AudioEncoding, str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., tool_calling: _Optional[_Union[ToolCallSettings, _Mapping]] = ...) -> None: ...
+
+class Tool(_message.Message):
+    __slots__ = ("name", "description", "parameters_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    parameters_json: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., parameters_json: _Optional[str] = ...) -> None: ...
+
+class ToolCallSettings(_message.Message):
+    __slots__ = ("disable_filler", "filler_text", "filler_after_ms", "result_timeout_ms", "manual_continue")
+    DISABLE_FILLER_FIELD_NUMBER: _ClassVar[int]
+    FILLER_TEXT_FIELD_NUMBER: _ClassVar[int]
+    FILLER_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    MANUAL_CONTINUE_FIELD_NUMBER: _ClassVar[int]
+    disable_filler: bool
+    filler_text: str
+    filler_after_ms: int
+    result_timeout_ms: int
+    manual_continue: bool
+    def __init__(self, disable_filler: _Optional[bool] = ..., filler_text: _Optional[str] = ..., filler_after_ms: _Optional[int] = ..., result_timeout_ms: _Optional[int] = ..., manual_continue: _Optional[bool] = ...) -> None: ...
 
 class AudioInput(_message.Message):
     __slots__ = ("data",)
@@ -172,8 +202,20 @@ class CancelResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ToolResult(_message.Message):
+    __slots__ = ("call_id", "output_json")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_JSON_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    output_json: str
+    def __init__(self, call_id: _Optional[str] = ..., output_json: _Optional[str] = ...) -> None: ...
+
+class CreateResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ClientMessage(_message.Message):
-    __slots__ = ("config", "audio", "text", "playback", "end_of_input", "commit", "clear", "cancel_response")
+    __slots__ = ("config", "audio", "text", "playback", "end_of_input", "commit", "clear", "cancel_response", "tool_result", "create_response")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +224,8 @@ class ClientMessage(_message.Message):
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     CLEAR_FIELD_NUMBER: _ClassVar[int]
     CANCEL_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_RESPONSE_FIELD_NUMBER: _ClassVar[int]
     config: SessionConfig
     audio: AudioInput
     text: TextInput
@@ -190,7 +234,9 @@ class ClientMessage(_message.Message):
     commit: CommitInput
     clear: ClearInput
     cancel_response: CancelResponse
-    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioInput, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ..., playback: _Optional[_Union[PlaybackPosition, _Mapping]] = ..., end_of_input: _Optional[_Union[EndOfInput, _Mapping]] = ..., commit: _Optional[_Union[CommitInput, _Mapping]] = ..., clear: _Optional[_Union[ClearInput, _Mapping]] = ..., cancel_response: _Optional[_Union[CancelResponse, _Mapping]] = ...) -> None: ...
+    tool_result: ToolResult
+    create_response: CreateResponse
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioInput, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ..., playback: _Optional[_Union[PlaybackPosition, _Mapping]] = ..., end_of_input: _Optional[_Union[EndOfInput, _Mapping]] = ..., commit: _Optional[_Union[CommitInput, _Mapping]] = ..., clear: _Optional[_Union[ClearInput, _Mapping]] = ..., cancel_response: _Optional[_Union[CancelResponse, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., create_response: _Optional[_Union[CreateResponse, _Mapping]] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
     __slots__ = ("session_id", "output_sample_rate", "response_mode", "llm_model", "asr_model")
@@ -356,8 +402,42 @@ class Error(_message.Message):
     response_id: int
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., response_id: _Optional[int] = ...) -> None: ...
 
+class ToolCall(_message.Message):
+    __slots__ = ("response_id", "call_id", "name", "arguments_delta", "done", "arguments_json", "error")
+    RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_DELTA_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    ARGUMENTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response_id: int
+    call_id: str
+    name: str
+    arguments_delta: str
+    done: bool
+    arguments_json: str
+    error: str
+    def __init__(self, response_id: _Optional[int] = ..., call_id: _Optional[str] = ..., name: _Optional[str] = ..., arguments_delta: _Optional[str] = ..., done: _Optional[bool] = ..., arguments_json: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ToolCallCancelled(_message.Message):
+    __slots__ = ("call_id", "reason")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    reason: str
+    def __init__(self, call_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ToolResultAccepted(_message.Message):
+    __slots__ = ("call_id", "late")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    call_id: str
+    late: bool
+    def __init__(self, call_id: _Optional[str] = ..., late: _Optional[bool] = ...) -> None: ...
+
 class ServerEvent(_message.Message):
-    __slots__ = ("server_time_ms", "audio_time_ms", "session_started", "speech_started", "speech_stopped", "partial_transcript", "final_transcript", "response_started", "text_delta", "audio", "response_done", "response_interrupted", "error", "response_paused", "response_resumed", "input_committed")
+    __slots__ = ("server_time_ms", "audio_time_ms", "session_started", "speech_started", "speech_stopped", "partial_transcript", "final_transcript", "response_started", "text_delta", "audio", "response_done", "response_interrupted", "error", "response_paused", "response_resumed", "input_committed", "tool_call", "tool_call_cancelled", "tool_result_accepted")
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     SESSION_STARTED_FIELD_NUMBER: _ClassVar[int]
@@ -374,6 +454,9 @@ class ServerEvent(_message.Message):
     RESPONSE_PAUSED_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_RESUMED_FIELD_NUMBER: _ClassVar[int]
     INPUT_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CALL_CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    TOOL_RESULT_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     server_time_ms: int
     audio_time_ms: int
     session_started: SessionStarted
@@ -390,7 +473,10 @@ class ServerEvent(_message.Message):
     response_paused: ResponsePaused
     response_resumed: ResponseResumed
     input_committed: InputCommitted
-    def __init__(self, server_time_ms: _Optional[int] = ..., audio_time_ms: _Optional[int] = ..., session_started: _Optional[_Union[SessionStarted, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., partial_transcript: _Optional[_Union[PartialTranscript, _Mapping]] = ..., final_transcript: _Optional[_Union[FinalTranscript, _Mapping]] = ..., response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., text_delta: _Optional[_Union[ResponseTextDelta, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., response_done: _Optional[_Union[ResponseDone, _Mapping]] = ..., response_interrupted: _Optional[_Union[ResponseInterrupted, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., response_paused: _Optional[_Union[ResponsePaused, _Mapping]] = ..., response_resumed: _Optional[_Union[ResponseResumed, _Mapping]] = ..., input_committed: _Optional[_Union[InputCommitted, _Mapping]] = ...) -> None: ...
+    tool_call: ToolCall
+    tool_call_cancelled: ToolCallCancelled
+    tool_result_accepted: ToolResultAccepted
+    def __init__(self, server_time_ms: _Optional[int] = ..., audio_time_ms: _Optional[int] = ..., session_started: _Optional[_Union[SessionStarted, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., partial_transcript: _Optional[_Union[PartialTranscript, _Mapping]] = ..., final_transcript: _Optional[_Union[FinalTranscript, _Mapping]] = ..., response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., text_delta: _Optional[_Union[ResponseTextDelta, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., response_done: _Optional[_Union[ResponseDone, _Mapping]] = ..., response_interrupted: _Optional[_Union[ResponseInterrupted, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., response_paused: _Optional[_Union[ResponsePaused, _Mapping]] = ..., response_resumed: _Optional[_Union[ResponseResumed, _Mapping]] = ..., input_committed: _Optional[_Union[InputCommitted, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_cancelled: _Optional[_Union[ToolCallCancelled, _Mapping]] = ..., tool_result_accepted: _Optional[_Union[ToolResultAccepted, _Mapping]] = ...) -> None: ...
 
 class TranscribeConfig(_message.Message):
     __slots__ = ("encoding", "sample_rate", "language", "partial_transcripts")
