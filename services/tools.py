@@ -31,6 +31,12 @@ from services.errors import InvalidArgument
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Where the model's own tool-call format starts (Hermes / Qwen 2.5).
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
+#: How a call written without its tags starts (spaces removed).
+BARE_CALL = '{"name":'
+
+
+def _compact(text: str) -> str:
+    return re.sub(r"\s+", "", text[:32])
 
 
 class ToolSpec(BaseModel):
@@ -174,7 +180,7 @@ class ToolCallReader:
         self._tokenizer = tokenizer
         self._parser = Hermes2ProToolParser(tokenizer, None)
         self._request = ChatCompletionRequest(model="voxserve", messages=[{"role": "user", "content": "."}],
-                                              tools=[t.openai() for t in tools])
+                                              tools=[t.openai() for t in tools] or None)
         self._raw = prefix  # what the model wrote (a forced prefix included)
         self._previous = ""  # the text last given to the parser
         self._seen: dict[int, str] = {}  # argument text the parser streamed, per call
@@ -182,16 +188,17 @@ class ToolCallReader:
         self._names: dict[int, str] = {}
 
     def _normalized(self) -> str:
-        """The raw text, with a bare JSON call wrapped in the tags the parser knows."""
+        """The raw text, with a bare JSON call (``{"name": ...``) wrapped in the tags the parser knows."""
         head = self._raw.lstrip()
-        if head.startswith("{") and CALL_START not in self._raw:
+        if _compact(head).startswith(BARE_CALL) and CALL_START not in self._raw:
             return CALL_START + head
         return self._raw
 
     def feed(self, delta: str) -> list[str | ToolCallDelta]:
         self._raw += delta
-        if not self._raw.strip():
-            return []  # nothing but spaces yet: it may still open a call
+        head = _compact(self._raw.lstrip())
+        if not self._names and len(head) < len(BARE_CALL) and BARE_CALL.startswith(head):
+            return []  # it may still open a bare call
         current = self._normalized()
         message = self._parser.extract_tool_calls_streaming(
             self._previous, current, current[len(self._previous):], [], [], [], self._request)

@@ -135,12 +135,36 @@ def test_every_event_maps_to_protobuf() -> None:
         ev.ErrorEvent(code="UNAVAILABLE", message="down"),
         ev.InputCommitted(input_id=1), ev.ResponsePaused(response_id=1, played_ms=3),
         ev.ResponseResumed(response_id=1, reason="noise"),
+        ev.ToolCallStarted(response_id=1, call_id="c", name="f"),
+        ev.ToolCallArguments(response_id=1, call_id="c", delta="{"),
+        ev.ToolCallDone(response_id=1, call_id="c", name="f", arguments="{}"),
+        ev.ToolCallCancelled(call_id="c", reason="timeout"), ev.ToolResultAccepted(call_id="c", late=True),
     ]
     kinds = [event_to_proto(e).WhichOneof("event") for e in events]  # type: ignore[union-attr]
     assert kinds == ["session_started", "speech_started", "speech_stopped", "partial_transcript",
                      "final_transcript", "response_started", "text_delta", "audio", "response_done",
-                     "response_interrupted", "error", "input_committed", "response_paused", "response_resumed"]
+                     "response_interrupted", "error", "input_committed", "response_paused", "response_resumed",
+                     "tool_call", "tool_call", "tool_call", "tool_call_cancelled", "tool_result_accepted"]
+    done = event_to_proto(events[16]).tool_call  # type: ignore[union-attr]
+    assert done.done and done.arguments_json == "{}" and done.name == "f"
     assert event_to_proto(ev.InputCleared()) is None
     done = event_to_proto(events[8]).response_done  # type: ignore[union-attr]
     assert done.latency.asr_ms == 3.0 and done.latency.llm_tokens == 2
     assert event_to_proto(events[0]).session_started.response_mode == pb.SPEECH_NATIVE  # type: ignore[union-attr]
+
+
+def test_tools_in_the_session_config() -> None:
+    weather = pb.Tool(name="get_weather", description="Weather",
+                      parameters_json='{"type": "object", "properties": {"city": {"type": "string"}}}')
+    s = settings(tools=[weather], tool_choice="get_weather",
+                 tool_calling=pb.ToolCallSettings(filler_after_ms=300, manual_continue=True, result_timeout_ms=5000))
+    assert [t.name for t in s.tools] == ["get_weather"] and s.choice.name == "get_weather"
+    assert s.tool_calling.filler_after_ms == 300 and not s.tool_calling.auto_continue
+    assert s.tool_calling.result_timeout_s == 5.0 and s.tool_calling.filler
+    assert settings().tools == [] and settings().tool_calling.auto_continue
+    for bad, match in (({"tools": [pb.Tool(name="f", parameters_json="{")]}, "not JSON"),
+                       ({"tools": [pb.Tool(name="two words")]}, "two words"),
+                       ({"tools": [weather], "tool_choice": "nope"}, "not among"),
+                       ({"tool_choice": "required"}, "at least one tool")):
+        with pytest.raises(InvalidArgument, match=match):
+            settings(**bad)

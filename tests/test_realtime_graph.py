@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import shutil
 import time
@@ -311,3 +312,154 @@ async def test_browser_page_in_headless_chromium_answers_a_spoken_question(serve
     assert stats["playedRms"] > 0.01, stats  # and went out through Web Audio
     assert "voice-to-voice" in latency_text, latency_text
     assert stats["latencies"][0]["voice_to_voice_ms"] > 0
+
+
+# --- function tools, with the default models (the tool model answers sessions that offer tools) ------------
+
+GET_WEATHER = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                              "required": ["city"]}}
+PARIS_WEATHER = '{"city": "Paris", "sky": "sunny", "temperature_celsius": 21}'
+
+
+async def test_openai_sdk_spoken_weather_question_calls_the_tool_and_speaks_its_result(server) -> None:  # type: ignore[no-untyped-def]
+    """The issue's definition of done: a spoken "What is the weather like in Paris?" with one
+    get_weather(city) tool leads, over the openai SDK, to a call naming Paris, and then to a
+    spoken answer that uses the returned result."""
+    async with realtime(server, tools=[GET_WEATHER], tool_choice="auto") as s:
+        await s.speak(say("What is the weather like in Paris?", RATE))
+        mic = asyncio.create_task(s.open_mic())
+        try:
+            args = await s.until("response.function_call_arguments.done")
+            assert args.name == "get_weather" and "paris" in args.arguments.lower(), args
+            first = await s.until("response.done")
+            assert any(o.type == "function_call" and o.call_id == args.call_id for o in first.response.output)
+            await s.conn.conversation.item.create(item={"type": "function_call_output", "call_id": args.call_id,
+                                                        "output": PARIS_WEATHER})
+            await s.until("conversation.item.added", lambda e: e.item.type == "function_call_output")
+            t_result = time.monotonic()
+            await s.conn.response.create()
+            created = await s.until("response.created")
+            first_audio = await s.until("response.output_audio.delta",
+                                        lambda e: e.response_id == created.response.id)
+            result_to_audio = time.monotonic() - t_result
+            done = await s.until("response.done", lambda e: e.response.id == created.response.id)
+        finally:
+            s.mic_open = False
+            await mic
+    said = done.response.output[0].content[0].transcript.lower()
+    assert "21" in said or "sunny" in said or "twenty" in said, said
+    assert answer_audio(s, done.response.id).size / RATE > 0.5 and first_audio.delta
+    print(f"result -> first audio: {1000 * result_to_audio:.0f} ms")
+
+
+async def test_grpc_typed_question_calls_the_tool_and_the_answer_uses_the_result(server) -> None:  # type: ignore[no-untyped-def]
+    """gRPC: ToolCall events, a ToolResult, and the model answers by itself (auto-continue)."""
+    from protos.voxserve.v1 import voice_pb2 as pb
+
+    tool = pb.Tool(name="get_weather", description=GET_WEATHER["description"],
+                   parameters_json=json.dumps(GET_WEATHER["parameters"]))
+    config = pb.SessionConfig(input_sample_rate=16000, tools=[tool], playback=pb.PLAYBACK_NONE)
+    async with GrpcSession(server.grpc_address, config) as g:
+        await g.send(pb.ClientMessage(text=pb.TextInput(text="What is the weather like in Paris?")))
+        done = await g.until(lambda e: e.WhichOneof("event") == "tool_call" and e.tool_call.done)
+        assert done.tool_call.name == "get_weather" and not done.tool_call.error
+        assert "paris" in json.loads(done.tool_call.arguments_json)["city"].lower()
+        pieces = "".join(e.tool_call.arguments_delta for e in g.events if e.WhichOneof("event") == "tool_call")
+        assert pieces == done.tool_call.arguments_json
+        await g.send(pb.ClientMessage(tool_result=pb.ToolResult(call_id=done.tool_call.call_id,
+                                                                 output_json=PARIS_WEATHER)))
+        answer = await g.until(lambda e: e.WhichOneof("event") == "response_done"
+                               and e.response_done.response_id > done.tool_call.response_id
+                               and e.response_done.text != "One moment.")
+        text = answer.response_done.text.lower()
+        assert "21" in text or "sunny" in text or "twenty" in text, text
+        await g.send(pb.ClientMessage(tool_result=pb.ToolResult(call_id="call_unknown", output_json="{}")))
+        error = await g.until(lambda e: e.WhichOneof("event") == "error")
+        assert error.error.code == "NOT_FOUND"
+
+
+async def test_grpc_required_tool_calls_are_schema_valid_ten_of_ten(server) -> None:  # type: ignore[no-untyped-def]
+    from protos.voxserve.v1 import voice_pb2 as pb
+    from services.tools import ToolSpec, check_arguments
+
+    convert = {"type": "object", "properties": {"value": {"type": "number"}, "from_unit": {"type": "string"},
+                                                "to_unit": {"type": "string"}},
+               "required": ["value", "from_unit", "to_unit"], "additionalProperties": False}
+    specs = {"get_weather": ToolSpec(name="get_weather", parameters=GET_WEATHER["parameters"]),
+             "convert_units": ToolSpec(name="convert_units", parameters=convert)}
+    config = pb.SessionConfig(
+        input_sample_rate=16000, playback=pb.PLAYBACK_NONE, tool_choice="required",
+        tools=[pb.Tool(name=n, parameters_json=json.dumps(t.parameters)) for n, t in specs.items()],
+        tool_calling=pb.ToolCallSettings(disable_filler=True, manual_continue=True))
+    asks = ["Weather in Oslo?", "Convert 5 feet to meters.", "Tell me a joke.", "Is it raining in Lima?",
+            "Turn 100 fahrenheit into celsius.", "Hello there!", "How warm is Cairo?", "Two pounds in kilograms?",
+            "Do I need a coat in Berlin?", "What is one mile in kilometers?"]
+    calls = []
+    async with GrpcSession(server.grpc_address, config) as g:
+        for i, ask in enumerate(asks):
+            await g.send(pb.ClientMessage(text=pb.TextInput(text=ask)))
+            event = await g.until(lambda e: e.WhichOneof("event") == "tool_call" and e.tool_call.done)
+            calls.append(event.tool_call)
+    assert len(calls) == 10 and all(not c.error for c in calls), [c.error for c in calls]
+    for c in calls:
+        check_arguments(specs[c.name], c.arguments_json)
+
+
+class GrpcSession:
+    """One Converse stream driven by the test: messages are sent when the test says, events read all the time."""
+
+    def __init__(self, address: str, config: Any) -> None:
+        self.address, self.config = address, config
+        self.events: list[Any] = []
+        self._out: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
+        self._new = asyncio.Event()
+        self._cursor = 0
+
+    async def __aenter__(self) -> GrpcSession:
+        import grpc
+
+        from protos.voxserve.v1 import voice_pb2 as pb
+        from protos.voxserve.v1 import voice_pb2_grpc as pb_grpc
+
+        async def requests() -> AsyncIterator[Any]:
+            yield pb.ClientMessage(config=self.config)
+            while (msg := await self._out.get()) is not None:
+                yield msg
+
+        self._channel = grpc.aio.insecure_channel(self.address)
+        self._call = pb_grpc.VoiceAssistantStub(self._channel).Converse(requests(), timeout=300)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        try:
+            async for event in self._call:
+                self.events.append(event)
+                self._new.set()
+        finally:
+            self._new.set()
+
+    async def send(self, msg: Any) -> None:
+        await self._out.put(msg)
+
+    async def until(self, where: Callable[[Any], bool], within_s: float = 120) -> Any:
+        async with asyncio.timeout(within_s):
+            while True:
+                while self._cursor < len(self.events):
+                    event = self.events[self._cursor]
+                    self._cursor += 1
+                    if where(event):
+                        return event
+                if self._reader.done():
+                    raise AssertionError(f"stream ended: {[e.WhichOneof('event') for e in self.events]}")
+                self._new.clear()
+                await self._new.wait()
+
+    async def __aexit__(self, *exc: object) -> None:
+        from protos.voxserve.v1 import voice_pb2 as pb
+
+        await self._out.put(pb.ClientMessage(end_of_input=pb.EndOfInput()))
+        await self._out.put(None)
+        await asyncio.gather(self._reader, return_exceptions=True)
+        await self._channel.close()

@@ -116,6 +116,10 @@ def test_the_models_own_call_format_is_parsed_as_it_streams(tokenizer: Any) -> N
         [(0, '{"city": "Oslo"}'), (1, '{"city": "Lima"}')]
     plain = _read(ToolCallReader(tokenizer, [WEATHER]), "It is sunny in Paris today.")
     assert "".join(plain) == "It is sunny in Paris today."
+    not_a_call = _read(ToolCallReader(tokenizer, [WEATHER]), '{"sky": "sunny"}', step=2)
+    assert "".join(i for i in not_a_call if isinstance(i, str)) == '{"sky": "sunny"}'
+    spaced = _read(ToolCallReader(tokenizer, [WEATHER]), ' { "name" : "get_weather", "arguments": {"city": "Rome"}}', 1)
+    assert [i.arguments for i in spaced if not isinstance(i, str) and i.done] == ['{"city": "Rome"}']
 
 
 def test_history_pairs_calls_with_results_and_renders_them() -> None:
@@ -311,11 +315,17 @@ async def test_required_choice_is_passed_and_relaxed_after_results() -> None:
     """A continuation after results may speak, or the model would call tools forever."""
     stages = FakeStages()
     stages.answers = [call("get_weather", '{"city": "Paris"}'), "Sunny"]
-    h = ToolHarness(stages, tools=[WEATHER], tool_choice="required", tool_calling=ToolCalling(filler=False))
+    stages.answers += [call("get_weather", '{"city": "Rome"}'), "Warm"]
+    h = ToolHarness(stages, tools=[WEATHER], tool_choice="required",
+                    tool_calling=ToolCalling(filler=False, tools_after_results=True))
     async with h:
-        await h.conv.push_text("weather")
-        await h.until(lambda: h.of(ev.ToolCallDone))
-        await h.conv.submit_tool_result(h.of(ev.ToolCallDone)[0].call_id, '"sunny"')
-        await h.until(lambda: len(h.of(ev.ResponseDone)) == 2)
+        for city, n in (("paris", 2), ("rome", 4)):
+            await h.conv.push_text(f"weather in {city}")
+            await h.until(lambda n=n: len(h.of(ev.ToolCallDone)) == n // 2)
+            await h.conv.submit_tool_result(h.of(ev.ToolCallDone)[-1].call_id, '"sunny"')
+            await h.until(lambda n=n: len(h.of(ev.ResponseDone)) == n)
+            if city == "paris":
+                await h.conv.update_settings(h.conv.settings.model_copy(update={
+                    "tool_calling": ToolCalling(filler=False, tools_after_results=False)}))
         await h.conv.end_input()
-    assert [c.mode for _, c in stages.llm_tools] == ["required", "auto"]
+    assert [c.mode for _, c in stages.llm_tools] == ["required", "auto", "required", "none"]

@@ -198,14 +198,18 @@ class AnswerProducer:
 
     def _tools_for(self, turn: Turn, audio: np.ndarray | None) -> tuple[list[ToolSpec] | None, ToolChoice | None]:
         """The session's tools for this answer: none for audio turns (speech-native LLMs take
-        none); a continuation (nothing new from the user, e.g. after tool results) may answer
-        in words even when the session requires a call, or it would call tools forever."""
+        none). A continuation (nothing new from the user, e.g. after tool results) answers in
+        words unless ``tool_calling.tools_after_results``; even then it may answer in words when
+        the session requires a call, or it would call tools forever."""
         s = self._settings()
         if not s.tools or audio is not None:
             return None, None
         choice = s.choice
-        if choice.constrained and not turn.user.full_text() and turn.user.audio is None:
-            choice = ToolChoice("auto")
+        if not turn.user.full_text() and turn.user.audio is None:
+            if not s.tool_calling.tools_after_results:
+                choice = ToolChoice("none")  # still the tool model: it reads the calls and results
+            elif choice.constrained:
+                choice = ToolChoice("auto")
         return list(s.tools), choice
 
     async def _say(self, turn: Turn, text: str) -> None:

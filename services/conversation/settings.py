@@ -117,6 +117,9 @@ class ToolCalling(BaseModel):
     result_timeout_s: float = Field(
         30.0, gt=0, le=3600, description="A call with no result after this ends with an error event; the model "
         "is then told it failed.")
+    tools_after_results: bool = Field(
+        False, description="The answer after tool results may call tools again (several steps); off: it answers "
+        "in words, without the tools in its prompt (small models tend to echo the result as JSON otherwise).")
     auto_continue: bool = Field(
         True, description="Answer by itself once every call of a response has its result (gRPC); off: wait for "
         "create_response, as the OpenAI Realtime API does.")
