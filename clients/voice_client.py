@@ -29,6 +29,7 @@ import grpc
 import numpy as np
 
 from clients.audio import float_to_pcm16, speech_end
+from clients.tools import LocalTools
 from protos.voxserve.v1 import voice_pb2 as pb
 from protos.voxserve.v1 import voice_pb2_grpc as pb_grpc
 
@@ -86,6 +87,10 @@ class TurnResult:
     early_answers: int = 0
     """Answers the server started on part of this turn (its end of turn fired inside the turn)
     that the rest of the turn then interrupted; the fields above describe the last answer."""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    """Tools the model called in this turn: name, arguments, output (run here), error."""
+    result_to_audio_ms: float | None = None
+    """Last tool result sent -> first audio of the answer that uses it (client clock)."""
 
 
 @dataclass
@@ -209,12 +214,15 @@ class VoiceClient:
                        chunk_ms: int = 20, realtime: bool = True, pause_ms: float = 300,
                        trailing_silence_ms: float = 1200, wait_playback: bool = True,
                        turn_timeout_s: float = 120, on_event: Callable[[pb.ServerEvent], None] | None = None,
-                       ) -> SessionResult:
+                       tools: LocalTools | None = None) -> SessionResult:
         """Speak each turn, wait for its answer (and its playback), then the next one.
 
         A turn with ``barge_in_after_ms`` is spoken while the previous answer is still playing,
         that long into its playback. With ``config.turn_detection.mode == MANUAL`` (push-to-talk)
         each spoken turn is followed by ``CommitInput`` and no audio is sent between turns.
+
+        With ``tools`` (declared in ``config.tools``), each call the model makes is run here and its
+        result sent back; the turn then waits for the answer that uses it.
         """
         cfg = config or pb.SessionConfig()
         rate = cfg.input_sample_rate or 16000
@@ -392,7 +400,22 @@ class VoiceClient:
                 player.stop(now)
             states[index].finished.clear()  # in case the early answer had already ended
 
-        call = self.stub.Converse(requests(), metadata=self.metadata)
+        results_out: asyncio.Queue[pb.ClientMessage] = asyncio.Queue(maxsize=64)  # tool results to send
+        tool_state: dict[str, Any] = {"turn": None, "running": 0, "t_result": 0.0}
+        calling: set[int] = set()  # responses that called tools: the turn waits for the next answer
+        runs: set[asyncio.Task[None]] = set()
+
+        async def run_tool(index: int, e: pb.ToolCall) -> None:
+            record: dict[str, Any] = {"name": e.name, "arguments": e.arguments_json, "call_id": e.call_id}
+            results[index].tool_calls.append(record)
+            assert tools is not None
+            record["output"] = await tools.run(e.name, e.arguments_json)
+            tool_state["running"] -= 1
+            tool_state["t_result"] = time.monotonic()
+            await results_out.put(pb.ClientMessage(tool_result=pb.ToolResult(call_id=e.call_id,
+                                                                             output_json=record["output"])))
+
+        call = self.stub.Converse(_merged(requests(), results_out), metadata=self.metadata)
         try:
             async for event in call:
                 now = time.monotonic()
@@ -421,6 +444,12 @@ class VoiceClient:
                         turn.first_transcript_ms = 1000 * (now - turn.t_speech_end)
                 elif kind == "response_started":
                     e = event.response_started
+                    if not e.input_id and tool_state["turn"] is not None:
+                        # the answer after tool results (or a filler while they run) is the calling turn's
+                        by_response[e.response_id] = tool_state["turn"]
+                        if not e.filler:
+                            results[tool_state["turn"]].response_id = e.response_id
+                        continue
                     if (index := index_of_input(e.input_id)) is None:
                         continue
                     by_response[e.response_id] = index
@@ -434,6 +463,9 @@ class VoiceClient:
                     chunk = event.audio
                     turn = results[index]
                     ms = 1000.0 * (len(chunk.data) // 2) / chunk.sample_rate
+                    if turn.tool_calls and turn.result_to_audio_ms is None and tool_state["t_result"] \
+                            and chunk.response_id == turn.response_id:
+                        turn.result_to_audio_ms = 1000 * (now - tool_state["t_result"])
                     if turn.voice_to_voice_ms is None and turn.t_speech_end:
                         turn.voice_to_voice_ms = 1000 * (now - turn.t_speech_end)
                     if state["playing"] != chunk.response_id:  # a new answer starts playing
@@ -459,8 +491,10 @@ class VoiceClient:
                     d = event.response_done
                     turn = results[index]
                     if d.response_id != turn.response_id:
-                        continue  # an older answer of this turn: a newer one is under way
+                        continue  # an older answer of this turn (or a filler): a newer one is under way
                     turn.response_text = d.text
+                    if d.response_id in calling:
+                        continue  # it called tools: the answer that uses their results follows
                     turn.server_latency = {f.name: getattr(d.latency, f.name) for f in d.latency.DESCRIPTOR.fields}
                     turn.speculative = bool(d.latency.speculative)
                     end(index)
@@ -483,6 +517,17 @@ class VoiceClient:
                     if state["playing"] == e.response_id:
                         player.stop(now)
                     end(index)
+                elif kind == "tool_call" and tools is not None and (index := turn_of(event.tool_call.response_id)) \
+                        is not None and event.tool_call.done and not event.tool_call.error:
+                    calling.add(event.tool_call.response_id)
+                    tool_state["turn"] = index
+                    tool_state["running"] += 1
+                    task = asyncio.create_task(run_tool(index, event.tool_call))
+                    runs.add(task)
+                    task.add_done_callback(runs.discard)
+                elif kind == "tool_call_cancelled" and tool_state["turn"] is not None:
+                    end(tool_state["turn"])  # the user spoke on: no answer comes for that turn
+                    tool_state["turn"] = None
                 elif kind == "error":
                     e = event.error
                     index = turn_of(e.response_id) if e.response_id else None
@@ -499,11 +544,44 @@ class VoiceClient:
             session.details = exc.details() or ""
         finally:
             started.set()
+            for task in list(runs):
+                task.cancel()
             for st in states:
                 st.finished.set()
             with contextlib.suppress(Exception):
                 call.cancel()
         return session
+
+
+async def _merged(first: AsyncIterator[pb.ClientMessage],
+                  extra: asyncio.Queue[pb.ClientMessage]) -> AsyncIterator[pb.ClientMessage]:
+    """The messages of ``first`` and, whenever one is ready, those put in ``extra`` (tool results),
+    until ``first`` ends."""
+    source = aiter(first)
+    nxt: asyncio.Future[pb.ClientMessage] = asyncio.ensure_future(anext(source))
+    got: asyncio.Future[pb.ClientMessage] = asyncio.ensure_future(extra.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt, got}, return_when=asyncio.FIRST_COMPLETED)
+            if got in done:
+                yield got.result()
+                got = asyncio.ensure_future(extra.get())
+            if nxt in done:
+                try:
+                    msg = nxt.result()
+                except StopAsyncIteration:
+                    return
+                yield msg
+                nxt = asyncio.ensure_future(anext(source))
+    finally:
+        for fut in (nxt, got):
+            fut.cancel()
+        with contextlib.suppress(BaseException):
+            await nxt
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(BaseException):
+                await aclose()
 
 
 async def synthesize(address: str, text: str, sample_rate: int = 0,

@@ -164,6 +164,13 @@ def _print_event(event: Any) -> None:
     elif kind == "response_interrupted":
         e = event.response_interrupted
         print(f"\n{t} interrupted ({e.reason or 'barge_in'}); heard: {e.heard_text!r}", flush=True)
+    elif kind == "tool_call" and event.tool_call.done:
+        c = event.tool_call
+        note = f" -> not made: {c.error}" if c.error else ""
+        print(f"\n{t} tool call {c.name}({c.arguments_json}){note}", flush=True)
+    elif kind == "tool_call_cancelled":
+        print(f"{t} tool call {event.tool_call_cancelled.call_id} cancelled ({event.tool_call_cancelled.reason})",
+              flush=True)
     elif kind == "error":
         print(f"{t} error {event.error.code}: {event.error.message}", flush=True)
 
@@ -187,6 +194,28 @@ def print_turn_latency(results: Any) -> None:
               f" | audio {turn.audio_ms / 1000:.1f} s, underruns {turn.underruns}{extra}")
 
 
+def _load_tools(args: argparse.Namespace, config: Any) -> Any:
+    """--tools MODULE: its functions go into the session config; the client runs the calls."""
+    path = getattr(args, "tools", None)
+    if not path:
+        return None
+    import json as _json
+
+    from clients.errors import ClientError
+    from clients.tools import LocalTools
+    from protos.voxserve.v1 import voice_pb2 as pb
+
+    try:
+        tools = LocalTools.load(path)
+    except ClientError as exc:
+        raise SystemExit(f"voxserve talk: {exc}") from exc
+    config.tools.extend(pb.Tool(name=d["name"], description=d["description"],
+                                parameters_json=_json.dumps(d["parameters"])) for d in tools.definitions())
+    config.tool_choice = getattr(args, "tool_choice", "") or ""
+    print(f"tools offered: {', '.join(tools.tools)}")
+    return tools
+
+
 async def _talk(args: argparse.Namespace) -> int:
     from clients.audio import write_wav
     from clients.voice_client import VoiceClient
@@ -196,6 +225,7 @@ async def _talk(args: argparse.Namespace) -> int:
     config = pb.SessionConfig(input_encoding=pb.PCM16, input_sample_rate=rate, language=args.language,
                               system_prompt=args.system_prompt, partial_transcripts=args.partials,
                               response_mode=pb.SPEECH_NATIVE if args.speech_native else pb.CASCADE)
+    tools = _load_tools(args, config)
     if getattr(args, "push_to_talk", False):
         if args.mic:
             raise SystemExit("voxserve talk: --push-to-talk works with WAV files, not --mic")
@@ -203,6 +233,8 @@ async def _talk(args: argparse.Namespace) -> int:
     if args.mic:
         from clients.mic import talk_live
 
+        if tools is not None:
+            raise SystemExit("voxserve talk: --tools works with WAV files and --text, not --mic")
         client = VoiceClient(args.address, getattr(args, "api_key", None))
         try:
             await talk_live(client.stub, config, _print_event, client.metadata)
@@ -213,7 +245,7 @@ async def _talk(args: argparse.Namespace) -> int:
     client = VoiceClient(args.address, getattr(args, "api_key", None))
     try:
         result = await client.converse(turns, config, realtime=not args.fast,
-                                       on_event=None if args.quiet else _print_event)
+                                       on_event=None if args.quiet else _print_event, tools=tools)
     finally:
         await client.close()
     if result.status != "OK":
@@ -224,6 +256,11 @@ async def _talk(args: argparse.Namespace) -> int:
         print(f"answer audio: {path} ({sum(t.audio_ms for t in result.turns) / 1000:.1f} s)")
     print("latency per turn:")
     print_turn_latency(result)
+    for turn in result.turns:
+        for c in turn.tool_calls:
+            print(f"  {turn.label}: {c['name']}({c['arguments']}) -> {c.get('output', '(no result)')}")
+        if turn.result_to_audio_ms is not None:
+            print(f"  {turn.label}: tool result -> first audio {turn.result_to_audio_ms:.0f} ms")
     if args.json:
         with open(args.json, "w") as f:  # noqa: ASYNC230 - one small file at the end
             json.dump(result.to_dict(), f, indent=1)
@@ -325,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="print only the latency summary")
     t.add_argument("--out", default="answer.wav", help="write the answer audio here (default: answer.wav)")
     t.add_argument("--json", help="write per-turn results as JSON here")
+    t.add_argument("--tools", metavar="MODULE.py",
+                   help="offer the public functions of this Python file as tools: the model may call them, this "
+                        "client runs them and sends the results (example: examples/tools.py)")
+    t.add_argument("--tool-choice", default="",
+                   help="auto (default), none, required, or a function name (with --tools)")
     t.set_defaults(func=cmd_talk)
 
     d = sub.add_parser("demo", help="start the app, ask it a spoken question over gRPC, save the answer")

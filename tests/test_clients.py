@@ -408,3 +408,25 @@ async def test_push_to_talk_commits_each_turn_and_sends_no_silence() -> None:
     per_turn = [int(0.3 * RATE) // 320, int(0.5 * RATE) // 320]
     assert kinds == ["config", *["audio"] * per_turn[0], "commit", *["audio"] * per_turn[1], "commit",
                      "end_of_input"]
+
+
+def test_local_tools_describe_plain_functions_and_run_them() -> None:
+    import json
+
+    from clients.tools import LocalTools
+
+    tools = LocalTools.load(str(Path(__file__).resolve().parent.parent / "examples" / "tools.py"))
+    defs = {d["name"]: d for d in tools.definitions()}
+    assert set(defs) == {"get_time", "convert_units"}  # _unit is private
+    conv = defs["convert_units"]["parameters"]
+    assert conv["properties"] == {"value": {"type": "number"}, "from_unit": {"type": "string"},
+                                  "to_unit": {"type": "string"}}
+    assert conv["required"] == ["value", "from_unit", "to_unit"] and defs["get_time"]["parameters"]["required"] == []
+    assert "Convert a quantity" in defs["convert_units"]["description"]
+    out = json.loads(asyncio.run(tools.run("convert_units", '{"value": 10, "from_unit": "miles", "to_unit": "km"}')))
+    assert out["result"] == 16.0934
+    assert json.loads(asyncio.run(tools.run("convert_units", '{"value": 100, "from_unit": "F", "to_unit": "C"}'))
+                      )["result"] == 37.7778
+    assert "error" in json.loads(asyncio.run(tools.run("convert_units", '{"value": "x"}')))
+    assert "error" in json.loads(asyncio.run(tools.run("nope", "{}")))
+    assert json.loads(asyncio.run(tools.run("get_time", '{"timezone": "Europe/Paris"}')))["timezone"] == "Europe/Paris"

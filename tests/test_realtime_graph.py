@@ -397,7 +397,7 @@ async def test_grpc_required_tool_calls_are_schema_valid_ten_of_ten(server) -> N
             "Do I need a coat in Berlin?", "What is one mile in kilometers?"]
     calls = []
     async with GrpcSession(server.grpc_address, config) as g:
-        for i, ask in enumerate(asks):
+        for ask in asks:
             await g.send(pb.ClientMessage(text=pb.TextInput(text=ask)))
             event = await g.until(lambda e: e.WhichOneof("event") == "tool_call" and e.tool_call.done)
             calls.append(event.tool_call)
@@ -463,3 +463,27 @@ class GrpcSession:
         await self._out.put(None)
         await asyncio.gather(self._reader, return_exceptions=True)
         await self._channel.close()
+
+
+async def test_reference_client_runs_the_example_tools_and_the_answer_uses_the_result(server) -> None:  # type: ignore[no-untyped-def]
+    """`voxserve talk --tools examples/tools.py`: the client offers its functions, runs the call, sends the result."""
+    from clients.tools import LocalTools
+    from clients.voice_client import UserTurn, VoiceClient
+    from protos.voxserve.v1 import voice_pb2 as pb
+
+    tools = LocalTools.load(str(ROOT / "examples" / "tools.py"))
+    config = pb.SessionConfig(input_sample_rate=16000, language="en", tools=[
+        pb.Tool(name=d["name"], description=d["description"], parameters_json=json.dumps(d["parameters"]))
+        for d in tools.definitions()])
+    client = VoiceClient(server.grpc_address)
+    try:
+        result = await client.converse([UserTurn(audio=say("How many kilometers are ten miles?"), label="spoken")],
+                                       config, tools=tools)
+    finally:
+        await client.close()
+    assert result.status == "OK", result.details
+    turn = result.turns[0]
+    assert [c["name"] for c in turn.tool_calls] == ["convert_units"], turn.tool_calls
+    assert json.loads(turn.tool_calls[0]["output"])["result"] == 16.0934
+    assert "16" in turn.response_text or "sixteen" in turn.response_text.lower(), turn.response_text
+    assert turn.result_to_audio_ms is not None and turn.audio_ms > 0

@@ -32,7 +32,8 @@ def event_to_proto(e: ev.Event, wire: AudioWire | None = None) -> pb.ServerEvent
         out.final_transcript.CopyFrom(pb.FinalTranscript(text=e.text, language=e.language,
                                                          utterance_ms=e.utterance_ms, input_id=e.input_id))
     elif isinstance(e, ev.ResponseStarted):
-        out.response_started.CopyFrom(pb.ResponseStarted(response_id=e.response_id, input_id=e.input_id))
+        out.response_started.CopyFrom(pb.ResponseStarted(response_id=e.response_id, input_id=e.input_id,
+                                                         filler=e.filler))
     elif isinstance(e, ev.ResponseDone):
         lat = e.latency
         out.response_done.CopyFrom(pb.ResponseDone(

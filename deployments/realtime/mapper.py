@@ -48,6 +48,7 @@ class _Response:
     audio_ms: float = 0.0
     error: dict[str, Any] | None = None
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)  # call id -> its function_call item
+    filler: bool = False  # said while a tool runs (voxserve.filler in response.done)
 
     @property
     def text(self) -> str:
@@ -162,7 +163,9 @@ class EventMapper:
         if isinstance(e, ev.FinalTranscript):
             return self._transcript(e)
         if isinstance(e, ev.ResponseStarted):
-            return self._started(e.response_id)
+            out = self._started(e.response_id)
+            self._responses[e.response_id].filler = e.filler
+            return out
         if isinstance(e, ev.ResponseDone):
             return self._finish(e.response_id, "completed", latency=e.latency, tokens=e.latency.llm_tokens)
         if isinstance(e, ev.ResponseInterrupted):
@@ -397,7 +400,7 @@ class EventMapper:
         response = self._response(r, status, output=message + [dict(c) for c in r.calls.values()],
                                   details=details, usage=usage)
         # voxserve's own fields (clients ignore unknown ones): server-measured latency, audio sent
-        vox: dict[str, Any] = {"audio_ms": int(r.audio_ms)}
+        vox: dict[str, Any] = {"audio_ms": int(r.audio_ms), **({"filler": True} if r.filler else {})}
         if latency is not None:
             vox["latency"] = {f: getattr(latency, f) for f in _LATENCY_FIELDS}
         vox.update(extra or {})

@@ -129,7 +129,8 @@ class AnswerProducer:
         elif not turn.transcript.done():
             turn.transcript.set_result("" if turn.filler else user.text or "")
         try:
-            await turn.put(ev.ResponseStarted(response_id=turn.response_id, input_id=user.input_id))
+            await turn.put(ev.ResponseStarted(response_id=turn.response_id, input_id=user.input_id,
+                                              filler=bool(turn.filler)))
             if turn.filler:
                 await self._say(turn, turn.filler)
             else:

@@ -88,6 +88,7 @@ class FinalTranscript(Event):
 class ResponseStarted(Event):
     response_id: int
     input_id: int = 0
+    filler: bool = False  # a short phrase said while a tool runs, not an answer
 
 
 @dataclass

@@ -291,12 +291,14 @@ class InputCommitted(_message.Message):
     def __init__(self, input_id: _Optional[int] = ..., utterance_ms: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class ResponseStarted(_message.Message):
-    __slots__ = ("response_id", "input_id")
+    __slots__ = ("response_id", "input_id", "filler")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_ID_FIELD_NUMBER: _ClassVar[int]
+    FILLER_FIELD_NUMBER: _ClassVar[int]
     response_id: int
     input_id: int
-    def __init__(self, response_id: _Optional[int] = ..., input_id: _Optional[int] = ...) -> None: ...
+    filler: bool
+    def __init__(self, response_id: _Optional[int] = ..., input_id: _Optional[int] = ..., filler: _Optional[bool] = ...) -> None: ...
 
 class ResponseTextDelta(_message.Message):
     __slots__ = ("response_id", "text")
