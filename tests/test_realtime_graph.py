@@ -271,10 +271,36 @@ async def test_grpc_is_served_by_the_same_gateway(server) -> None:  # type: igno
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: apt-get install chromium "
                     "(scripts/bootstrap.sh does, as root)")
 async def test_browser_page_in_headless_chromium_answers_a_spoken_question(server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    question = "What is the capital of France?"
+    stats, page_text = await _browser_turn(server, tmp_path, question, screenshot=True)
+    assert wer(question, stats["userTranscripts"][0]) < 0.34, stats["userTranscripts"]
+    assert stats["assistantTexts"][0].strip(), stats
+    assert stats["audioMs"] > 500 and stats["rms"] > 0.01, stats  # the answer arrived, not silent
+    assert stats["playedRms"] > 0.01, stats  # and went out through Web Audio
+    assert "voice-to-voice" in page_text["latency"], page_text
+    assert stats["latencies"][0]["voice_to_voice_ms"] > 0
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} missing: apt-get install chromium "
+                    "(scripts/bootstrap.sh does, as root)")
+async def test_browser_page_runs_its_demo_tool_and_shows_the_call(server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The page declares get_time in its own JS; the call and its result appear in the transcript."""
+    stats, page_text = await _browser_turn(server, tmp_path, "What time is it?", tools=True,
+                                           done=lambda s: s.get("toolCalls") and s.get("responsesCompleted", 0) >= 2)
+    assert [c["name"] for c in stats["toolCalls"]] == ["get_time"], stats["toolCalls"]
+    assert "get_time(" in page_text["tool"] and "→" in page_text["tool"], page_text
+    assert stats["assistantTexts"][-1].strip(), stats
+
+
+async def _browser_turn(server: Any, tmp_path: Path, question: str, *, tools: bool = False,
+                        done: Callable[[dict[str, Any]], Any] | None = None,
+                        screenshot: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """The page in headless chromium, its fake microphone saying ``question``: voxStats once
+    ``done`` (default: an answer completed and played), and the texts of its transcript."""
     import soundfile as sf
     from playwright.async_api import async_playwright
 
-    question = "What is the capital of France?"
+    done = done or (lambda s: s.get("responsesCompleted") and s.get("playedRms", 0) > 0.01)
     wav = tmp_path / "question.wav"
     sf.write(wav, np.concatenate([np.zeros(8000, np.float32), say(question, 16000),
                                   np.zeros(16000 * 8, np.float32)]), 16000, subtype="PCM_16")
@@ -282,6 +308,7 @@ async def test_browser_page_in_headless_chromium_answers_a_spoken_question(serve
             "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
             "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={wav}%noloop",
             "--autoplay-policy=no-user-gesture-required"]
+    texts: dict[str, str] = {}
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
         try:
@@ -289,29 +316,30 @@ async def test_browser_page_in_headless_chromium_answers_a_spoken_question(serve
             problems: list[str] = []
             page.on("pageerror", lambda e: problems.append(str(e)))
             await page.goto(f"http://127.0.0.1:{server.http_port}/")
+            if tools:
+                await page.check("#tools")
             await page.click("#start")
             stats: dict[str, Any] = {}
             async with asyncio.timeout(180):
-                while not (stats.get("responsesCompleted") and stats.get("playedRms", 0) > 0.01):
+                while not done(stats):
                     await asyncio.sleep(0.5)
                     stats = await page.evaluate("window.voxStats")
                     assert not stats["errors"] and not problems, (stats["errors"], problems)
             await asyncio.sleep(1.0)  # let the answer play a little more for the screenshot
             stats = await page.evaluate("window.voxStats")
-            shot = ROOT / ".cache" / "realtime-page.png"
-            shot.parent.mkdir(exist_ok=True)
-            await page.screenshot(path=str(shot), full_page=True)
-            if os.environ.get("VOXSERVE_UPDATE_SCREENSHOT"):
-                shutil.copy(shot, Path(ROOT / "docs" / "realtime-page.png"))
-            latency_text = await page.locator(".turn.assistant .latency").first.inner_text()
+            if screenshot:
+                shot = ROOT / ".cache" / "realtime-page.png"
+                shot.parent.mkdir(exist_ok=True)
+                await page.screenshot(path=str(shot), full_page=True)
+                if os.environ.get("VOXSERVE_UPDATE_SCREENSHOT"):
+                    shutil.copy(shot, Path(ROOT / "docs" / "realtime-page.png"))
+            latency = page.locator(".turn.assistant .latency")
+            texts["latency"] = await latency.first.inner_text() if await latency.count() else ""
+            tool = page.locator(".turn.tool")
+            texts["tool"] = await tool.first.inner_text() if await tool.count() else ""
         finally:
             await browser.close()
-    assert wer(question, stats["userTranscripts"][0]) < 0.34, stats["userTranscripts"]
-    assert stats["assistantTexts"][0].strip(), stats
-    assert stats["audioMs"] > 500 and stats["rms"] > 0.01, stats  # the answer arrived, not silent
-    assert stats["playedRms"] > 0.01, stats  # and went out through Web Audio
-    assert "voice-to-voice" in latency_text, latency_text
-    assert stats["latencies"][0]["voice_to_voice_ms"] > 0
+    return stats, texts
 
 
 # --- function tools, with the default models (the tool model answers sessions that offer tools) ------------

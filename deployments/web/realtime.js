@@ -6,6 +6,9 @@
 // is scheduled gap-free with Web Audio. Barge-in: on input_audio_buffer.speech_started (or a new
 // push-to-talk press) playback stops at once and conversation.item.truncate tells the server how
 // much of the answer was actually played, so its history keeps only what was heard.
+// Tools: the page offers one function of its own (get_time) when "demo tool" is ticked; a call is
+// shown in the transcript, run here, its result sent as a function_call_output item, and once the
+// response is done a response.create asks for the answer that uses it.
 // window.voxStats (mirrored as JSON in #stats) records what happened, for people and for tests.
 "use strict";
 
@@ -32,8 +35,26 @@ registerProcessor("pcm-capture", Capture);`;
 const stats = {
   connected: false, sessionId: "", mode: "", micChunks: 0, speechStarted: 0,
   userTranscripts: [], assistantTexts: [], responsesCompleted: 0, responsesCancelled: 0,
-  audioMs: 0, rms: 0, playedRms: 0, bargeIns: 0, latencies: [], errors: [],
+  audioMs: 0, rms: 0, playedRms: 0, bargeIns: 0, latencies: [], errors: [], toolCalls: [],
 };
+
+// --- the page's own tool ---------------------------------------------------------------------------
+
+const TOOLS = {
+  get_time: {
+    description: "The current local date and time of the user, optionally in another IANA time zone.",
+    parameters: { type: "object", properties: { timezone: { type: "string", description: "e.g. Europe/Paris" } } },
+    run({ timezone }) {
+      const opts = { weekday: "long", hour: "2-digit", minute: "2-digit", timeZone: timezone || undefined };
+      try {
+        return { time: new Date().toLocaleString("en-GB", opts), timezone: timezone || "local" };
+      } catch (err) {
+        return { error: `unknown time zone ${timezone}` };
+      }
+    },
+  },
+};
+let answerAfter = null;  // response id whose function calls were answered: response.create when it is done
 window.voxStats = stats;
 
 let ws = null, ctx = null, micStream = null, micNode = null, master = null, analyser = null;
@@ -206,7 +227,13 @@ function onEvent(e) {
         el.querySelector(".text").textContent = part.text || "…";
       } else if (e.item.role === "assistant") {
         bubble(e.item.id, "assistant");
+      } else if (e.item.type === "function_call_output") {
+        const call = bubbles.get(e.item.call_id);
+        if (call) call.querySelector(".result").textContent = "→ " + e.item.output;
       }
+      break;
+    case "response.function_call_arguments.done":
+      runTool(e);
       break;
     case "conversation.item.input_audio_transcription.completed":
       bubble(e.item_id, "user").querySelector(".text").textContent = e.transcript || "(no words)";
@@ -225,7 +252,11 @@ function onEvent(e) {
       break;
     case "response.done": {
       const r = e.response;
-      const item = (r.output || [])[0];
+      const item = (r.output || []).find((o) => o.type === "message");
+      if (answerAfter === r.id) {  // its calls have their results: the answer that uses them
+        answerAfter = null;
+        send({ type: "response.create" });
+      }
       const clientMs = speechStoppedAt !== null && firstAudioAt !== null ? firstAudioAt - speechStoppedAt : null;
       speechStoppedAt = null;
       if (r.status === "completed") stats.responsesCompleted++;
@@ -245,6 +276,11 @@ function onEvent(e) {
       break;
     }
     case "error":
+      if (e.error.code === "function_call_cancelled") {  // the user spoke on: no answer waits for it
+        const call = bubbles.get((e.voxserve || {}).call_id);
+        if (call) call.classList.add("cancelled");
+        break;
+      }
       stats.errors.push(e.error);
       setStatus(`error ${e.error.code}: ${e.error.message}`, true);
       break;
@@ -252,14 +288,37 @@ function onEvent(e) {
   publish();
 }
 
+function runTool(e) {
+  const el = document.createElement("div");
+  el.className = "turn tool";
+  el.innerHTML = `<span class="who">tool call</span><span class="call"></span><span class="result">…</span>`;
+  el.querySelector(".call").textContent = `${e.name}(${e.arguments})`;
+  $("log").appendChild(el);
+  bubbles.set(e.call_id, el);
+  const tool = TOOLS[e.name];
+  let output;
+  try {
+    output = tool ? tool.run(JSON.parse(e.arguments || "{}")) : { error: `no tool ${e.name} on this page` };
+  } catch (err) {
+    output = { error: String(err) };
+  }
+  stats.toolCalls.push({ name: e.name, arguments: e.arguments, output });
+  send({ type: "conversation.item.create", item: { type: "function_call_output", call_id: e.call_id,
+                                                   output: JSON.stringify(output) } });
+  answerAfter = e.response_id;
+}
+
 function sessionUpdate() {
   const handsFree = mode() === "hands-free";
   stats.mode = mode();
+  const tools = $("tools").checked ? Object.entries(TOOLS).map(([name, t]) => (
+    { type: "function", name, description: t.description, parameters: t.parameters })) : [];
   return {
     type: "session.update",
     session: {
       type: "realtime",
       output_modalities: ["audio"],
+      tools,
       audio: {
         input: {
           format: { type: "audio/pcm", rate: RATE },
