@@ -321,6 +321,7 @@ class ChatEngine:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self._closed = False
+        self._markup: list[str] | None = None
         if not getattr(self.tokenizer, "chat_template", None):
             self.shutdown()
             raise FailedPrecondition(
@@ -339,9 +340,11 @@ class ChatEngine:
         raise NotImplementedError
 
     def _stream(self, request_id: str, prompt: Any, prompt_tokens: int, max_tokens: int,
-                temperature: float, guide: dict[str, Any] | None = None) -> ChatStream:
+                temperature: float, guide: dict[str, Any] | None = None, words_only: bool = False) -> ChatStream:
         """A stream generating ``prompt`` (token ids, or an engine-specific audio prompt);
-        ``guide``: a JSON schema the whole answer must match (constrained decoding)."""
+        ``guide``: a JSON schema the whole answer must match (constrained decoding);
+        ``words_only``: no token that opens JSON or a tool call (an answer spoken after tool
+        results, which small models otherwise echo as JSON)."""
         raise NotImplementedError
 
     def _audio_prompt(self, messages: list[dict[str, str]], audio: np.ndarray) -> tuple[Any, int]:
@@ -436,6 +439,15 @@ class ChatEngine:
     def _warm_guide(self) -> None:
         """Engine-specific part of ``warm_tools`` (constrained decoding)."""
 
+    def markup_tokens(self) -> list[str]:
+        """Vocabulary entries that open JSON or a tool call ('{', ' {"', '<tool_call>', ...): what
+        a ``words_only`` answer may not contain."""
+        if self._markup is None:
+            convert = self.tokenizer.convert_tokens_to_string
+            self._markup = [t for t in self.tokenizer.get_vocab()
+                            if convert([t]).lstrip().startswith(("{", "[{", "<tool"))]
+        return self._markup
+
     def count_tokens(self, text: str) -> int:
         """Token count of plain text (for ChatHistory budgets)."""
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -499,7 +511,9 @@ class ChatEngine:
             )
         rid, n = request_id or uuid.uuid4().hex, min(max_tokens, room)
         if not offered:
-            return self._stream(rid, prompt, n_prompt, n, temperature)
+            # tools not offered to a session that has them: this answer is spoken words
+            words_only = bool(tools) and choice.mode == "none"
+            return self._stream(rid, prompt, n_prompt, n, temperature, words_only=words_only)
         if choice.constrained:
             # a call is a few dozen tokens: an answer cap meant for speech must not cut it off
             n = min(max(n, self.cfg.max_tool_call_tokens), room)

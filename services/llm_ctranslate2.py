@@ -145,9 +145,10 @@ class CT2Engine(ChatEngine):
             request.stop.set()
 
     def _stream(self, request_id: str, prompt: Any, prompt_tokens: int, max_tokens: int,
-                temperature: float, guide: dict[str, Any] | None = None) -> ChatStream:
-        return ChatStream(lambda result: self._generate(result, request_id, prompt, max_tokens, temperature, guide),
-                          request_id, prompt_tokens)
+                temperature: float, guide: dict[str, Any] | None = None, words_only: bool = False) -> ChatStream:
+        suppress = [[t] for t in self.markup_tokens()] if words_only else None
+        return ChatStream(lambda result: self._generate(result, request_id, prompt, max_tokens, temperature, guide,
+                                                        suppress), request_id, prompt_tokens)
 
     def _split_static(self, ids: list[int]) -> tuple[list[str], list[str] | None]:
         """The prompt as tokens, with the system prompt apart when it is a prefix (its KV cache is
@@ -165,8 +166,11 @@ class CT2Engine(ChatEngine):
             return tokens[len(static):], static
         return tokens, None
 
-    def _sampling(self, temperature: float, static: list[str] | None) -> dict[str, Any]:
+    def _sampling(self, temperature: float, static: list[str] | None,
+                  suppress: list[list[str]] | None = None) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(end_token=self._end_ids, repetition_penalty=self.cfg.repetition_penalty)
+        if suppress:
+            kwargs["suppress_sequences"] = suppress
         if temperature > 0:
             kwargs.update(sampling_temperature=temperature, sampling_topp=self.cfg.top_p, sampling_topk=0)
         else:
@@ -176,11 +180,13 @@ class CT2Engine(ChatEngine):
         return kwargs
 
     def _run(self, prompt: list[str], static: list[str] | None, max_tokens: int, temperature: float,
-             stop: threading.Event, guide: dict[str, Any] | None = None) -> Iterator[int]:
+             stop: threading.Event, guide: dict[str, Any] | None = None,
+             suppress: list[list[str]] | None = None) -> Iterator[int]:
         if guide is not None:
             yield from self._guides.run(self, prompt, static, max_tokens, temperature, stop, guide)
             return
-        steps = self._gen.generate_tokens(prompt, max_length=max_tokens, **self._sampling(temperature, static))
+        steps = self._gen.generate_tokens(prompt, max_length=max_tokens,
+                                          **self._sampling(temperature, static, suppress))
         try:
             for step in steps:
                 if stop.is_set():
@@ -192,7 +198,8 @@ class CT2Engine(ChatEngine):
             steps.close()  # stops CTranslate2's generation if we left early
 
     async def _generate(self, result: _Result, request_id: str, ids: list[int], max_tokens: int,
-                        temperature: float, guide: dict[str, Any] | None = None) -> AsyncGenerator[str, None]:
+                        temperature: float, guide: dict[str, Any] | None = None,
+                        suppress: list[list[str]] | None = None) -> AsyncGenerator[str, None]:
         if self.cfg.seed is not None:
             import ctranslate2
 
@@ -213,7 +220,7 @@ class CT2Engine(ChatEngine):
 
         def work() -> None:
             try:
-                for token in self._run(prompt, static, max_tokens, temperature, stop, guide):
+                for token in self._run(prompt, static, max_tokens, temperature, stop, guide, suppress):
                     while not room.acquire(timeout=0.1):
                         if stop.is_set():
                             break

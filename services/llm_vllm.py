@@ -158,7 +158,7 @@ class LLMEngine(ChatEngine):
 
 
     def _stream(self, request_id: str, prompt: Any, prompt_tokens: int, max_tokens: int,
-                temperature: float, guide: dict[str, Any] | None = None) -> ChatStream:
+                temperature: float, guide: dict[str, Any] | None = None, words_only: bool = False) -> ChatStream:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
@@ -174,6 +174,8 @@ class LLMEngine(ChatEngine):
             output_kind=RequestOutputKind.DELTA,
             # a tool call that must be made: vLLM's structured outputs decode it under its schema
             structured_outputs=StructuredOutputsParams(json=guide) if guide is not None else None,
+            # an answer spoken after tool results: no JSON, no tool-call tag
+            bad_words=["{", "<tool_call>"] if words_only else None,
         )
         return ChatStream(lambda result: self._generate(result, request_id, prompt, prompt_tokens, params),
                           request_id, prompt_tokens)

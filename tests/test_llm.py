@@ -309,8 +309,8 @@ CONVERT = ToolSpec(name="convert_units", description="Convert a value from one u
 
 
 async def _items(engine: ChatEngine, text: str, tools: list[ToolSpec], choice: ToolChoice | None = None,
-                 **kwargs: Any) -> tuple[str, list[ToolCallDelta]]:
-    async with engine.stream_chat([{"role": "user", "content": text}], temperature=0, tools=tools,
+                 messages: list[dict[str, Any]] | None = None, **kwargs: Any) -> tuple[str, list[ToolCallDelta]]:
+    async with engine.stream_chat(messages or [{"role": "user", "content": text}], temperature=0, tools=tools,
                                   tool_choice=choice, **kwargs) as stream:
         items = [d async for d in stream]
     return "".join(i for i in items if isinstance(i, str)), [i for i in items if not isinstance(i, str) and i.done]
@@ -379,3 +379,16 @@ async def test_a_cancelled_tool_call_aborts_the_generation(tool_engine: ChatEngi
     await stream.__anext__()
     await stream.aclose()
     assert await wait_idle(tool_engine) == 0
+
+
+async def test_the_answer_after_a_result_is_words_not_json(tool_engine: ChatEngine) -> None:
+    """After a tool result the model answers without tools offered (tool_choice none): no token
+    that opens JSON or a call is allowed (small models echo the call and the result otherwise)."""
+    messages = [{"role": "user", "content": "What's the weather like in Madrid?"},
+                {"role": "assistant", "content": "", "tool_calls": [{
+                    "id": "c1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Madrid"}}}]},
+                {"role": "tool", "content": '{"city": "Madrid", "sky": "partly cloudy", "temperature_celsius": 18}',
+                 "tool_call_id": "c1"}]
+    text, calls = await _items(tool_engine, "", [WEATHER], ToolChoice("none"), messages=messages)
+    assert not calls and "{" not in text and "18" in text, text
