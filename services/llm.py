@@ -76,6 +76,10 @@ class LLMConfig(BaseModel):
     ct2_compute_type: str = Field(
         default="auto", description="CTranslate2 only: weights type ('auto' = int8 on CPU; int8_float32, float32)."
     )
+    ct2_cached_prompts: int = Field(
+        default=16, ge=0, le=1024,
+        description="CTranslate2 only: distinct first messages (system prompt with its tools) whose KV cache is kept "
+        "(each ~10-25 MB, kept for good); a session's turns then prefill only what follows it.")
     max_parallel: int = Field(
         default=8, ge=1, le=64,
         description="CTranslate2 only: answers generated at once (each on cpu_threads cores; more than the cores "

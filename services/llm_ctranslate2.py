@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ class CT2Engine(ChatEngine):
     def __init__(self, generator: Any, tokenizer: Any, cfg: LLMConfig, model: str, max_model_len: int) -> None:
         self._gen = generator
         self._active: dict[str, _Request] = {}
-        self._static: tuple[str, list[str]] | None = None  # (system prompt, its tokens)
+        self._cached: OrderedDict[int, None] = OrderedDict()  # first messages whose KV cache CTranslate2 keeps
         super().__init__(cfg, model, tokenizer, max_model_len)
         self._end_ids = _end_ids(tokenizer, model)
         from services.llm_guided import GuidedDecoder
@@ -151,20 +152,29 @@ class CT2Engine(ChatEngine):
                                                         suppress), request_id, prompt_tokens)
 
     def _split_static(self, ids: list[int]) -> tuple[list[str], list[str] | None]:
-        """The prompt as tokens, with the system prompt apart when it is a prefix (its KV cache is
-        then kept across requests)."""
+        """The prompt as tokens, with its first message (the system prompt, and the tools the
+        template writes into it) apart: CTranslate2 keeps that part's KV cache between requests,
+        so a session's turns prefill only what follows it. At most ``ct2_cached_prompts``
+        distinct first messages are cached (each holds its KV cache for good); others are
+        prefilled whole."""
         tokens = self.tokenizer.convert_ids_to_tokens(ids)
-        system = self.cfg.system_prompt
-        if not system:
+        end = next((i for i, t in enumerate(ids) if t in self._end_ids), None)
+        if end is None:
             return tokens, None
-        if self._static is None or self._static[0] != system:
-            text = self.tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=False)
-            ids_s = self.tokenizer.encode(text, add_special_tokens=False)
-            self._static = (system, self.tokenizer.convert_ids_to_tokens(ids_s))
-        static = self._static[1]
-        if len(static) < len(tokens) and tokens[:len(static)] == static:
-            return tokens[len(static):], static
-        return tokens, None
+        cut = end + 1
+        if cut < len(ids) and self.tokenizer.decode([ids[cut]]).strip() == "":
+            cut += 1  # the newline after the end-of-turn token belongs to the message
+        if cut >= len(tokens) or "system" not in self.tokenizer.decode(ids[:min(cut, 6)]).lower():
+            return tokens, None  # only a system message is shared by many requests
+        static = tokens[:cut]
+        key = hash(tuple(ids[:cut]))
+        if key in self._cached:
+            self._cached.move_to_end(key)
+        elif len(self._cached) < self.cfg.ct2_cached_prompts:
+            self._cached[key] = None
+        else:
+            return tokens, None  # a first message beyond the cache's bound: no KV kept for it
+        return tokens[cut:], static
 
     def _sampling(self, temperature: float, static: list[str] | None,
                   suppress: list[list[str]] | None = None) -> dict[str, Any]:
