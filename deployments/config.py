@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.auth import AuthConfig
 from services.asr import ASRConfig
-from services.conversation.settings import Interruptions, Playout, StageTimeouts, TurnDetection
+from services.conversation.settings import Interruptions, Playout, StageTimeouts, ToolCalling, TurnDetection
 from services.llm import LLMConfig
 from services.tts import TTSConfig
 from services.turn_detection import TurnDetectorConfig
@@ -64,6 +64,9 @@ class GatewayConfig(BaseModel):
         description="Deadlines of stage calls; a missed one ends that turn with an Error event.")
     playout: Playout = Field(default_factory=Playout,
         description="How answers' speech synthesis is scheduled against callers' playout buffers.")
+    tool_calling: ToolCalling = Field(default_factory=ToolCalling,
+        description="Default filler, deadline and continuation of tool calls (gRPC clients may change them; "
+        "the realtime API always waits for response.create).")
     turn_detector: TurnDetectorConfig = Field(default_factory=TurnDetectorConfig,
         description="End-of-turn model (Smart Turn), run in the gateway for semantic turn detection.")
     turn_detector_enabled: bool = Field(True,

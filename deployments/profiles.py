@@ -194,7 +194,10 @@ def gpu_profile() -> Profile:
         "asr": {"model": GPU_ASR_MODEL, "device": "cuda", "compute_type": "float16",
                 "allow_download": True},
         "llm": {"model": GPU_LLM_MODEL, "max_model_len": 8192, "trust_remote_code": True,
-                "gpu_memory_utilization": GPU_LLM_SHARE, "enforce_eager": False},
+                "gpu_memory_utilization": GPU_LLM_SHARE, "enforce_eager": False,
+                # the 8B model answers tool sessions itself (a second vLLM engine would need its own
+                # share of the GPU), in Llama 3.1's call format
+                "tool_model": "", "tool_parser": "llama3_json"},
         "tts": {"use_cuda": True},
     })
     return Profile(

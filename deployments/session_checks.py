@@ -48,7 +48,8 @@ def session_defaults(args: AppArgs) -> SessionSettings:
         interruptions=g.interruptions.model_copy(deep=True), mode=SPEECH_NATIVE if g.speech_native else CASCADE,
         partial_interval_ms=args.asr.partial_interval_ms, history_turns=g.history_turns,
         output_chunk_ms=g.output_chunk_ms, chunker=args.tts.chunker.model_copy(deep=True),
-        timeouts=g.timeouts.model_copy(deep=True), playout=g.playout.model_copy(deep=True))
+        timeouts=g.timeouts.model_copy(deep=True), playout=g.playout.model_copy(deep=True),
+        tool_calling=g.tool_calling.model_copy(deep=True))
 
 
 def settings_with(base: SessionSettings, changes: Mapping[str, Any],

@@ -107,6 +107,10 @@ class LLMConfig(BaseModel):
     max_tool_call_tokens: int = Field(
         default=256, ge=16, le=4096, description="Least token cap of an answer that must be a tool call "
         "(tool_choice required or named): its arguments are never cut off by a short answer cap.")
+    tool_parser: str = Field(
+        default="hermes",
+        description="vLLM tool parser that reads the tool model's call format: hermes (<tool_call> JSON: Qwen 2.5, "
+        "Hermes), llama3_json (Llama 3.1+), mistral, ... (any name vLLM registers); used for either engine.")
     tool_model: str = Field(
         default="qwen2.5-coder-0.5b-instruct",
         description="Model for sessions that offer tools, when it differs from ``model`` ('' = ``model``): "
@@ -437,7 +441,7 @@ class ChatEngine:
     def warm_tools(self) -> None:
         """Load what tool calls need (vLLM's parser, the grammar compiler) before the first
         call pays for it (blocks: run it in a thread)."""
-        ToolCallReader(self.tokenizer, [])
+        ToolCallReader(self.tokenizer, [], parser=self.cfg.tool_parser)
         self._warm_guide()
 
     def _warm_guide(self) -> None:
@@ -523,5 +527,6 @@ class ChatEngine:
             n = min(max(n, self.cfg.max_tool_call_tokens), room)
         inner = self._stream(rid, prompt, n_prompt, n, temperature,
                              guide=call_schema(offered, choice) if choice.constrained else None)
-        reader = ConstrainedCallReader() if choice.constrained else ToolCallReader(self.tokenizer, offered)
+        reader = ConstrainedCallReader() if choice.constrained else \
+            ToolCallReader(self.tokenizer, offered, parser=self.cfg.tool_parser)
         return ParsedStream(inner, lambda stream: parse_calls(stream, reader))

@@ -21,8 +21,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, Iterator
 from collections import OrderedDict
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.errors import InvalidArgument
+from services.errors import FailedPrecondition, InvalidArgument
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Where the model's own tool-call format starts (Hermes / Qwen 2.5).
@@ -165,23 +165,34 @@ class ToolCallDelta:
 class ToolCallReader:
     """Splits an answer's text into spoken content and tool calls, as the text streams.
 
-    The parsing is vLLM's Hermes parser (``Hermes2ProToolParser``), the one vLLM's OpenAI server
-    uses for these models, run here for either engine: its streaming method finds the content
-    and the argument pieces, its complete method the final calls. Text that may still become a
-    call (a partial ``<tool_call>`` tag, or an answer opening with ``{``) is held back, and so is
-    a closing brace that may belong to the call object rather than to the arguments, so the
-    pieces always add up to the done item's arguments.
+    The parsing is vLLM's tool parser for the model's format (``llm.tool_parser``: ``hermes`` for
+    Qwen 2.5 and Hermes, ``llama3_json``, ``mistral``...), the one vLLM's OpenAI server uses, run
+    here for either engine: its streaming method finds the content and the argument pieces, its
+    complete method the final calls. Text that may still become a call (a partial ``<tool_call>``
+    tag, or, with hermes, an answer opening with ``{"name":``) is held back, and so is a closing
+    brace that may belong to the call object rather than to the arguments, so the pieces always
+    add up to the done item's arguments.
     """
 
-    def __init__(self, tokenizer: Any, tools: Sequence[ToolSpec], *, prefix: str = "") -> None:
+    def __init__(self, tokenizer: Any, tools: Sequence[ToolSpec], *, parser: str = "hermes") -> None:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+        from vllm.tool_parsers import ToolParserManager
 
+        try:
+            parser_class = ToolParserManager.get_tool_parser(parser)
+        except KeyError:
+            raise InvalidArgument(f"llm.tool_parser {parser!r} is not a vLLM tool parser; one of: "
+                                  f"{', '.join(sorted(ToolParserManager.list_registered()))}") from None
         self._tokenizer = tokenizer
-        self._parser = Hermes2ProToolParser(tokenizer, None)
+        self._hermes = parser == "hermes"  # the format whose bare JSON form small models write
+        try:
+            self._parser = parser_class(tokenizer, None)
+        except (RuntimeError, ValueError) as exc:  # e.g. llama3_json on a tokenizer without its tokens
+            raise FailedPrecondition(f"llm.tool_parser {parser!r} does not fit the tool model's tokenizer: {exc}") \
+                from None
         self._request = ChatCompletionRequest(model="voxserve", messages=[{"role": "user", "content": "."}],
                                               tools=[t.openai() for t in tools] or None)
-        self._raw = prefix  # what the model wrote (a forced prefix included)
+        self._raw = ""  # what the model wrote
         self._previous = ""  # the text last given to the parser
         self._seen: dict[int, str] = {}  # argument text the parser streamed, per call
         self._sent: dict[int, str] = {}  # argument text passed on, per call
@@ -190,14 +201,14 @@ class ToolCallReader:
     def _normalized(self) -> str:
         """The raw text, with a bare JSON call (``{"name": ...``) wrapped in the tags the parser knows."""
         head = self._raw.lstrip()
-        if _compact(head).startswith(BARE_CALL) and CALL_START not in self._raw:
+        if self._hermes and _compact(head).startswith(BARE_CALL) and CALL_START not in self._raw:
             return CALL_START + head
         return self._raw
 
     def feed(self, delta: str) -> list[str | ToolCallDelta]:
         self._raw += delta
         head = _compact(self._raw.lstrip())
-        if not self._names and len(head) < len(BARE_CALL) and BARE_CALL.startswith(head):
+        if self._hermes and not self._names and len(head) < len(BARE_CALL) and BARE_CALL.startswith(head):
             return []  # it may still open a bare call
         current = self._normalized()
         message = self._parser.extract_tool_calls_streaming(
@@ -229,7 +240,7 @@ class ToolCallReader:
         out: list[str | ToolCallDelta] = []
         if not self._raw.strip():
             return out
-        if CALL_START not in self._normalized() and not self._names:
+        if self._hermes and CALL_START not in self._normalized() and not self._names:
             return out  # plain speech: all of it was passed on
         info = self._parser.extract_tool_calls(self._normalized(), self._request)
         calls = info.tool_calls if info.tools_called else []

@@ -122,6 +122,13 @@ def test_the_models_own_call_format_is_parsed_as_it_streams(tokenizer: Any) -> N
     assert [i.arguments for i in spaced if not isinstance(i, str) and i.done] == ['{"city": "Rome"}']
 
 
+def test_the_parser_is_vllms_for_the_models_format(tokenizer: Any) -> None:
+    with pytest.raises(InvalidArgument, match="not a vLLM tool parser"):
+        ToolCallReader(tokenizer, [WEATHER], parser="nope")
+    with pytest.raises(FailedPrecondition, match="does not fit"):  # Llama's format, SmolLM2's tokenizer
+        ToolCallReader(tokenizer, [WEATHER], parser="llama3_json")
+
+
 def test_history_pairs_calls_with_results_and_renders_them() -> None:
     h = ChatHistory("system")
     h.add_user("weather in paris?")
