@@ -501,6 +501,7 @@ class ChatEngine:
         """
         if self._closed:
             raise Unavailable("the LLM engine is shut down")
+        explicit_temperature = temperature is not None
         max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
         temperature = self.cfg.temperature if temperature is None else temperature
         if max_tokens < 1:
@@ -531,8 +532,11 @@ class ChatEngine:
             )
         rid, n = request_id or uuid.uuid4().hex, min(max_tokens, room)
         if not offered:
-            # tools not offered to a session that has them: this answer is spoken words
+            # tools not offered to a session that has them (the answer after tool results): spoken
+            # words, said greedily unless the caller chose a temperature (the result is read out, not varied)
             words_only = bool(tools) and choice.mode == "none"
+            if words_only and not explicit_temperature:
+                temperature = 0.0
             return self._stream(rid, prompt, n_prompt, n, temperature, words_only=words_only)
         if choice.constrained:
             # a call is a few dozen tokens: an answer cap meant for speech must not cut it off
