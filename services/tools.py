@@ -175,8 +175,12 @@ class ToolCallReader:
     """
 
     def __init__(self, tokenizer: Any, tools: Sequence[ToolSpec], *, parser: str = "hermes") -> None:
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.tool_parsers import ToolParserManager
+        try:
+            from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+            from vllm.tool_parsers import ToolParserManager
+        except ImportError as exc:
+            raise FailedPrecondition(f"tool calls need vLLM's tool parsers ({exc}); install voxserve[cpu] or "
+                                     "voxserve[gpu]") from None
 
         try:
             parser_class = ToolParserManager.get_tool_parser(parser)
