@@ -432,20 +432,25 @@ class ChatEngine:
         """``messages`` with the oldest turns dropped until earlier turns take at most
         ``history_tokens`` and the prompt leaves room for an answer in ``max_model_len``.
 
-        The system prompt and the newest message are always kept (if they alone do not fit,
-        ``stream_chat`` reports OUT_OF_RANGE); the kept window starts with a user message.
+        The system prompt, the newest user message and what follows it (tool calls, their results)
+        are always kept (if they alone do not fit, ``stream_chat`` reports OUT_OF_RANGE); the kept
+        window starts with a user message.
         """
         self._check_roles(messages)
         head = messages[:1] if messages[0]["role"] == "system" else []
         turns = list(messages[len(head):])
         room = self.max_model_len - min(max_tokens, max(1, self.max_model_len // 8))
         costs = [self.count_tokens(m["content"]) + 4 for m in turns]  # + role tags, roughly
-        while len(turns) > 1:
-            if sum(costs[:-1]) <= self.cfg.history_tokens and len(self.prompt_ids(head + turns, tools)) <= room:
+        # the newest user message and what follows it (tool calls, results) are kept whole
+        users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+        keep = len(turns) - users[-1] if users else 1
+        while len(turns) > keep:
+            if sum(costs[:len(costs) - keep]) <= self.cfg.history_tokens and \
+                    len(self.prompt_ids(head + turns, tools)) <= room:
                 break
             turns.pop(0)
             costs.pop(0)
-            while len(turns) > 1 and turns[0]["role"] != "user":
+            while len(turns) > keep and turns[0]["role"] != "user":
                 turns.pop(0)
                 costs.pop(0)
         return head + turns

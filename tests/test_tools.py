@@ -336,3 +336,54 @@ async def test_required_choice_is_passed_and_relaxed_after_results() -> None:
                     "tool_calling": ToolCalling(filler=False, tools_after_results=False)}))
         await h.conv.end_input()
     assert [c.mode for _, c in stages.llm_tools] == ["required", "auto", "required", "none"]
+
+
+async def test_a_result_before_the_second_parallel_call_waits_for_it() -> None:
+    """The model answers once every call of its response has a result, not when the first
+    call's result beats the second call."""
+    stages = FakeStages(word_s=0.05)
+    stages.answers = [call("get_weather", '{"city": "Oslo"}', 0) + call("get_time", "{}", 1), "Cold and late"]
+    async with harness(stages, filler=False) as h:
+        await h.conv.push_text("weather in oslo and the time")
+        await h.until(lambda: len(h.of(ev.ToolCallDone)) == 1)
+        await h.conv.submit_tool_result(h.of(ev.ToolCallDone)[0].call_id, '"-3 C"')
+        await h.until(lambda: len(h.of(ev.ToolCallDone)) == 2)
+        await asyncio.sleep(0.2)
+        assert len(stages.llm_calls) == 1
+        await h.conv.submit_tool_result(h.of(ev.ToolCallDone)[1].call_id, '"22:00"')
+        await h.until(lambda: len(h.of(ev.ResponseDone)) == 2)
+        await asyncio.sleep(0.2)
+        await h.conv.end_input()
+    assert len(stages.llm_calls) == 2
+    assert [m["role"] for m in stages.llm_calls[1][-3:]] == ["assistant", "tool", "tool"]
+
+
+async def test_hang_up_with_a_client_that_stopped_reading_does_not_hang() -> None:
+    stages = FakeStages()
+    stages.answers = [call("get_weather", '{"city": "Paris"}')]
+    h = harness(stages, filler=False)
+    h.conv = type(h.conv)(stages, h.conv.settings.model_copy(update={"send_queue": 4}), history=ChatHistory("s"),
+                          observer=h)
+    await h.conv.start()
+    await h.conv.push_text("weather in paris")  # nobody reads: the queue fills up
+    await asyncio.sleep(0.5)
+    async with asyncio.timeout(5):
+        await h.conv.aclose()
+    assert h.conv.closed and h.conv.pending_tool_calls == []
+
+
+async def test_a_long_result_keeps_its_question_and_call_in_the_prompt_and_fillers_stay_out() -> None:
+    stages = FakeStages()
+    stages.answers = [call("get_weather", '{"city": "Paris"}'), "Sunny"]
+    async with harness(stages, filler_after_ms=50) as h:
+        await h.conv.push_text("weather in paris")
+        await h.until(lambda: len(h.of(ev.ResponseDone)) == 2)  # the call, then the filler
+        assert h.of(ev.ResponseDone)[1].filler
+        await h.conv.submit_tool_result(h.of(ev.ToolCallDone)[0].call_id, json.dumps({"report": "x" * 3900}))
+        await h.until(lambda: len(h.of(ev.ResponseDone)) == 3)
+        await h.conv.end_input()
+    roles = [m["role"] for m in stages.llm_calls[1] if m["role"] != "system"]
+    assert roles == ["user", "assistant", "tool"], roles
+    assert "One moment." not in json.dumps(h.conv.history.messages())
+    with pytest.raises(InvalidArgument, match="characters"):
+        await h.conv._tools.submit("x", "y" * 5000)

@@ -140,7 +140,7 @@ class AnswerProducer:
         finally:
             await cancel_and_wait(side_asr)
         await turn.put(ev.ResponseDone(response_id=turn.response_id, text=turn.generated.strip(),
-                                       audio_ms=int(turn.audio_ms), latency=lat))
+                                       audio_ms=int(turn.audio_ms), latency=lat, filler=bool(turn.filler)))
 
     async def _side_transcript(self, turn: Turn) -> None:
         """Speech-native: the transcript for the client and the history, off the latency path. A

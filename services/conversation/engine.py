@@ -411,9 +411,12 @@ class Conversation:
             audio = [u.audio for u in pending if u.audio is not None]
             text = " ".join(u.text for u in pending if u.text) or None
             now = self._clock()
+            results_at = self._tools.take_answer_due()  # the answer after tool results, timed from them
+            since = results_at if results_at is not None and not pending else now
             user = UserInput(pending[-1].input_id if pending else 0,
-                             np.concatenate(audio) if audio else None, text, now,
-                             pending[-1].t_user_stop if pending else now)
+                             np.concatenate(audio) if audio else None, text, since,
+                             pending[-1].t_user_stop if pending else since,
+                             after_tools=results_at is not None and not pending)
             await self._make_room()  # an answer all sent (e.g. tool calls only) joins the history first
             if user.audio is None and user.text is None and not len(self.history):
                 raise FailedPrecondition("nothing to respond to: send audio or a text item first")
@@ -542,12 +545,21 @@ class Conversation:
         return turn
 
     def _on_sent(self, turn: Turn) -> None:
-        self.observer.answered(turn.latency)
+        if not turn.filler:  # a filler is no answer: admission's latency window must not see it
+            self.observer.answered(turn.latency)
         if turn.user.after_tools and turn.latency.first_audio_ms:
             self.observer.tool_call("result_to_audio", turn.latency.first_audio_ms / 1000)
+        if turn.calls:
+            self._tasks.spawn(self._calls_sent(turn), name=f"calls-{turn.response_id}")
         self._notify()
         if self._queue and turn is self._response:
             self._tasks.spawn(self._next_queued(), name="next-turn")
+
+    async def _calls_sent(self, turn: Turn) -> None:
+        """Every call of ``turn`` is out: if their results are all in, the model answers."""
+        async with self._lock:
+            if not self._closed:
+                await self._tools.turn_finished(turn)
 
     async def _next_queued(self) -> None:
         async with self._lock:
@@ -625,9 +637,12 @@ class Conversation:
         """
         if self._closed:
             return
-        await self._tools.cancel_all("closed")  # a hang-up: the client is told, if it still listens
+        if drain:  # the client still reads (end of input): it is told which calls were cancelled
+            await self._tools.cancel_all("closed")
         self._closed = True
         await self._out.close(drop_pending=not drain)
+        if not drain:  # a hang-up: nobody may read any more, the events are dropped
+            await self._tools.cancel_all("closed")
         self._queue.clear()
         spec, self._spec = self._spec, None
         if spec is not None:

@@ -133,6 +133,7 @@ class ResponseDone(Event):
     text: str
     audio_ms: int
     latency: TurnLatency
+    filler: bool = False  # a phrase said while a tool ran, not an answer (no latency figures of its own)
 
 
 @dataclass
@@ -207,3 +208,4 @@ class ErrorEvent(Event):
     code: str
     message: str
     response_id: int = 0
+    tool_call_id: str = ""  # about a tool call (timeout, unknown id, second result), not a turn

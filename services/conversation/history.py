@@ -148,21 +148,27 @@ class ChatHistory:
                  count: Callable[[str], int] = len) -> list[dict[str, Any]]:
         """Chat messages for the LLM: system prompt, then the newest turns that fit.
 
-        ``max_turns`` caps the number of user/assistant messages (not pairs); ``budget`` (default
-        ``max_chars``) is measured with ``count`` over every content plus a per-message overhead.
-        The window starts with a user message and always keeps the newest turn.
+        ``max_turns`` caps the number of messages (not pairs); ``budget`` (default ``max_chars``) is
+        measured with ``count`` over every content plus a per-message overhead. The window starts
+        with a user message and always keeps the newest one with everything after it (a tool call
+        and its result are never cut from the question they answer).
         """
         if max_turns is not None and max_turns < 0:
             raise InvalidArgument("max_turns must not be negative")
         limit = self.max_chars if budget is None else budget
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         used = sum(count(m["content"]) + MESSAGE_OVERHEAD for m in system)
-        kept: list[HistoryEntry] = []
-        for turn in reversed(self._turns):
+        # The newest user message and what follows it (the assistant's calls, their results) are one
+        # exchange the model must see whole: kept whatever the caps say.
+        last_user = max((i for i, t in enumerate(self._turns) if t.role == "user"), default=len(self._turns) - 1)
+        tail = self._turns[max(0, last_user):]
+        kept: list[HistoryEntry] = list(reversed(tail))
+        used += sum(count(t.text) + MESSAGE_OVERHEAD for t in tail)
+        for turn in reversed(self._turns[:max(0, last_user)]):
             if max_turns is not None and len(kept) >= max_turns:
                 break
             cost = count(turn.text) + MESSAGE_OVERHEAD
-            if kept and used + cost > limit:
+            if used + cost > limit:
                 break
             kept.append(turn)
             used += cost

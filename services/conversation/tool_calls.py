@@ -8,6 +8,8 @@ listening goes on, other sessions go on. While it waits:
   ``tool_calling.filler_after_ms`` (no dead air), unless the user or another answer has the floor;
 - after ``tool_calling.result_timeout_s`` the call ends with an error event and the model is told
   it failed (with ``auto_continue``, it then says so);
+- the model answers again once every call of its response has a result, and not before the
+  response has sent everything (a parallel call may still be on its way);
 - a new user turn, ``cancel_response`` or the end of the session cancels the wait
   (``ToolCallCancelled``). A result that comes later is recorded in the history (it replaces the
   cancellation), not spoken, unless the client asks for a response.
@@ -36,8 +38,9 @@ from services.errors import FailedPrecondition, InvalidArgument, NotFound
 
 #: Calls remembered after they ended (late results, duplicate results).
 RECENT_CALLS = 64
-#: Largest result accepted, in characters (it goes into the model's prompt).
-MAX_OUTPUT_CHARS = 16_000
+#: Largest result accepted, in characters (it goes into the model's prompt, within the history's
+#: budget: ChatHistory.max_chars is 6000).
+MAX_OUTPUT_CHARS = 4_000
 
 State = Literal["pending", "done", "cancelled", "timed_out"]
 
@@ -50,7 +53,6 @@ class PendingCall:
     turn: Turn
     made_at: float
     state: State = "pending"
-    cancel_reason: str = ""
 
 
 @dataclass
@@ -60,6 +62,7 @@ class _Wait:
     response_id: int
     task: asyncio.Task[None] | None = None
     calls: list[str] = field(default_factory=list)
+    finished: bool = False  # the response sent everything: no call of it is still to come
 
 
 class ToolCalls:
@@ -82,6 +85,7 @@ class ToolCalls:
         self._clock = clock
         self._calls: OrderedDict[str, PendingCall] = OrderedDict()
         self._waits: dict[int, _Wait] = {}
+        self._answer_due: float | None = None  # every result is in, the answer waits for create_response
 
     # --- the model's side ------------------------------------------------------------------------
 
@@ -127,10 +131,9 @@ class ToolCalls:
                             f"no result within {cfg.result_timeout_s:g} s: the tool did not answer")
             await self._emit(ev.ErrorEvent(code="DEADLINE_EXCEEDED", response_id=turn.response_id, message=(
                 f"tool call {cid} ({call.record.name}) got no result within {cfg.result_timeout_s:g} s; "
-                "the conversation goes on without it")))
+                "the conversation goes on without it"), tool_call_id=cid))
         self._waits.pop(wait.response_id, None)
-        if cfg.auto_continue and not self._floor_taken():
-            await self._respond(self._clock())  # the model tells the user it could not be done
+        await self._all_in()  # the model tells the user it could not be done (after what is playing)
 
     def _still_waiting(self, wait: _Wait) -> bool:
         return any(self._calls.get(cid) and self._calls[cid].state == "pending" for cid in wait.calls)
@@ -160,21 +163,47 @@ class ToolCalls:
         if late:
             return  # recorded, not spoken: the client may ask for a response
         wait = self._waits.get(call.turn.response_id)
-        if wait is not None and not self._still_waiting(wait):
-            self._waits.pop(wait.response_id, None)
-            await cancel_and_wait(wait.task)
-            if self._settings().tool_calling.auto_continue:
-                await self._respond(self._clock())
+        if wait is not None:
+            await self._maybe_done(wait)
+
+    async def turn_finished(self, turn: Turn) -> None:
+        """``turn`` sent everything: its calls are all known (the caller holds the lock). Results
+        that came before this are not all of them until now (parallel calls)."""
+        wait = self._waits.get(turn.response_id)
+        if wait is not None:
+            wait.finished = True
+            await self._maybe_done(wait)
+
+    async def _maybe_done(self, wait: _Wait) -> None:
+        if not wait.finished or self._still_waiting(wait):
+            return
+        self._waits.pop(wait.response_id, None)
+        await cancel_and_wait(wait.task)
+        await self._all_in()
+
+    async def _all_in(self) -> None:
+        """Every result (or failure) of a response is in: the model answers, now or when asked."""
+        if self._settings().tool_calling.auto_continue:
+            await self._respond(self._clock())
+        else:
+            self._answer_due = self._clock()
+
+    def take_answer_due(self) -> float | None:
+        """When the last result came, if the answer that uses it is still to be asked for (realtime
+        ``response.create``); None otherwise. Taking it clears it."""
+        due, self._answer_due = self._answer_due, None
+        return due
 
     async def cancel_all(self, reason: str) -> None:
         """Stop waiting for every pending call (a user turn, cancel_response, the end)."""
+        self._answer_due = None
         for cid in self.pending:
             await self._end(self._calls[cid], "cancelled", reason, f"cancelled ({reason}) before a result came")
         waits, self._waits = list(self._waits.values()), {}
         await cancel_and_wait(*(w.task for w in waits))
 
     async def _end(self, call: PendingCall, state: State, reason: str, why: str) -> None:
-        call.state, call.cancel_reason = state, reason
+        call.state = state
         self._record(call, json.dumps({"error": why}))
         self._observer.tool_call(state)
         await self._emit(ev.ToolCallCancelled(call_id=call.record.call_id, reason=reason))

@@ -403,13 +403,15 @@ class Turn:
         await self._outbox.purge(self.response_id)
         self._held.clear()
         user_text = self.user.full_text() or (UNTRANSCRIBED if self.user.audio is not None else "")
-        if state is TurnState.COMMITTED:
+        if self.filler:
+            pass  # a filler said while a tool ran is not the model's: the history (its prompt) leaves it out
+        elif state is TurnState.COMMITTED:
             if user_text:
                 self.history.add_user(user_text)
             self.history.add_assistant(self.generated, tool_calls=self.calls)
             self._write_tool_outputs()
             return TurnEnd(state)
-        if state is TurnState.INTERRUPTED:
+        elif state is TurnState.INTERRUPTED:
             if user_text:
                 self.history.add_user(user_text)
             self.history.add_assistant(heard, interrupted=True, tool_calls=self.calls)
@@ -430,6 +432,8 @@ class Turn:
     def history_entries(self) -> list[dict[str, object]]:
         """The messages this turn will write if it is committed (for an answer made before that)."""
         out: list[dict[str, object]] = []
+        if self.filler:
+            return out
         if self.user.full_text():
             out.append({"role": "user", "content": self.user.full_text()})
         if self.generated.strip() or self.calls:
