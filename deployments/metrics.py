@@ -53,7 +53,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "voxserve_turn_ends_total": ("counter", ("state", "reason"),
                                  "Responses by how they ended: committed, interrupted, discarded; and why."),
     "voxserve_errors_total": ("counter", ("code", "where"),
-                              "Errors by gRPC status code name; where = turn (the conversation goes on) "
+                              "Errors by gRPC status code name; where = turn (the conversation goes on), "
+                              "tool_call (about a tool call: timeout, invalid arguments, unknown id), "
                               "or stream (the stream ended with this status)."),
     "voxserve_stage_latency_ms": ("histogram", ("stage",),
                                   "Per-turn latency of each stage on the answer's critical path: "
@@ -181,13 +182,16 @@ class GatewayMetrics:
     def observe(self, event: ev.Event) -> None:
         """Feed every event a conversation emits; the ones that matter are counted."""
         if isinstance(event, ev.ResponseDone):
-            self.turn_latency(event.latency)
+            if not event.filler:  # a filler said while a tool ran is no answer
+                self.turn_latency(event.latency)
         elif isinstance(event, ev.ResponseInterrupted):
             self._m["voxserve_turns_total"].inc(1, tags={"outcome": "interrupted"})
             if event.reason == "barge_in":
                 self.barge_in()
         elif isinstance(event, ev.ToolCallDone) and event.error:
             self.tool_call("invalid")
+        elif isinstance(event, ev.ErrorEvent) and event.tool_call_id:
+            self.error(event.code, where="tool_call")  # the turn itself went on
         elif isinstance(event, ev.ErrorEvent):
             self._m["voxserve_turns_total"].inc(1, tags={"outcome": "error"})
             self.error(event.code, where="turn")

@@ -90,8 +90,10 @@ class RemoteStages:
 
     async def generate(self, messages: list[dict[str, Any]], *, max_tokens: int | None,
                        audio: np.ndarray | None = None, tools: list[ToolSpec] | None = None,
-                       tool_choice: ToolChoice | None = None) -> AsyncIterator[str | ToolCallDelta]:
-        gen = self.llm.options(stream=True).generate.remote(messages, max_tokens, audio, tools, tool_choice)
+                       tool_choice: ToolChoice | None = None, words_only: bool = False,
+                       ) -> AsyncIterator[str | ToolCallDelta]:
+        gen = self.llm.options(stream=True).generate.remote(messages, max_tokens, audio, tools, tool_choice,
+                                                            words_only)
         async for delta in _stream(gen):
             yield delta
 

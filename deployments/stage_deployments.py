@@ -116,12 +116,14 @@ class LLMDeployment:
 
     async def generate(self, messages: list[dict[str, Any]], max_tokens: int | None = None,
                        audio: np.ndarray | None = None, tools: list[ToolSpec] | None = None,
-                       tool_choice: ToolChoice | None = None) -> AsyncIterator[str | ToolCallDelta]:
+                       tool_choice: ToolChoice | None = None, words_only: bool = False,
+                       ) -> AsyncIterator[str | ToolCallDelta]:
         """Text deltas (and ``ToolCallDelta`` items when ``tools`` are offered: the tool model answers)."""
         # A cancelled caller cancels this generator; closing the stream aborts the engine's request.
         if audio is None:
             engine = await self.tool_engine.engine_for(self.engine, tools)
-            stream = engine.stream_chat(messages, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice)
+            stream = engine.stream_chat(messages, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice,
+                                        words_only=words_only)
         elif self.audio_engine is None:
             raise FailedPrecondition("this deployment has no audio LLM for speech-native turns")
         else:

@@ -473,6 +473,10 @@ class ChatEngine:
                             if convert([t]).lstrip().startswith(("{", "[{", "<tool"))]
         return self._markup
 
+    def markup_token_ids(self) -> list[int]:
+        """``markup_tokens`` as token ids."""
+        return [int(i) for i in self.tokenizer.convert_tokens_to_ids(self.markup_tokens())]
+
     def count_tokens(self, text: str) -> int:
         """Token count of plain text (for ChatHistory budgets)."""
         return len(self.tokenizer.encode(text, add_special_tokens=False))
@@ -487,6 +491,7 @@ class ChatEngine:
         audio: np.ndarray | None = None,
         tools: Sequence[ToolSpec] | None = None,
         tool_choice: ToolChoice | None = None,
+        words_only: bool = False,
     ) -> ChatStream:
         """Start a chat completion; iterate the returned stream for text deltas.
 
@@ -502,7 +507,9 @@ class ChatEngine:
         ``tools`` (with ``tool_choice``, default auto) are offered to the model: the stream then
         yields ``ToolCallDelta`` items for its calls between the text deltas (see
         ``services.tools``). With required or a named function the answer is one call, decoded
-        under its JSON schema; with none the tools are not offered.
+        under its JSON schema; with none the tools are not offered. ``words_only`` (the answer
+        after tool results): no token that opens JSON or a call, and greedy unless a
+        ``temperature`` is given (the result is read out, not varied).
         """
         if self._closed:
             raise Unavailable("the LLM engine is shut down")
@@ -523,8 +530,8 @@ class ChatEngine:
         prefix = ""
         if audio is None:
             prompt = self.prompt_ids(self.fit_messages(messages, max_tokens, offered), offered)
-            if choice.constrained:  # the answer is a call: its opening tag is written for the model
-                prefix = CALL_START + "\n"
+            if choice.constrained and self.cfg.tool_parser == "hermes":
+                prefix = CALL_START + "\n"  # the answer is a call: its opening tag is written for the model
                 prompt = prompt + list(self.tokenizer.encode(prefix, add_special_tokens=False))
             n_prompt = len(prompt)
         else:
@@ -537,9 +544,6 @@ class ChatEngine:
             )
         rid, n = request_id or uuid.uuid4().hex, min(max_tokens, room)
         if not offered:
-            # tools not offered to a session that has them (the answer after tool results): spoken
-            # words, said greedily unless the caller chose a temperature (the result is read out, not varied)
-            words_only = bool(tools) and choice.mode == "none"
             if words_only and not explicit_temperature:
                 temperature = 0.0
             return self._stream(rid, prompt, n_prompt, n, temperature, words_only=words_only)

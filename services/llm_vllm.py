@@ -174,8 +174,8 @@ class LLMEngine(ChatEngine):
             output_kind=RequestOutputKind.DELTA,
             # a tool call that must be made: vLLM's structured outputs decode it under its schema
             structured_outputs=StructuredOutputsParams(json=guide) if guide is not None else None,
-            # an answer spoken after tool results: no JSON, no tool-call tag
-            bad_words=["{", "<tool_call>"] if words_only else None,
+            # an answer spoken after tool results: no token that opens JSON or a tool call
+            logit_bias={i: -100.0 for i in self.markup_token_ids()} if words_only else None,
         )
         return ChatStream(lambda result: self._generate(result, request_id, prompt, prompt_tokens, params),
                           request_id, prompt_tokens)

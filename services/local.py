@@ -62,11 +62,12 @@ class LocalStages:
 
     async def generate(self, messages: list[dict[str, Any]], *, max_tokens: int | None,
                        audio: np.ndarray | None = None, tools: list[ToolSpec] | None = None,
-                       tool_choice: ToolChoice | None = None) -> AsyncIterator[str | ToolCallDelta]:
+                       tool_choice: ToolChoice | None = None, words_only: bool = False,
+                       ) -> AsyncIterator[str | ToolCallDelta]:
         kwargs: dict[str, Any] = {"audio": audio} if audio is not None else {}
         engine = await self.tool_engines.engine_for(self.llm, tools)
         async with engine.stream_chat(messages, max_tokens=max_tokens, tools=tools, tool_choice=tool_choice,
-                                      **kwargs) as stream:
+                                      words_only=words_only, **kwargs) as stream:
             async for delta in stream:
                 yield delta
 

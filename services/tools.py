@@ -31,6 +31,8 @@ from services.errors import FailedPrecondition, InvalidArgument
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Where the model's own tool-call format starts (Hermes / Qwen 2.5).
 CALL_START, CALL_END = "<tool_call>", "</tool_call>"
+#: Most tools one session may offer (each is written into every prompt).
+MAX_TOOLS = 64
 #: How a call written without its tags starts (spaces removed).
 BARE_CALL = '{"name":'
 
@@ -57,6 +59,13 @@ class ToolSpec(BaseModel):
             raise ValueError(f"tool name {value!r} must be 1-64 letters, digits, '_' or '-'")
         return value
 
+    @field_validator("name")
+    @classmethod
+    def _not_a_choice(cls, value: str) -> str:
+        if value in ("auto", "none", "required"):
+            raise ValueError(f"tool name {value!r} is a tool_choice keyword; name the tool otherwise")
+        return value
+
     @field_validator("parameters")
     @classmethod
     def _schema(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +75,11 @@ class ToolSpec(BaseModel):
             raise ValueError(f"parameters is not a valid JSON schema: {exc.message}") from None
         if value.get("type", "object") != "object":
             raise ValueError("parameters must describe an object (\"type\": \"object\")")
+        for ref in _refs(value):
+            if not ref.startswith("#"):
+                raise ValueError(f"parameters may only refer inside themselves ($ref {ref!r} is not '#...')")
+            if not _points_to(value, ref):
+                raise ValueError(f"parameters' $ref {ref!r} points nowhere in the schema") from None
         return value
 
     def openai(self) -> dict[str, Any]:
@@ -137,7 +151,10 @@ def check_arguments(tool: ToolSpec, arguments: str) -> dict[str, Any]:
         raise InvalidArgument(f"arguments of {tool.name} are not JSON ({exc.msg}): {arguments[:200]!r}") from None
     if not isinstance(value, dict):
         raise InvalidArgument(f"arguments of {tool.name} must be a JSON object, got {arguments[:200]!r}")
-    errors = sorted(_validator(json.dumps(tool.parameters, sort_keys=True)).iter_errors(value), key=str)
+    try:
+        errors = sorted(_validator(json.dumps(tool.parameters, sort_keys=True)).iter_errors(value), key=str)
+    except Exception as exc:  # a schema jsonschema cannot apply (a bad regex, a broken reference)
+        raise InvalidArgument(f"the schema of {tool.name} cannot check arguments: {exc}") from None
     if errors:
         where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
         raise InvalidArgument(f"arguments of {tool.name} do not match its schema at {where}: {errors[0].message}")
@@ -147,6 +164,30 @@ def check_arguments(tool: ToolSpec, arguments: str) -> dict[str, Any]:
 @lru_cache(maxsize=256)
 def _validator(schema: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(json.loads(schema))
+
+
+def _points_to(schema: dict[str, Any], ref: str) -> bool:
+    """``ref`` ('#' or a JSON pointer '#/a/b') names a part of ``schema``."""
+    node: Any = schema
+    for part in ref[1:].split("/")[1:] if ref != "#" else []:
+        key = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return False
+    return ref == "#" or ref.startswith("#/")
+
+
+def _refs(node: Any) -> list[str]:
+    """Every ``$ref`` in a schema."""
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return own + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
 
 
 @dataclass

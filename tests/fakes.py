@@ -72,6 +72,7 @@ class FakeStages:
         self.tts_slacks: list[float | None] = []  # slack_s of each synthesize call, in order
         self.llm_audio: list[np.ndarray | None] = []
         self.llm_tools: list[tuple[Any, Any]] = []  # (tools, tool_choice) of each generate call
+        self.llm_words_only: list[bool] = []  # words_only of each generate call
         self.llm_running = 0  # requests started and neither finished nor closed
         self.llm_aborted = 0  # requests closed before their last word
         self.transcribed: list[int] = []
@@ -114,12 +115,13 @@ class FakeStages:
 
     async def generate(self, messages: list[dict[str, Any]], *, max_tokens: int | None,
                        audio: np.ndarray | None = None, tools: list[Any] | None = None,
-                       tool_choice: Any = None) -> AsyncIterator[Any]:
+                       tool_choice: Any = None, words_only: bool = False) -> AsyncIterator[Any]:
         """Words of the answer; an answer may also be a script: a list of text deltas and
         ``ToolCallDelta`` items (see ``call()``), yielded as they are."""
         self.llm_calls.append(messages)
         self.llm_audio.append(audio)
         self.llm_tools.append((tools, tool_choice))
+        self.llm_words_only.append(words_only)
         await self._gate("llm")
         answer = self.answers.pop(0) if self.answers else self.answer
         items: list[Any] = answer if isinstance(answer, list) else \

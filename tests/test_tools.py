@@ -52,6 +52,17 @@ def test_tool_definitions_are_checked() -> None:
         ToolSpec(name="f", parameters={"type": "object", "properties": {"x": {"type": "nope"}}})
     with pytest.raises(ValueError, match="object"):
         ToolSpec(name="f", parameters={"type": "string"})
+    with pytest.raises(ValueError, match="points nowhere"):
+        ToolSpec(name="f", parameters={"type": "object", "properties": {"x": {"$ref": "#/nope"}}})
+    with pytest.raises(ValueError, match="inside themselves"):
+        ToolSpec(name="f", parameters={"type": "object", "properties": {"x": {"$ref": "https://e.com/s"}}})
+    with pytest.raises(ValueError, match="keyword"):
+        ToolSpec(name="required")
+    local = ToolSpec(name="f", parameters={"type": "object", "$defs": {"c": {"type": "string"}},
+                                           "properties": {"x": {"$ref": "#/$defs/c"}}})
+    assert check_arguments(local, '{"x": "a"}') == {"x": "a"}
+    with pytest.raises(InvalidArgument, match="schema"):
+        check_arguments(local, '{"x": 1}')
     with pytest.raises(InvalidArgument, match="unique"):
         check_tools([WEATHER, WEATHER], ToolChoice())
     with pytest.raises(InvalidArgument, match="not among"):

@@ -247,7 +247,7 @@ class GrpcAdapter:
         except VoxError as exc:
             if conv.closed:
                 raise
-            await conv.emit(ErrorEvent(code=exc.code, message=exc.message))
+            await conv.emit(ErrorEvent(code=exc.code, message=exc.message, tool_call_id=result.call_id or "?"))
 
     # --- Transcribe -----------------------------------------------------------------------------
 

@@ -28,14 +28,13 @@ from deployments.session_checks import (
 from protos.voxserve.v1 import voice_pb2 as pb
 from services.conversation.settings import CASCADE, SPEECH_NATIVE, SessionSettings, TurnDetection
 from services.errors import FailedPrecondition, InvalidArgument, OutOfRange
-from services.tools import ToolChoice, ToolSpec, check_tools
+from services.tools import MAX_TOOLS, ToolChoice, ToolSpec, check_tools
 
 _TURN_MODES = {pb.SEMANTIC: "semantic", pb.SILENCE: "silence", pb.MANUAL: "manual"}
 _INTERRUPTION_MODES = {pb.INTERRUPTION_PAUSE: "pause", pb.INTERRUPTION_CANCEL: "cancel",
                        pb.INTERRUPTION_OFF: "off"}
 _PLAYBACK = {pb.PLAYBACK_ESTIMATE: "estimate", pb.PLAYBACK_REPORTED: "reported", pb.PLAYBACK_NONE: "none"}
 MAX_BACKCHANNELS, MAX_BACKCHANNEL_CHARS = 100, 64
-MAX_TOOLS = 64
 
 
 def settings_from_config(cfg: pb.SessionConfig, args: AppArgs, *, voice_rate: int,

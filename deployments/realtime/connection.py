@@ -269,11 +269,11 @@ class RealtimeSession:
 
     async def _tool_output(self, item_id: str | None, call_id: str, output: str) -> None:
         """A function's result: into the history after its call; response.create asks for the answer."""
-        self.mapper.expect_tool_output(call_id, item_id, output)
+        item = self.mapper.expect_tool_output(call_id, item_id, output)
         try:
             await self.conv.submit_tool_result(call_id, output)
         except VoxError as exc:
-            self.mapper.forget_tool_output(call_id)
+            self.mapper.forget_tool_output(call_id, item)
             if self.conv.closed:
                 raise
             param = "item.output" if exc.code == "INVALID_ARGUMENT" else "item.call_id"

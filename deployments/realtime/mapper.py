@@ -48,6 +48,7 @@ class _Response:
     audio_ms: float = 0.0
     error: dict[str, Any] | None = None
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)  # call id -> its function_call item
+    indices: dict[str, int] = field(default_factory=dict)  # item id -> output_index (in order of appearance)
     filler: bool = False  # said while a tool runs (voxserve.filler in response.done)
 
     @property
@@ -95,7 +96,7 @@ class EventMapper:
         self._by_id: dict[str, int] = {}  # response id -> engine response id
         self.current: _Response | None = None  # started, not done
         self._call_items: OrderedDict[str, tuple[str, str]] = OrderedDict()  # call id -> (response id, item id)
-        self._outputs: dict[str, tuple[str, str]] = {}  # call id -> (item id, output) sent by the client
+        self._outputs: dict[str, list[tuple[str, str]]] = {}  # call id -> (item id, output) sent, oldest first
 
     # --- what the reader needs ----------------------------------------------------------------------
 
@@ -128,13 +129,19 @@ class EventMapper:
     def expect_tool_output(self, call_id: str, item_id: str | None, output: str) -> str:
         """Reserve the item of a function_call_output about to be submitted (ToolResultAccepted follows)."""
         item = item_id or self.ids.new("item")
-        if item in self._by_item or item in self._by_input.values():
+        used = {i for pending in self._outputs.values() for i, _ in pending}
+        if item in self._by_item or item in self._by_input.values() or item in used:
             raise RealtimeError(f"item id {item!r} is already used in this conversation", "invalid_value", "item.id")
-        self._outputs[call_id] = (item, output)
+        self._outputs.setdefault(call_id, []).append((item, output))
         return item
 
-    def forget_tool_output(self, call_id: str) -> None:
-        self._outputs.pop(call_id, None)
+    def forget_tool_output(self, call_id: str, item_id: str) -> None:
+        """An output the conversation refused: its reserved item is released."""
+        pending = [p for p in self._outputs.get(call_id, []) if p[0] != item_id]
+        if pending:
+            self._outputs[call_id] = pending
+        else:
+            self._outputs.pop(call_id, None)
 
     # --- mapping --------------------------------------------------------------------------------------
 
@@ -193,7 +200,10 @@ class EventMapper:
             payload["voxserve"] = {"call_id": e.call_id, "item_id": item_id, "reason": e.reason}
             return [payload]
         if isinstance(e, ev.ToolResultAccepted):
-            item_id, output = self._outputs.pop(e.call_id, (self.ids.new("item"), ""))
+            pending = self._outputs.get(e.call_id) or [(self.ids.new("item"), "")]
+            item_id, output = pending.pop(0)
+            if not pending:
+                self._outputs.pop(e.call_id, None)
             item = {"id": item_id, "type": "function_call_output", "object": "realtime.item", "status": "completed",
                     "call_id": e.call_id, "output": output}
             previous = self._last_item
@@ -273,12 +283,20 @@ class EventMapper:
             self._by_item.pop(old.item_id, None)
             self._by_id.pop(old.id, None)
         self.current = r
+        return [{"type": "response.created", "response": self._response(r, "in_progress", output=[])}]
+
+    def _open(self, r: _Response) -> list[dict[str, Any]]:
+        """The answer's message item, announced with its first text or audio (a response that only
+        calls functions has none, as OpenAI's)."""
+        if r.item_id in r.indices:
+            return []
+        r.indices[r.item_id] = len(r.indices)
         item = self._item(r, "in_progress", with_content=False)
         part = {"type": "text", "text": ""} if r.text_only else {"type": "audio", "transcript": ""}
-        ref = {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
+        ref = {"response_id": r.id, "item_id": r.item_id, "output_index": r.indices[r.item_id], "content_index": 0}
         return [
-            {"type": "response.created", "response": self._response(r, "in_progress", output=[])},
-            {"type": "response.output_item.added", "response_id": r.id, "output_index": 0, "item": item},
+            {"type": "response.output_item.added", "response_id": r.id, "output_index": ref["output_index"],
+             "item": item},
             self._added(item),
             {"type": "response.content_part.added", **ref, "part": part},
         ]
@@ -306,11 +324,12 @@ class EventMapper:
         r = self._responses.get(e.response_id)
         if r is None:
             return []
+        out = self._open(r)
         r.transcript.append(e.text)
         r.deltas += 1
         kind = "response.output_text.delta" if r.text_only else "response.output_audio_transcript.delta"
-        return [{"type": kind, "response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0,
-                 "delta": e.text}]
+        return [*out, {"type": kind, "response_id": r.id, "item_id": r.item_id,
+                       "output_index": r.indices[r.item_id], "content_index": 0, "delta": e.text}]
 
     def _tool_call(self, e: ev.ToolCallStarted | ev.ToolCallArguments | ev.ToolCallDone) -> list[dict[str, Any]]:
         r = self._responses.get(e.response_id)
@@ -320,33 +339,38 @@ class EventMapper:
             new: dict[str, Any] = {"id": self.ids.new("item"), "type": "function_call", "object": "realtime.item",
                                    "status": "in_progress", "name": e.name, "call_id": e.call_id, "arguments": ""}
             r.calls[e.call_id] = new
+            r.indices[new["id"]] = len(r.indices)
             self._call_items[e.call_id] = (r.id, new["id"])
             while len(self._call_items) > REMEMBERED_IDS:
                 self._call_items.popitem(last=False)
-            return [{"type": "response.output_item.added", "response_id": r.id, "output_index": len(r.calls),
+            return [{"type": "response.output_item.added", "response_id": r.id, "output_index": r.indices[new["id"]],
                      "item": dict(new)}, self._added(dict(new))]
         item = r.calls.get(e.call_id)
         if item is None:
             return []
-        ref = {"response_id": r.id, "item_id": item["id"], "output_index": list(r.calls).index(e.call_id) + 1,
-               "call_id": e.call_id}
+        ref = {"response_id": r.id, "item_id": item["id"], "output_index": r.indices[item["id"]], "call_id": e.call_id}
         if isinstance(e, ev.ToolCallArguments):
             item["arguments"] += e.delta
             return [{"type": "response.function_call_arguments.delta", **ref, "delta": e.delta}]
         item.update(arguments=e.arguments, status="incomplete" if e.error else "completed")
-        return [{"type": "response.function_call_arguments.done", **ref, "name": e.name, "arguments": e.arguments},
+        # a call off its schema is not made: voxserve.error says why (an error event follows)
+        vox = {"voxserve": {"error": e.error}} if e.error else {}
+        return [{"type": "response.function_call_arguments.done", **ref, "name": e.name, "arguments": e.arguments,
+                 **vox},
                 {"type": "response.output_item.done", "response_id": r.id, "output_index": ref["output_index"],
-                 "item": dict(item)},
+                 "item": dict(item), **vox},
                 {"type": "conversation.item.done", "previous_item_id": None, "item": dict(item)}]
 
     def _audio(self, e: ev.AudioOut) -> list[dict[str, Any]]:
         r = self._responses.get(e.response_id)
         if r is None or r.text_only:
             return []  # text only: the audio is not sent (nor counted as heard: playback 'none')
+        out = self._open(r)
         r.audio_ms += 1000.0 * (len(e.pcm16) // 2) / e.sample_rate
         data = e.pcm16 if r.encoding is AudioEncoding.PCM16 else encoder(r.encoding)(pcm16_to_float(e.pcm16))
-        return [{"type": "response.output_audio.delta", "response_id": r.id, "item_id": r.item_id, "output_index": 0,
-                 "content_index": 0, "delta": base64.b64encode(data).decode("ascii")}]
+        return [*out, {"type": "response.output_audio.delta", "response_id": r.id, "item_id": r.item_id,
+                       "output_index": r.indices[r.item_id], "content_index": 0,
+                       "delta": base64.b64encode(data).decode("ascii")}]
 
     def _interrupted(self, e: ev.ResponseInterrupted) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -378,27 +402,29 @@ class EventMapper:
         r.done = True
         if self.current is r:
             self.current = None
-        ref = {"response_id": r.id, "item_id": r.item_id, "output_index": 0, "content_index": 0}
         item_status = "completed" if status == "completed" else "incomplete"
         item = self._item(r, item_status)
         out: list[dict[str, Any]] = []
-        if r.text_only:
-            out.append({"type": "response.output_text.done", **ref, "text": r.text})
-            part = {"type": "text", "text": r.text}
-        else:
-            out.append({"type": "response.output_audio.done", **ref})
-            out.append({"type": "response.output_audio_transcript.done", **ref, "transcript": r.text})
-            part = {"type": "audio", "transcript": r.text}
-        out.append({"type": "response.content_part.done", **ref, "part": part})
-        out.append({"type": "response.output_item.done", "response_id": r.id, "output_index": 0, "item": item})
-        out.append({"type": "conversation.item.done", "previous_item_id": None, "item": item})
+        if r.item_id in r.indices:  # the message item was announced: it ends here
+            ref = {"response_id": r.id, "item_id": r.item_id, "output_index": r.indices[r.item_id],
+                   "content_index": 0}
+            if r.text_only:
+                out.append({"type": "response.output_text.done", **ref, "text": r.text})
+                part = {"type": "text", "text": r.text}
+            else:
+                out.append({"type": "response.output_audio.done", **ref})
+                out.append({"type": "response.output_audio_transcript.done", **ref, "transcript": r.text})
+                part = {"type": "audio", "transcript": r.text}
+            out.append({"type": "response.content_part.done", **ref, "part": part})
+            out.append({"type": "response.output_item.done", "response_id": r.id, "output_index": ref["output_index"],
+                        "item": item})
+            out.append({"type": "conversation.item.done", "previous_item_id": None, "item": item})
         usage = {"total_tokens": tokens, "input_tokens": 0, "output_tokens": tokens,
                  "input_token_details": {"text_tokens": 0, "audio_tokens": 0, "cached_tokens": 0},
                  "output_token_details": {"text_tokens": tokens, "audio_tokens": 0}}
-        # a response that only called functions lists only them (its empty message is left out)
-        message = [item] if r.text or r.audio_ms or not r.calls else []
-        response = self._response(r, status, output=message + [dict(c) for c in r.calls.values()],
-                                  details=details, usage=usage)
+        items = {r.item_id: item, **{c["id"]: dict(c) for c in r.calls.values()}}
+        output = [items[i] for i in sorted(r.indices, key=r.indices.__getitem__)]
+        response = self._response(r, status, output=output, details=details, usage=usage)
         # voxserve's own fields (clients ignore unknown ones): server-measured latency, audio sent
         vox: dict[str, Any] = {"audio_ms": int(r.audio_ms), **({"filler": True} if r.filler else {})}
         if latency is not None:

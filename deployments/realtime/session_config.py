@@ -33,7 +33,7 @@ from deployments.session_checks import (
 from services.codecs import G711, AudioEncoding, check_encoding_rate, parse_encoding
 from services.conversation.settings import CASCADE, SPEECH_NATIVE, SessionSettings
 from services.errors import VoxError
-from services.tools import ToolChoice, ToolSpec, check_tools
+from services.tools import MAX_TOOLS, ToolChoice, ToolSpec, check_tools
 
 #: The OpenAI default audio: 16-bit PCM at 24 kHz, in and out.
 DEFAULT_RATE = 24000
@@ -263,6 +263,8 @@ class RealtimeConfig:
 
 def _tools(wire: list[Any]) -> list[ToolSpec]:
     """session.tools: function tools ({"type": "function", "name", "description", "parameters"})."""
+    if len(wire) > MAX_TOOLS:
+        raise RealtimeError(f"at most {MAX_TOOLS} tools per session; got {len(wire)}", "invalid_value", "session.tools")
     out: list[ToolSpec] = []
     for i, tool in enumerate(wire):
         param = f"session.tools[{i}]"

@@ -29,6 +29,9 @@ from services.conversation.turn import Turn, TurnState
 from services.errors import InvalidArgument, VoxError
 from services.tools import ToolCallDelta, ToolChoice, ToolSpec, check_arguments
 
+#: Longest a call's arguments may take to check against the tool's schema.
+CHECK_ARGUMENTS_S = 1.0
+
 
 class _CallReader:
     """Tool-call items of one answer's LLM stream -> the turn's tool-call events, each call
@@ -55,14 +58,18 @@ class _CallReader:
             try:
                 if tool is None:
                     raise InvalidArgument(f"the model called {delta.name!r}, which is not among the session's tools")
-                check_arguments(tool, delta.arguments)
+                # in a thread, bounded: a client's schema may hold a regex that backtracks for long
+                async with asyncio.timeout(CHECK_ARGUMENTS_S):
+                    await asyncio.to_thread(check_arguments, tool, delta.arguments)
             except InvalidArgument as exc:
                 error = exc.message
+            except TimeoutError:
+                error = f"checking the arguments of {delta.name} against its schema took over {CHECK_ARGUMENTS_S:g} s"
             await turn.put(ev.ToolCallDone(response_id=turn.response_id, call_id=call_id, name=delta.name,
                                            arguments=delta.arguments, error=error))
             if error:
                 await turn.put(ev.ErrorEvent(code="INVALID_ARGUMENT", response_id=turn.response_id,
-                                             message=f"tool call {call_id} not made: {error}"))
+                                             message=f"tool call {call_id} not made: {error}", tool_call_id=call_id))
 
 
 class NothingToSay(Exception):
@@ -175,6 +182,8 @@ class AnswerProducer:
                 tools, choice = self._tools_for(turn, audio)
                 # stages that predate tools are still called the old way when there are none
                 extra: dict[str, Any] = {"tools": tools, "tool_choice": choice} if tools else {}
+                if tools and turn.user.after_tools and choice is not None and choice.mode == "none":
+                    extra["words_only"] = True  # the answer that reads the results out: no JSON in it
                 stream = self.stages.generate(messages, max_tokens=s.max_response_tokens, audio=audio, **extra)
                 calls = _CallReader(turn, {t.name: t for t in s.tools})
                 async for delta in deadline_stream(stream, t.llm_first_token_s, t.llm_stall_s, "the LLM"):

@@ -47,10 +47,12 @@ class Stages(Protocol):
 
     def generate(self, messages: list[dict[str, Any]], *, max_tokens: int | None,
                  audio: np.ndarray | None = None, tools: list[ToolSpec] | None = None,
-                 tool_choice: ToolChoice | None = None) -> AsyncIterator[str | ToolCallDelta]:
+                 tool_choice: ToolChoice | None = None, words_only: bool = False,
+                 ) -> AsyncIterator[str | ToolCallDelta]:
         """LLM text deltas; ``audio`` (16 kHz) is the user's turn in speech-native mode. With
         ``tools`` the model may call them: ``ToolCallDelta`` items come between the text deltas
-        (a session with tools is answered by ``llm.tool_model``)."""
+        (a session with tools is answered by ``llm.tool_model``). ``words_only``: the answer after
+        tool results, with no JSON in it (see ``ChatEngine.stream_chat``)."""
         ...
 
     def synthesize(self, text: str, *, voice: str, sample_rate: int,
