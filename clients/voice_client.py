@@ -401,7 +401,7 @@ class VoiceClient:
             states[index].finished.clear()  # in case the early answer had already ended
 
         results_out: asyncio.Queue[pb.ClientMessage] = asyncio.Queue(maxsize=64)  # tool results to send
-        tool_state: dict[str, Any] = {"turn": None, "running": 0, "t_result": 0.0}
+        tool_state: dict[str, Any] = {"turn": None, "t_result": 0.0}
         calling: set[int] = set()  # responses that called tools: the turn waits for the next answer
         runs: set[asyncio.Task[None]] = set()
 
@@ -410,7 +410,6 @@ class VoiceClient:
             results[index].tool_calls.append(record)
             assert tools is not None
             record["output"] = await tools.run(e.name, e.arguments_json)
-            tool_state["running"] -= 1
             tool_state["t_result"] = time.monotonic()
             await results_out.put(pb.ClientMessage(tool_result=pb.ToolResult(call_id=e.call_id,
                                                                              output_json=record["output"])))
@@ -521,12 +520,12 @@ class VoiceClient:
                         is not None and event.tool_call.done and not event.tool_call.error:
                     calling.add(event.tool_call.response_id)
                     tool_state["turn"] = index
-                    tool_state["running"] += 1
                     task = asyncio.create_task(run_tool(index, event.tool_call))
                     runs.add(task)
                     task.add_done_callback(runs.discard)
-                elif kind == "tool_call_cancelled" and tool_state["turn"] is not None:
-                    end(tool_state["turn"])  # the user spoke on: no answer comes for that turn
+                elif kind == "tool_call_cancelled" and tool_state["turn"] is not None \
+                        and event.tool_call_cancelled.reason != "timeout":  # after a timeout the model still answers
+                    end(tool_state["turn"])  # the user spoke on (or cancelled): no answer comes for that turn
                     tool_state["turn"] = None
                 elif kind == "error":
                     e = event.error

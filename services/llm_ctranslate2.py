@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +100,7 @@ class CT2Engine(ChatEngine):
     def __init__(self, generator: Any, tokenizer: Any, cfg: LLMConfig, model: str, max_model_len: int) -> None:
         self._gen = generator
         self._active: dict[str, _Request] = {}
-        self._cached: OrderedDict[int, None] = OrderedDict()  # first messages whose KV cache CTranslate2 keeps
+        self._cached: set[int] = set()  # first messages whose KV cache CTranslate2 keeps (for good)
         super().__init__(cfg, model, tokenizer, max_model_len)
         self._end_ids = _end_ids(tokenizer, model)
         from services.llm_guided import GuidedDecoder
@@ -168,12 +167,10 @@ class CT2Engine(ChatEngine):
             return tokens, None  # only a system message is shared by many requests
         static = tokens[:cut]
         key = hash(tuple(ids[:cut]))
-        if key in self._cached:
-            self._cached.move_to_end(key)
-        elif len(self._cached) < self.cfg.ct2_cached_prompts:
-            self._cached[key] = None
-        else:
-            return tokens, None  # a first message beyond the cache's bound: no KV kept for it
+        if key not in self._cached:
+            if len(self._cached) >= self.cfg.ct2_cached_prompts:
+                return tokens, None  # a first message beyond the cache's bound: no KV kept for it
+            self._cached.add(key)
         return tokens[cut:], static
 
     def _sampling(self, temperature: float, static: list[str] | None,

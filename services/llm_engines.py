@@ -106,12 +106,16 @@ class ToolEngine:
         self.cfg = cfg
         self.engine: ChatEngine | None = None
         self._lock = asyncio.Lock()
+        self._separate: bool | None = None
 
     @property
     def separate(self) -> bool:
-        """A model of its own serves tool sessions."""
-        cfg = self.cfg
-        return cfg is not None and bool(cfg.tool_model) and resolve_llm(cfg.tool_model) != resolve_llm(cfg.model)
+        """A model of its own serves tool sessions (decided once: it looks at the model folders)."""
+        if self._separate is None:
+            cfg = self.cfg
+            self._separate = cfg is not None and bool(cfg.tool_model) and \
+                resolve_llm(cfg.tool_model) != resolve_llm(cfg.model)
+        return self._separate
 
     def _config(self) -> LLMConfig:
         assert self.cfg is not None

@@ -211,8 +211,9 @@ class ToolCallReader:
     here for either engine: its streaming method finds the content and the argument pieces, its
     complete method the final calls. Text that may still become a call (a partial ``<tool_call>``
     tag, or, with hermes, an answer opening with ``{"name":``) is held back, and so is a closing
-    brace that may belong to the call object rather than to the arguments, so the pieces always
-    add up to the done item's arguments.
+    brace that may belong to the call object rather than to the arguments. The done item's
+    arguments are the parser's final reading (its JSON form); the pieces add up to them when the
+    model wrote that same form, as the small models do, and otherwise the done item rules.
     """
 
     def __init__(self, tokenizer: Any, tools: Sequence[ToolSpec], *, parser: str = "hermes") -> None:

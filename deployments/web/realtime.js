@@ -6,9 +6,9 @@
 // is scheduled gap-free with Web Audio. Barge-in: on input_audio_buffer.speech_started (or a new
 // push-to-talk press) playback stops at once and conversation.item.truncate tells the server how
 // much of the answer was actually played, so its history keeps only what was heard.
-// Tools: the page offers one function of its own (get_time) when "demo tool" is ticked; a call is
-// shown in the transcript, run here, its result sent as a function_call_output item, and once the
-// response is done a response.create asks for the answer that uses it.
+// Tools: the page offers one function of its own (get_time) when "demo tool" is ticked; when a
+// response is done, each function call it made is shown in the transcript, run here, and its
+// result sent as a function_call_output item; a response.create then asks for the answer.
 // window.voxStats (mirrored as JSON in #stats) records what happened, for people and for tests.
 "use strict";
 
@@ -54,7 +54,7 @@ const TOOLS = {
     },
   },
 };
-let answerAfter = null;  // response id whose function calls were answered: response.create when it is done
+
 window.voxStats = stats;
 
 let ws = null, ctx = null, micStream = null, micNode = null, master = null, analyser = null;
@@ -232,9 +232,7 @@ function onEvent(e) {
         if (call) call.querySelector(".result").textContent = "→ " + e.item.output;
       }
       break;
-    case "response.function_call_arguments.done":
-      runTool(e);
-      break;
+
     case "conversation.item.input_audio_transcription.completed":
       bubble(e.item_id, "user").querySelector(".text").textContent = e.transcript || "(no words)";
       stats.userTranscripts.push(e.transcript);
@@ -253,8 +251,11 @@ function onEvent(e) {
     case "response.done": {
       const r = e.response;
       const item = (r.output || []).find((o) => o.type === "message");
-      if (answerAfter === r.id) {  // its calls have their results: the answer that uses them
-        answerAfter = null;
+      // calls made (not those off their schema: incomplete): run them, send the outputs, then
+      // ask for the answer that uses them
+      const calls = (r.output || []).filter((o) => o.type === "function_call" && o.status === "completed");
+      if (r.status === "completed" && calls.length) {
+        calls.forEach(runTool);
         send({ type: "response.create" });
       }
       const clientMs = speechStoppedAt !== null && firstAudioAt !== null ? firstAudioAt - speechStoppedAt : null;
@@ -288,7 +289,7 @@ function onEvent(e) {
   publish();
 }
 
-function runTool(e) {
+function runTool(e) {  // e: a function_call item (name, call_id, arguments)
   const el = document.createElement("div");
   el.className = "turn tool";
   el.innerHTML = `<span class="who">tool call</span><span class="call"></span><span class="result">…</span>`;
@@ -305,7 +306,6 @@ function runTool(e) {
   stats.toolCalls.push({ name: e.name, arguments: e.arguments, output });
   send({ type: "conversation.item.create", item: { type: "function_call_output", call_id: e.call_id,
                                                    output: JSON.stringify(output) } });
-  answerAfter = e.response_id;
 }
 
 function sessionUpdate() {

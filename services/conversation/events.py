@@ -166,7 +166,8 @@ class ToolCallStarted(Event):
 
 @dataclass
 class ToolCallArguments(Event):
-    """A piece of a call's arguments JSON (the pieces add up to ToolCallDone.arguments)."""
+    """A piece of a call's arguments JSON, as the model writes them (ToolCallDone.arguments is the
+    final reading: the same text when the model writes compact JSON, else its normal form)."""
 
     response_id: int
     call_id: str
