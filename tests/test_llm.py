@@ -382,13 +382,13 @@ async def test_a_cancelled_tool_call_aborts_the_generation(tool_engine: ChatEngi
 
 
 async def test_the_answer_after_a_result_is_words_not_json(tool_engine: ChatEngine) -> None:
-    """After a tool result the model answers without tools offered (tool_choice none): no token
-    that opens JSON or a call is allowed (small models echo the call and the result otherwise)."""
+    """After a tool result the model answers without tools offered (tool_choice none, words_only):
+    no token that opens JSON or a call is allowed (small models echo the call and the result otherwise)."""
     messages = [{"role": "user", "content": "What's the weather like in Madrid?"},
                 {"role": "assistant", "content": "", "tool_calls": [{
                     "id": "c1", "type": "function",
                     "function": {"name": "get_weather", "arguments": {"city": "Madrid"}}}]},
                 {"role": "tool", "content": '{"city": "Madrid", "sky": "partly cloudy", "temperature_celsius": 18}',
                  "tool_call_id": "c1"}]
-    text, calls = await _items(tool_engine, "", [WEATHER], ToolChoice("none"), messages=messages)
+    text, calls = await _items(tool_engine, "", [WEATHER], ToolChoice("none"), messages=messages, words_only=True)
     assert not calls and "{" not in text and "18" in text, text
