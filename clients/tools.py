@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from clients.errors import ClientError
+from protos.voxserve.v1 import voice_pb2 as pb
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
@@ -61,6 +62,11 @@ class LocalTools:
     def definitions(self) -> list[dict[str, Any]]:
         """The tools as OpenAI-style function definitions (name, description, parameters)."""
         return [{"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters}
+                for t in self.tools.values()]
+
+    def protos(self) -> list[pb.Tool]:
+        """The tools as gRPC ``SessionConfig.tools``."""
+        return [pb.Tool(name=t.name, description=t.description, parameters_json=json.dumps(t.parameters))
                 for t in self.tools.values()]
 
     async def run(self, name: str, arguments: str) -> str:

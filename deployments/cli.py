@@ -199,18 +199,14 @@ def _load_tools(args: argparse.Namespace, config: Any) -> Any:
     path = getattr(args, "tools", None)
     if not path:
         return None
-    import json as _json
-
     from clients.errors import ClientError
     from clients.tools import LocalTools
-    from protos.voxserve.v1 import voice_pb2 as pb
 
     try:
         tools = LocalTools.load(path)
     except ClientError as exc:
         raise SystemExit(f"voxserve talk: {exc}") from exc
-    config.tools.extend(pb.Tool(name=d["name"], description=d["description"],
-                                parameters_json=_json.dumps(d["parameters"])) for d in tools.definitions())
+    config.tools.extend(tools.protos())
     config.tool_choice = getattr(args, "tool_choice", "") or ""
     print(f"tools offered: {', '.join(tools.tools)}")
     return tools

@@ -98,9 +98,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from services.cpu import machine_record
 
     tools = LocalTools([describe(f) for f in (get_weather, get_time, convert_units, set_timer)])
-    config = pb.SessionConfig(input_sample_rate=16000, language="en", playback=pb.PLAYBACK_NONE, tools=[
-        pb.Tool(name=d["name"], description=d["description"], parameters_json=json.dumps(d["parameters"]))
-        for d in tools.definitions()])
+    config = pb.SessionConfig(input_sample_rate=16000, language="en", playback=pb.PLAYBACK_NONE,
+                              tools=tools.protos())
     speakers = voices()
     chosen = [v.replace("espeak:", "espeak ") for v in args.voices.split(",")]
     rows: list[dict[str, Any]] = []

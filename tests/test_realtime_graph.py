@@ -500,9 +500,7 @@ async def test_reference_client_runs_the_example_tools_and_the_answer_uses_the_r
     from protos.voxserve.v1 import voice_pb2 as pb
 
     tools = LocalTools.load(str(ROOT / "examples" / "tools.py"))
-    config = pb.SessionConfig(input_sample_rate=16000, language="en", tools=[
-        pb.Tool(name=d["name"], description=d["description"], parameters_json=json.dumps(d["parameters"]))
-        for d in tools.definitions()])
+    config = pb.SessionConfig(input_sample_rate=16000, language="en", tools=tools.protos())
     client = VoiceClient(server.grpc_address)
     try:
         result = await client.converse([UserTurn(audio=say("How many kilometers are ten miles?"), label="spoken")],

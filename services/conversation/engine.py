@@ -404,8 +404,7 @@ class Conversation:
         """Answer now: the inputs committed without auto-respond (or continue the conversation)."""
         async with self._lock:
             self._check_open()
-            r = self._response
-            if self.response_in_progress and not (r is not None and r.filler):
+            if self.response_in_progress and not self.filler_in_progress:
                 raise FailedPrecondition("a response is already in progress; cancel it first")
             pending, self._unanswered = self._unanswered, []
             audio = [u.audio for u in pending if u.audio is not None]

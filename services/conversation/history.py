@@ -97,7 +97,10 @@ class ChatHistory:
 
     def add_tool_result(self, call_id: str, output: str) -> None:
         """Record the result of a call, after the calls of its answer and the results before it;
-        a second result for the same call (a late one, after a cancel) replaces the first."""
+        a second result for the same call (a late one, after a cancel) replaces the first. A call
+        the history does not hold (its answer was never heard) gets no result: nothing to pair."""
+        if not any(c.call_id == call_id for e in self._turns for c in e.tool_calls):
+            return
         for entry in self._turns:
             if entry.role == "tool" and entry.call_id == call_id:
                 entry.text = output

@@ -211,8 +211,7 @@ class ToolCalls:
     def _record(self, call: PendingCall, output: str) -> None:
         """Into the history after the call (by the turn when it ends, or now if it has)."""
         if call.turn.ended:
-            if any(c.call_id == call.record.call_id for e in self._history.turns for c in e.tool_calls):
-                self._history.add_tool_result(call.record.call_id, output)
+            self._history.add_tool_result(call.record.call_id, output)
         else:
             call.turn.tool_outputs[call.record.call_id] = output
 
