@@ -92,6 +92,11 @@ def key_id(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
+def owner_id(key: str) -> str:
+    """Who a key is, for binding resume tokens to it (a digest: the key itself is never stored)."""
+    return "key:" + hashlib.sha256(b"voxserve-owner:" + key.encode()).hexdigest()[:32]
+
+
 def parse_keys(text: str) -> list[str]:
     """Comma-separated keys; surrounding whitespace and empty entries are dropped."""
     return [k.strip() for k in text.split(",") if k.strip()]
@@ -221,12 +226,13 @@ class ApiKeyAuth:
     def _exempt(self, peer: str | None) -> bool:
         return not self.enabled or (self.allow_unauthenticated_loopback and is_loopback(peer))
 
-    def _judge(self, presented: list[str], malformed: bool) -> None:
-        """Accept if any presented key is valid; otherwise say what was wrong, never the key."""
+    def _judge(self, presented: list[str], malformed: bool) -> str:
+        """Accept if any presented key is valid (its ``owner_id``); otherwise say what was wrong,
+        never the key."""
         # evaluate every candidate, so the time taken does not depend on which one matched
         ok = [self.is_valid(k) for k in presented]
         if any(ok):
-            return
+            return owner_id(presented[ok.index(True)])
         if presented:
             raise Unauthenticated("invalid API key")
         if malformed:
@@ -245,18 +251,19 @@ class ApiKeyAuth:
         return keys, malformed
 
     def check_grpc_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None, *,
-                            peer: str | None = None) -> None:
-        """Raise Unauthenticated unless the metadata holds ``authorization: Bearer <valid key>``.
+                            peer: str | None = None) -> str:
+        """Raise Unauthenticated unless the metadata holds ``authorization: Bearer <valid key>``;
+        returns who the caller is (``owner_id`` of its key; '' when authentication is off for it).
 
         ``metadata``: ``context.invocation_metadata()`` (pairs; names compared case-insensitively).
         ``peer``: ``context.peer()``, used only with ``allow_unauthenticated_loopback``. Do not call
         it for PUBLIC_GRPC_METHODS (health checks).
         """
         if self._exempt(peer):
-            return
+            return ""
         values = [v for k, v in _pairs(metadata) if k == "authorization"]
         keys, malformed = self._bearer(values)
-        self._judge(keys, malformed)
+        return self._judge(keys, malformed)
 
     def check_websocket_headers(
         self,
@@ -275,6 +282,17 @@ class ApiKeyAuth:
         Raises Unauthenticated (answer HTTP 401 with ``WWW-Authenticate: WWW_AUTHENTICATE``).
         The returned subprotocol is computed whether or not auth is on: pass it to ``accept()``.
         """
+        return self.websocket_credentials(headers, query_params, subprotocols, client_host=client_host)[0]
+
+    def websocket_credentials(
+        self,
+        headers: Mapping[Any, Any] | Iterable[tuple[Any, Any]] | None,
+        query_params: Mapping[str, str] | None = None,
+        subprotocols: Iterable[str] | None = None,
+        *,
+        client_host: str | None = None,
+    ) -> tuple[str | None, str]:
+        """``check_websocket_headers``, plus who the caller is (``owner_id``; '' when exempt)."""
         pairs = _pairs(headers)
         if subprotocols is None:
             offered = [p.strip() for k, v in pairs if k == "sec-websocket-protocol" for p in v.split(",")]
@@ -282,13 +300,12 @@ class ApiKeyAuth:
             offered = [p.strip() for p in subprotocols]
         chosen = choose_subprotocol(offered)
         if self._exempt(client_host):
-            return chosen
+            return chosen, ""
         keys, malformed = self._bearer([v for k, v in pairs if k == "authorization"])
         keys += [p[len(KEY_SUBPROTOCOL_PREFIX):] for p in offered if p.startswith(KEY_SUBPROTOCOL_PREFIX)]
         if self.allow_query_param and query_params is not None and query_params.get(KEY_QUERY_PARAM):
             keys.append(str(query_params[KEY_QUERY_PARAM]))
-        self._judge(keys, malformed)
-        return chosen
+        return chosen, self._judge(keys, malformed)
 
 
 def open_server_warning(auth: ApiKeyAuth, host: str) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -81,6 +81,29 @@ class GatewayConfig(BaseModel):
                     "prefill, so one session cannot stall the others).")
 
 
+class SessionsConfig(BaseModel):
+    """Sessions that outlive their replica: the journal, resume tokens, and the drain."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    journal: Literal["embedded", "redis", "memory", "off"] = Field("embedded",
+        description="Where sessions are journaled: embedded (Ray's GCS; survives any Gateway replica), redis "
+                    "(survives a Ray cluster restart), memory (this replica only: no resume elsewhere), off.")
+    redis_url: str = Field("",
+        description="Redis URL of the redis journal (redis://host:6379/0); empty: read redis_url_env.")
+    redis_url_env: str = Field("VOXSERVE_REDIS_URL",
+        description="Environment variable holding the Redis URL (e.g. from a Kubernetes Secret).")
+    ttl_s: float = Field(3600.0, gt=0,
+        description="A session's journal entry expires this long after its last activity (resume: NOT_FOUND).")
+    resume_token_ttl_s: float = Field(86400.0, gt=0,
+        description="A resume token is refused (NOT_FOUND) this long after it was issued.")
+    resume_secret_env: str = Field("VOXSERVE_RESUME_SECRET",
+        description="Environment variable holding the token-signing secret (32+ bytes, e.g. a Kubernetes "
+                    "Secret); unset: a random secret kept in the journal's store, shared by every replica.")
+    drain_timeout_s: float = Field(8.0, gt=0,
+        description="A draining replica waits this long for each session's turn boundary before moving it.")
+
+
 class AppArgs(BaseModel):
     """Arguments of ``deployments.app:build_app``: one engine config per stage plus the gateway."""
 
@@ -95,6 +118,8 @@ class AppArgs(BaseModel):
                     "None = speech-native only if `llm.model` is itself an audio LLM.")
     tts: TTSConfig = Field(default_factory=TTSConfig, description="TTS engine settings.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Gateway settings.")
+    sessions: SessionsConfig = Field(default_factory=SessionsConfig,
+        description="Session journal, resume tokens and the drain of a stopping Gateway replica.")
     auth: AuthConfig = Field(default_factory=AuthConfig,
         description="API keys for the gRPC and WebSocket endpoints (none configured = authentication off).")
 

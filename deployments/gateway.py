@@ -10,6 +10,7 @@ each other.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -24,8 +25,10 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.auth import ApiKeyAuth
 from deployments.config import AppArgs
+from deployments.drain import replica_shutdown_flag, watch_for_shutdown
 from deployments.grpc.adapter import GrpcAdapter
 from deployments.grpc.status import set_status
+from deployments.journal_gcs import journal_store, resume_secret
 from deployments.metrics import GatewayMetrics
 from deployments.realtime.endpoint import RealtimeAdapter
 from deployments.realtime.endpoint import app as realtime_app
@@ -63,10 +66,14 @@ class Gateway:
         self.stages = RemoteStages(vad, asr, llm, tts, local_vad, turn_model)
         self.metrics = GatewayMetrics()
         self.hub = SessionHub(self.args, self.stages, observer=self.metrics)
+        await self.hub.open_journal(journal_store(self.args.sessions), resume_secret(self.args.sessions))
         self.warm_up_s: dict[str, float] = {}
         self.grpc = GrpcAdapter(self.hub, self.auth, self.metrics)  # Converse, Transcribe, Synthesize
         self.realtime = RealtimeAdapter(self.args, self.hub, self.auth, self.metrics)  # /v1/realtime
         await self._warm_up()
+        # a stopping replica moves its sessions (SessionMoved) instead of having them cut
+        self._drain_watch = asyncio.get_running_loop().create_task(
+            watch_for_shutdown(await asyncio.to_thread(replica_shutdown_flag), self.hub.drain))
 
     async def _warm_up(self) -> None:
         """One call down every path the first turn takes, before taking traffic: a handle's first

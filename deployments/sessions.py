@@ -21,13 +21,25 @@ import numpy as np
 
 from deployments.config import AppArgs
 from services.conversation import Conversation, Observer, SessionSettings
-from services.conversation.events import TurnLatency
+from services.conversation.events import SessionMoved, TurnLatency
 from services.conversation.history import ChatHistory
+from services.conversation.snapshot import VERSION, restore_history
 from services.conversation.stages import Stages
-from services.errors import OutOfRange, ResourceExhausted, Unavailable, to_vox_error
+from services.errors import (
+    FailedPrecondition,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+    to_vox_error,
+)
+from services.journal import JournalStore, JournalWriter
+from services.resume_tokens import NO_SESSION, ResumeTokens
 
 log = logging.getLogger("ray.serve")
 
+#: Journal write times kept for ``stats()``.
+JOURNAL_SAMPLES = 2048
 #: Histories of recently ended sessions kept for operators and tests.
 RECENT_SESSIONS = 64
 #: How long a health verdict is reused (probes come every few seconds from several places).
@@ -131,6 +143,32 @@ class SessionHub:
         self._recent: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self._info: dict[str, Any] | None = None
         self._health: tuple[float, bool] = (0.0, False)
+        self.journal: JournalStore | None = None
+        self.tokens: ResumeTokens | None = None
+        self.journal_write_ms: deque[float] = deque(maxlen=JOURNAL_SAMPLES)
+        self.journal_failures = 0
+        self.draining = False
+        # per live conversation (keyed by the object: a session resumed on this same replica has
+        # two, briefly): set once SessionMoved was sent; its journal writer and owner
+        self._moved: dict[Conversation, asyncio.Event] = {}
+        self._writers: dict[Conversation, tuple[JournalWriter, str]] = {}
+
+    async def open_journal(self, store: JournalStore | None, secret: bytes | None = None) -> None:
+        """Journal sessions in ``store`` (None: no journal, no resume). ``secret`` signs resume
+        tokens; None: the store's shared random secret."""
+        if store is None:
+            return
+        self.tokens = ResumeTokens(secret or await store.shared_secret(), self.args.sessions.resume_token_ttl_s)
+        self.journal = store
+
+    def _journal_written(self, ms: float, ok: bool) -> None:
+        if ok:
+            self.journal_write_ms.append(ms)
+        else:
+            self.journal_failures += 1
+        report = getattr(self.observer.inner, "journal_write", None)  # type: ignore[attr-defined]
+        if report is not None:
+            report(ms, ok)
 
     # --- stages ----------------------------------------------------------------------------------
 
@@ -168,6 +206,8 @@ class SessionHub:
         more than one new session per ``retry_after_s`` until the window can judge again.
         A pure check unless ``record`` (``slot`` records the session it lets in)."""
         g = self.args.gateway
+        if self.draining:
+            raise Unavailable("this gateway replica is shutting down; retry and another replica takes the session")
         if self.active >= g.max_sessions:
             raise ResourceExhausted(f"server busy: {g.max_sessions} sessions already active on this replica; "
                                     f"retry in {g.retry_after_s:g} s", retry_after_s=g.retry_after_s)
@@ -192,8 +232,14 @@ class SessionHub:
 
     def stats(self) -> dict[str, Any]:
         """What an operator or an autoscaler wants to know about this replica now."""
+        writes = list(self.journal_write_ms)
+        journal = {"store": self.journal.name if self.journal is not None else "off", "writes": len(writes),
+                   "failures": self.journal_failures,
+                   "write_p50_ms": float(np.percentile(writes, 50)) if writes else None,
+                   "write_p95_ms": float(np.percentile(writes, 95)) if writes else None}
         return {"active_sessions": self.active, "max_sessions": self.args.gateway.max_sessions,
-                "first_audio_p95_ms": self.first_audio.p95(min_samples=1)}
+                "first_audio_p95_ms": self.first_audio.p95(min_samples=1), "draining": self.draining,
+                "journal": journal}
 
     async def check_system_prompt(self, prompt: str) -> None:
         """OUT_OF_RANGE for a system prompt over the token limit (it would stall every session's
@@ -221,31 +267,124 @@ class SessionHub:
             if not admission.opened and self._last_admit == admission.at:
                 self._last_admit = admission.previous
 
+    async def resume(self, token: str, owner: str) -> dict[str, Any]:
+        """The journal entry a resume token continues, for the caller ``owner``:
+        PERMISSION_DENIED for a token that is not ours or not this caller's, NOT_FOUND for an
+        expired token or a session the journal no longer holds. Restores nothing by itself."""
+        if self.tokens is None or self.journal is None:
+            raise FailedPrecondition("this server keeps no session journal (sessions.journal is off): sessions "
+                                     "cannot be resumed; start a new session")
+        grant = self.tokens.check(token, owner)
+        try:
+            entry = await self.journal.get(grant.session_id)
+        except Exception as exc:
+            raise Unavailable(f"the session journal ({self.journal.name}) did not answer; retry shortly") from exc
+        if entry is None or entry.get("owner") != owner or entry.get("version") != VERSION:
+            raise NotFound(NO_SESSION)
+        return entry
+
     @contextlib.asynccontextmanager
-    async def session(self, settings: SessionSettings) -> AsyncIterator[Conversation]:
-        """A started conversation, registered while it lives, closed (everything stopped) after."""
-        async with self.slot(opens_later=True) as admission, self._conversation(settings) as conv:
+    async def session(self, settings: SessionSettings, *, owner: str = "",
+                      restored: dict[str, Any] | None = None) -> AsyncIterator[Conversation]:
+        """A started conversation, registered while it lives, closed (everything stopped) after.
+        ``owner``: who opened it (resume tokens are bound to it); ``restored``: the journal entry
+        it continues (``resume``)."""
+        async with self.slot(opens_later=True) as admission, \
+                self._conversation(settings, owner, restored) as conv:
             admission.opened = True
             yield conv
 
     @contextlib.asynccontextmanager
-    async def _conversation(self, settings: SessionSettings) -> AsyncIterator[Conversation]:
+    async def _conversation(self, settings: SessionSettings, owner: str,
+                            restored: dict[str, Any] | None) -> AsyncIterator[Conversation]:
         conv: Conversation | None = None
+        writer: JournalWriter | None = None
+        writing: asyncio.Task[None] | None = None
         try:
             info = await self.stage_info()
             await self.check_system_prompt(settings.system_prompt)
-            history = ChatHistory(settings.system_prompt or self.args.llm.system_prompt)
-            conv = Conversation(self.stages, settings, history=history, info=info, observer=self.observer)
+            if restored is not None:
+                history = restore_history(restored)
+                if settings.system_prompt:
+                    history.system_prompt = settings.system_prompt
+                session_id: str | None = str(restored["session_id"])
+                epoch = int(restored.get("epoch", 0)) + 1  # fences off the replica it came from
+                live = self.live.get(str(session_id))
+                if live is not None:  # the client came back to this very replica: the old stream goes
+                    await live.aclose()
+            else:
+                history = ChatHistory(settings.system_prompt or self.args.llm.system_prompt)
+                session_id, epoch = None, 0
+            conv = Conversation(self.stages, settings, history=history, info=info, observer=self.observer,
+                                session_id=session_id)
+            token = ""
+            if self.journal is not None and self.tokens is not None:
+                c = conv
+
+                def state() -> dict[str, Any]:
+                    return {**c.state(), "owner": owner, "epoch": epoch}
+
+                writer = JournalWriter(self.journal, conv.session_id, state, self.args.sessions.ttl_s,
+                                       on_write=self._journal_written)
+                await writer.flush()  # before SessionStarted: its token must resume at once
+                conv.on_change = writer.mark
+                writing = asyncio.create_task(writer.run(), name=f"journal-{conv.session_id}")
+                self._writers[conv] = (writer, owner)
+                token = self.tokens.issue(conv.session_id, owner)
             self.live[conv.session_id] = conv
-            await conv.start()
+            self._moved[conv] = asyncio.Event()
+            await conv.start(resume_token=token, restored=restored)
             yield conv
         finally:
+            if writing is not None:
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writing
             if conv is not None:
+                self._moved.pop(conv, None)
+                self._writers.pop(conv, None)
                 await conv.aclose()
-                self.live.pop(conv.session_id, None)
+                if writer is not None:  # (a frozen writer of a moved session writes nothing)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(writer.flush(), 2.0)
+                if self.live.get(conv.session_id) is conv:
+                    self.live.pop(conv.session_id, None)
                 self._recent[conv.session_id] = conv.records()
                 while len(self._recent) > RECENT_SESSIONS:
                     self._recent.popitem(last=False)
+
+    # --- drain -----------------------------------------------------------------------------------
+
+    async def drain(self, reason: str = "draining") -> None:
+        """This replica is stopping: admit no one, and move every session at its next turn
+        boundary (or after ``sessions.drain_timeout_s``): its newest state is journaled, it is
+        sent ``SessionMoved`` with a fresh resume token, and its adapter ends the stream."""
+        self.draining = True
+        moves = [self._move(conv, reason) for conv in list(self.live.values())]
+        await asyncio.gather(*moves, return_exceptions=True)
+
+    async def _move(self, conv: Conversation, reason: str) -> None:
+        await conv.wait_turn_boundary(self.args.sessions.drain_timeout_s)
+        journaled = self._writers.get(conv)
+        token = ""
+        if journaled is not None and self.tokens is not None:
+            writer, owner = journaled
+            await writer.flush()
+            writer.freeze()
+            token = self.tokens.issue(conv.session_id, owner)
+        moved = self._moved.get(conv)
+        if conv.closed or moved is None:
+            return
+        await conv.emit(SessionMoved(resume_token=token, reason=reason))
+        moved.set()
+
+    async def wait_moved(self, conv: Conversation) -> None:
+        """Returns once ``conv`` was sent ``SessionMoved`` (its adapter then ends the stream)."""
+        moved = self._moved.get(conv)
+        if moved is None:
+            await asyncio.Event().wait()  # never moves (already closing)
+        else:
+            await moved.wait()
 
     def history(self, session_id: str) -> list[dict[str, Any]] | None:
         """The recorded history of a live or recently ended session."""

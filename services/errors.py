@@ -85,6 +85,12 @@ class Unauthenticated(VoxError):
     code = "UNAUTHENTICATED"
 
 
+class PermissionDenied(VoxError):
+    """Credentials are valid but do not allow this (a forged resume token, or another key's)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class InternalError(VoxError):
     """A bug or an engine failure; details go to the server log, not to the client."""
 

@@ -706,6 +706,7 @@ def test_every_engine_event_has_a_realtime_mapping() -> None:
         ev.ToolCallDone: ev.ToolCallDone(response_id=1, call_id="call_1", name="f", arguments="{}"),
         ev.ToolCallCancelled: ev.ToolCallCancelled(call_id="call_1", reason="barge_in"),
         ev.ToolResultAccepted: ev.ToolResultAccepted(call_id="call_1"),
+        ev.SessionMoved: ev.SessionMoved(resume_token="t.s"),
     }
     subclasses = {c for c in vars(ev).values() if isinstance(c, type) and issubclass(c, ev.Event)}
     assert subclasses - {ev.Event, ev.ResponsePayload} <= set(samples)

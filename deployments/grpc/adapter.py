@@ -19,7 +19,7 @@ from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 
 from deployments.auth import ApiKeyAuth
 from deployments.grpc.mapper import event_to_proto
-from deployments.grpc.session_config import settings_from_config
+from deployments.grpc.session_config import resumed_settings, settings_from_config
 from deployments.grpc.status import set_status
 from deployments.grpc.wire import AudioWire
 from deployments.metrics import GatewayMetrics
@@ -31,6 +31,7 @@ from services.codecs import check_encoding_rate
 from services.conversation import Conversation, SessionSettings
 from services.conversation.aio import TaskGroup, cancel_and_wait
 from services.conversation.events import ErrorEvent
+from services.conversation.snapshot import restore_settings
 from services.conversation.vad_stream import SpeechEnd, VADStream
 from services.errors import (
     Cancelled,
@@ -38,6 +39,7 @@ from services.errors import (
     FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
+    Unavailable,
     VoxError,
     to_vox_error,
 )
@@ -46,6 +48,11 @@ from services.errors import (
 #: could not decode one of its messages (it ends the input stream the same way).
 CUT_STREAM = ("the stream was cut: the client cancelled it, or sent bytes that are not a "
               "voxserve.v1.ClientMessage")
+
+
+#: How a moved session's stream ends (after its SessionMoved event).
+MOVED = ("this server is shutting down: the session moved; reconnect with the resume_token of SessionMoved "
+         "(SessionConfig.resume_token) to continue it")
 
 
 class _Liveness:
@@ -67,9 +74,11 @@ class GrpcAdapter:
         self.metrics = metrics
         self._tasks = TaskGroup()  # Converse supervisors: they outlive a generator Ray stops pulling
 
-    def _authorize(self, context: RayServegRPCContext | None) -> None:
-        if context is not None:
-            self.auth.check_grpc_metadata(context.invocation_metadata(), peer=context.peer())
+    def _authorize(self, context: RayServegRPCContext | None) -> str:
+        """Who the caller is ('' without authentication); UNAUTHENTICATED without a valid key."""
+        if context is None:
+            return ""
+        return self.auth.check_grpc_metadata(context.invocation_metadata(), peer=context.peer())
 
     async def _first(self, stream: gRPCInputStream, kind: str) -> Any:
         try:
@@ -94,17 +103,24 @@ class GrpcAdapter:
         """
         supervisor: asyncio.Task[None] | None = None
         try:
-            self._authorize(grpc_context)
+            owner = self._authorize(grpc_context)
             self.hub.admit()
             first = await self._first(request_stream, "SessionConfig")
             if first.WhichOneof("message") != "config":
                 raise FailedPrecondition("the first message must be a SessionConfig (got "
                                          f"{first.WhichOneof('message') or 'an empty message'})")
             info = await self.hub.stage_info()
-            settings, wire = settings_from_config(first.config, self.args, voice_rate=info["voice_rate"],
+            restored: dict[str, Any] | None = None
+            if first.config.resume_token:
+                restored = await self.hub.resume(first.config.resume_token, owner)
+                settings, wire = resumed_settings(first.config, restore_settings(restored), self.args,
+                                                  voice_rate=info["voice_rate"],
                                                   speech_native_available=info["speech_native"])
+            else:
+                settings, wire = settings_from_config(first.config, self.args, voice_rate=info["voice_rate"],
+                                                      speech_native_available=info["speech_native"])
             opened: asyncio.Future[Conversation] = asyncio.get_running_loop().create_future()
-            supervisor = self._tasks.spawn(self._supervise(request_stream, settings, wire, opened),
+            supervisor = self._tasks.spawn(self._supervise(request_stream, settings, wire, opened, owner, restored),
                                            name="converse-supervisor")
             conv = await opened
             async for event in conv.events():
@@ -126,23 +142,29 @@ class GrpcAdapter:
                 supervisor.cancel()  # the client is gone: the supervisor stops everything
 
     async def _supervise(self, stream: gRPCInputStream, settings: SessionSettings, wire: AudioWire,
-                         opened: asyncio.Future[Conversation]) -> None:
+                         opened: asyncio.Future[Conversation], owner: str = "",
+                         restored: dict[str, Any] | None = None) -> None:
         """Owns one Converse session: opens it, runs the reader and the liveness watchdog, and
-        closes everything (LLM requests aborted, slot freed) however the stream ends."""
+        closes everything (LLM requests aborted, slot freed) however the stream ends. A session
+        the hub moves (drain) gets its SessionMoved, then the stream ends with UNAVAILABLE."""
         status = "OK"
         self.metrics.session_started()
         try:
-            async with self.hub.session(settings) as conv:
+            async with self.hub.session(settings, owner=owner, restored=restored) as conv:
                 opened.set_result(conv)
                 alive = _Liveness()
                 reader = asyncio.create_task(self._read(stream, conv, wire, alive))
                 watchdog = asyncio.create_task(self._watch(alive))
+                moved = asyncio.create_task(self.hub.wait_moved(conv))
                 try:
-                    done, _ = await asyncio.wait({reader, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait({reader, watchdog, moved}, return_when=asyncio.FIRST_COMPLETED)
+                    if moved in done:
+                        await conv.aclose(drain=True)  # SessionMoved reaches the client, then the end
+                        raise Unavailable(MOVED)
                     for task in done:
                         task.result()  # the reader's error, or the watchdog's verdict
                 finally:
-                    await cancel_and_wait(reader, watchdog)
+                    await cancel_and_wait(reader, watchdog, moved)
         except asyncio.CancelledError:
             status = "CANCELLED"
             raise

@@ -53,7 +53,10 @@ def event_to_proto(e: ev.Event, wire: AudioWire | None = None) -> pb.ServerEvent
         out.session_started.CopyFrom(pb.SessionStarted(
             session_id=e.session_id, output_sample_rate=e.output_sample_rate,
             response_mode=pb.SPEECH_NATIVE if e.mode == SPEECH_NATIVE else pb.CASCADE,
-            llm_model=e.llm_model, asr_model=e.asr_model))
+            llm_model=e.llm_model, asr_model=e.asr_model, resume_token=e.resume_token, resumed=e.resumed,
+            restored_turns=e.restored_turns))
+    elif isinstance(e, ev.SessionMoved):
+        out.session_moved.CopyFrom(pb.SessionMoved(resume_token=e.resume_token, reason=e.reason))
     elif isinstance(e, ev.ToolCallStarted):
         out.tool_call.CopyFrom(pb.ToolCall(response_id=e.response_id, call_id=e.call_id, name=e.name))
     elif isinstance(e, ev.ToolCallArguments):

@@ -69,6 +69,28 @@ def settings_from_config(cfg: pb.SessionConfig, args: AppArgs, *, voice_rate: in
     return settings_with(base, changes, names), wire
 
 
+#: SessionConfig fields that describe the stream's audio, not the conversation: a resumed session
+#: takes them from the new config, whatever the stored session had.
+_WIRE_FIELDS = ("input_encoding", "input_sample_rate", "output_sample_rate", "output_encoding")
+
+
+def resumed_settings(cfg: pb.SessionConfig, stored: SessionSettings, args: AppArgs, *, voice_rate: int,
+                     speech_native_available: bool) -> tuple[SessionSettings, AudioWire]:
+    """The settings of a resumed session: the stored ones, except where ``cfg`` sets a field
+    (a field the client set differs from what the same config without it gives)."""
+    sent, wire = settings_from_config(cfg, args, voice_rate=voice_rate,
+                                      speech_native_available=speech_native_available)
+    bare = pb.SessionConfig()
+    for name in _WIRE_FIELDS:
+        setattr(bare, name, getattr(cfg, name))
+    unset, _ = settings_from_config(bare, args, voice_rate=voice_rate,
+                                    speech_native_available=speech_native_available)
+    changes = {name: getattr(sent, name) for name in SessionSettings.model_fields
+               if getattr(sent, name) != getattr(unset, name)}
+    changes.update(input_sample_rate=sent.input_sample_rate, output_sample_rate=sent.output_sample_rate)
+    return stored.model_copy(update=changes), wire
+
+
 def _tools(cfg: pb.SessionConfig) -> dict[str, Any]:
     """SessionConfig.tools, tool_choice and tool_calling as settings (InvalidArgument naming the field)."""
     if len(cfg.tools) > MAX_TOOLS:

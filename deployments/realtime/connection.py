@@ -22,7 +22,14 @@ import numpy as np
 from fastapi import WebSocket
 from starlette.websockets import WebSocketState
 
-from deployments.realtime.error_events import CLOSE_NORMAL, CLOSE_POLICY, RealtimeError, error_for, error_payload
+from deployments.realtime.error_events import (
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_RESTART,
+    RealtimeError,
+    error_for,
+    error_payload,
+)
 from deployments.realtime.mapper import EventMapper, WireEvent
 from deployments.realtime.schema import (
     AudioAppend,
@@ -101,10 +108,15 @@ class RealtimeSession:
     async def run(self) -> None:
         reader = asyncio.create_task(self._read(), name="realtime-read")
         sender = asyncio.create_task(self._send(), name="realtime-send")
+        moved = asyncio.create_task(self.hub.wait_moved(self.conv), name="realtime-moved")
         close_code = CLOSE_NORMAL
         try:
-            await asyncio.wait({reader, sender}, return_when=asyncio.FIRST_COMPLETED)
-            if reader.done() and not reader.cancelled() and isinstance(reader.exception(), _SessionOver):
+            await asyncio.wait({reader, sender, moved}, return_when=asyncio.FIRST_COMPLETED)
+            if moved.done():  # the replica drains: session_moved reaches the client, then 1012
+                close_code = CLOSE_RESTART
+                await self.conv.aclose(drain=True)
+                await asyncio.wait({sender}, timeout=CLOSE_DRAIN_S)
+            elif reader.done() and not reader.cancelled() and isinstance(reader.exception(), _SessionOver):
                 over = reader.exception()
                 assert isinstance(over, _SessionOver)
                 close_code = over.close_code
@@ -115,7 +127,7 @@ class RealtimeSession:
                 reader.result()  # a bug surfaces here (logged by the adapter)
         finally:
             await self.conv.aclose()
-            await cancel_and_wait(reader, sender)
+            await cancel_and_wait(reader, sender, moved)
             if self.ws.application_state == WebSocketState.CONNECTED:
                 try:
                     await self.ws.close(close_code)

@@ -27,6 +27,7 @@ from deployments.realtime.connection import RealtimeSession
 from deployments.realtime.error_events import CLOSE_POLICY, CLOSE_RETRY, close_code_for, error_for, error_payload
 from deployments.realtime.session_config import RealtimeConfig
 from deployments.sessions import SessionHub
+from services.conversation.snapshot import restore_settings
 from services.errors import Unauthenticated, Unavailable, to_vox_error
 
 log = logging.getLogger("ray.serve")
@@ -49,7 +50,7 @@ class RealtimeAdapter:
 
     async def handle(self, ws: WebSocket) -> None:
         try:
-            subprotocol = self.auth.check_websocket_headers(
+            subprotocol, owner = self.auth.websocket_credentials(
                 ws.headers, ws.query_params, ws.scope.get("subprotocols", []),
                 client_host=ws.client.host if ws.client else None)
         except Unauthenticated as exc:
@@ -63,7 +64,11 @@ class RealtimeAdapter:
             info = await self.hub.stage_info()
             config = RealtimeConfig.initial(self.args, model=ws.query_params.get("model"),
                                             speech_native_available=bool(info.get("speech_native")))
-            async with self.hub.session(config.settings()) as conv:
+            restored = None
+            if token := ws.query_params.get("resume_token"):
+                restored = await self.hub.resume(token, owner)
+                config.restore(restore_settings(restored))
+            async with self.hub.session(config.settings(), owner=owner, restored=restored) as conv:
                 await RealtimeSession(ws, conv, config, self.hub, self.metrics).run()
         except asyncio.CancelledError:
             status = "CANCELLED"

@@ -9,9 +9,12 @@ from typing import Any
 from services.errors import InvalidArgument, VoxError, to_vox_error
 
 #: Our error codes (gRPC names) -> OpenAI error type: what the client can fix vs what it cannot.
-_CLIENT_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "UNAUTHENTICATED"})
+_CLIENT_CODES = frozenset({"INVALID_ARGUMENT", "OUT_OF_RANGE", "FAILED_PRECONDITION", "NOT_FOUND", "UNAUTHENTICATED",
+                           "PERMISSION_DENIED"})
 #: WebSocket close codes (RFC 6455): normal, policy violation, internal error, try again later.
 CLOSE_NORMAL, CLOSE_POLICY, CLOSE_ERROR, CLOSE_RETRY = 1000, 1008, 1011, 1013
+#: Service restart (IANA registry): a moved session's socket, after its session_moved error.
+CLOSE_RESTART = 1012
 
 
 class RealtimeError(InvalidArgument):

@@ -12,7 +12,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.realtime.error_events import CodeOnly, RealtimeError, error_for
+from deployments.realtime.error_events import CodeOnly, RealtimeError, error_for, error_payload
 from deployments.realtime.session_config import RealtimeConfig
 from services.audio import pcm16_to_float
 from services.codecs import AudioEncoding, encoder
@@ -210,7 +210,18 @@ class EventMapper:
             return [self._added(item), {"type": "conversation.item.done", "previous_item_id": previous, "item": item}]
         if isinstance(e, ev.SessionStarted):
             self.session_id = e.session_id
-            return [{"type": "session.created", "session": self.config.session_json(e.session_id)}]
+            # voxserve extension: how to resume this session (/v1/realtime?resume_token=...)
+            return [{"type": "session.created", "session": self.config.session_json(e.session_id),
+                     "voxserve": {"resume_token": e.resume_token, "resumed": e.resumed,
+                                  "restored_turns": e.restored_turns}}]
+        if isinstance(e, ev.SessionMoved):
+            # OpenAI has no such event: an ``error`` (the SDK parses it) whose voxserve field says
+            # how to come back; the socket then closes with 1012 (service restart)
+            payload = error_payload("session_moved", "this server is shutting down: reconnect with "
+                                    "/v1/realtime?resume_token=<voxserve.resume_token> to continue the session",
+                                    error_type="server_error")
+            payload["voxserve"] = {"resume_token": e.resume_token, "reason": e.reason}
+            return [payload]
         if isinstance(e, ev.ResponsePaused | ev.ResponseResumed | ev.PartialTranscript):
             # pause-then-decide has no OpenAI events: speech_started already told the client;
             # partial transcripts are not switched on by this adapter

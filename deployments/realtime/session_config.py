@@ -76,6 +76,15 @@ class RealtimeConfig:
             cfg.turn_detection = None
         return cfg
 
+    def restore(self, stored: SessionSettings) -> None:
+        """Take what a resumed session had set that is the conversation's, not the connection's:
+        instructions, tools and the answer cap. Audio formats and turn detection come from this
+        connection (clients send session.update on connect, as with a new session)."""
+        self.instructions = stored.system_prompt or self.instructions
+        self.tools = list(stored.tools)
+        self.tool_choice = stored.tool_choice
+        self.max_output_tokens = stored.max_response_tokens
+
     def _default_turn_detection(self, kind: str) -> dict[str, Any]:
         g, vad = self.args.gateway, self.args.vad
         common = {"create_response": True, "interrupt_response": g.interruptions.mode != "off"}

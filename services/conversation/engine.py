@@ -21,6 +21,7 @@ them happens here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -41,6 +42,7 @@ from services.conversation.observer import NullObserver, Observer
 from services.conversation.outbox import Outbox
 from services.conversation.policies import classify_barge_in
 from services.conversation.settings import SPEECH_NATIVE, SessionSettings
+from services.conversation.snapshot import capture
 from services.conversation.stages import Stages
 from services.conversation.tool_calls import ToolCalls
 from services.conversation.turn import PlaybackClock, Turn, TurnState, UserInput
@@ -66,7 +68,8 @@ class Conversation:
 
     def __init__(self, stages: Stages, settings: SessionSettings, *, history: ChatHistory | None = None,
                  session_id: str | None = None, info: dict[str, str] | None = None,
-                 observer: Observer | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 observer: Observer | None = None, clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.stages = stages
         self.settings = settings
         self.history = history or ChatHistory(settings.system_prompt)
@@ -75,7 +78,8 @@ class Conversation:
         self._info = info or {}
         self._clock = clock
         self._t0 = clock()
-        self._out = Outbox(settings.send_queue)
+        self.on_change = on_change  # told when the turns change (the session journal writes then)
+        self._out = Outbox(settings.send_queue, on_put=self._on_event)
         self._lock = asyncio.Lock()  # input handling and turn ownership change one at a time
         self._tasks = TaskGroup()
         self._changed = asyncio.Event()
@@ -116,11 +120,55 @@ class Conversation:
         while (item := await self._out.get()) is not None:
             yield item
 
-    async def start(self) -> None:
+    async def start(self, *, resume_token: str = "", restored: dict[str, Any] | None = None) -> None:
+        """Say the session started. ``restored``: the journal entry this session continues (its
+        history is already in place); its user turns that were never answered are answered now."""
         await self.emit(ev.SessionStarted(
             session_id=self.session_id, output_sample_rate=self.settings.output_sample_rate,
             mode=self.settings.mode, llm_model=self._info.get("llm_model", ""),
-            asr_model=self._info.get("asr_model", "")))
+            asr_model=self._info.get("asr_model", ""), resume_token=resume_token,
+            resumed=restored is not None, restored_turns=len(self.history)))
+        if restored is None:
+            return
+        self._next_response = max(self._next_response, int(restored.get("next_response", 1)))
+        for text in restored.get("unanswered", []):
+            await self.push_text(text, respond=False)
+        for text in restored.get("pending", []):
+            await self.push_text(text)
+
+    # --- the session journal ---------------------------------------------------------------------
+
+    #: Events after which the journal's copy of the conversation is out of date.
+    _TURN_CHANGES = (ev.FinalTranscript, ev.InputCommitted, ev.ResponseStarted, ev.ResponseDone,
+                     ev.ResponseInterrupted, ev.ToolCallDone, ev.ToolResultAccepted, ev.ToolCallCancelled)
+
+    def _on_event(self, event: ev.Event) -> None:
+        if self.on_change is not None and isinstance(event, self._TURN_CHANGES):
+            self.on_change()
+
+    def state(self) -> dict[str, Any]:
+        """What another replica needs to continue this conversation (``services.conversation.snapshot``)."""
+        return capture(session_id=self.session_id, settings=self.settings, history=self.history,
+                       response=self._response, queued=list(self._queue), unanswered=self._unanswered,
+                       next_response=self._next_response)
+
+    @property
+    def at_turn_boundary(self) -> bool:
+        """Nothing is being said by either side: a good moment to move the session."""
+        return not self.response_in_progress and not self._queue and not self._listener.segmenter.in_speech
+
+    async def wait_turn_boundary(self, timeout_s: float) -> bool:
+        """Wait until ``at_turn_boundary`` (True) or ``timeout_s`` passed (False)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self._closed and not self.at_turn_boundary:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            # the user's speech ends without a _notify: look again at least every 100 ms
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.1))
+        return True
 
     @property
     def closed(self) -> bool:

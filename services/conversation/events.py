@@ -45,6 +45,17 @@ class SessionStarted(Event):
     mode: str
     llm_model: str = ""
     asr_model: str = ""
+    resume_token: str = ""  # continue this session after its stream breaks ('' = no session journal)
+    resumed: bool = False  # this stream continues an earlier session
+    restored_turns: int = 0  # history messages restored
+
+
+@dataclass
+class SessionMoved(Event):
+    """The replica is going away: reconnect with ``resume_token`` (the stream ends after this)."""
+
+    resume_token: str
+    reason: str = "draining"
 
 
 @dataclass

@@ -128,6 +128,10 @@ class ChatHistory:
             self._turns.pop()
         return True
 
+    def restore(self, entries: list[HistoryEntry]) -> None:
+        """Replace the turns with ``entries`` as they are (a resumed session's journal)."""
+        self._turns = list(entries)
+
     def clear(self) -> None:
         """Forget every turn (the system prompt stays)."""
         self._turns.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from services.conversation import events as ev
 
@@ -15,8 +16,9 @@ class Outbox:
     closing cannot hang on a client that stopped reading.
     """
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, on_put: Callable[[ev.Event], None] | None = None) -> None:
         self._items: deque[ev.Event] = deque()
+        self._on_put = on_put  # sees every event queued (the session journal watches for turn changes)
         self._maxsize = maxsize
         self._closed = False
         self._cond = asyncio.Condition()
@@ -33,6 +35,8 @@ class Outbox:
                 return
             self._items.append(item)
             self._cond.notify_all()
+        if self._on_put is not None:
+            self._on_put(item)
 
     async def get(self) -> ev.Event | None:
         """The next event, or None once closed and drained."""

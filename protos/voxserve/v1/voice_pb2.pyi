@@ -99,7 +99,7 @@ class InterruptionSettings(_message.Message):
     def __init__(self, mode: _Optional[_Union[InterruptionMode, str]] = ..., min_duration_ms: _Optional[int] = ..., min_words: _Optional[int] = ..., backchannels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("input_encoding", "input_sample_rate", "language", "system_prompt", "voice", "vad", "response_mode", "output_sample_rate", "partial_transcripts", "max_response_tokens", "barge_in", "disable_barge_in", "turn_detection", "interruptions", "playback", "output_encoding", "tools", "tool_choice", "tool_calling")
+    __slots__ = ("input_encoding", "input_sample_rate", "language", "system_prompt", "voice", "vad", "response_mode", "output_sample_rate", "partial_transcripts", "max_response_tokens", "barge_in", "disable_barge_in", "turn_detection", "interruptions", "playback", "output_encoding", "tools", "tool_choice", "tool_calling", "resume_token")
     INPUT_ENCODING_FIELD_NUMBER: _ClassVar[int]
     INPUT_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class SessionConfig(_message.Message):
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALLING_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     input_encoding: AudioEncoding
     input_sample_rate: int
     language: str
@@ -138,7 +139,8 @@ class SessionConfig(_message.Message):
     tools: _containers.RepeatedCompositeFieldContainer[Tool]
     tool_choice: str
     tool_calling: ToolCallSettings
-    def __init__(self, input_encoding: _Optional[_Union[AudioEncoding, str]] = ..., input_sample_rate: _Optional[int] = ..., language: _Optional[str] = ..., system_prompt: _Optional[str] = ..., voice: _Optional[str] = ..., vad: _Optional[_Union[VADSettings, _Mapping]] = ..., response_mode: _Optional[_Union[ResponseMode, str]] = ..., output_sample_rate: _Optional[int] = ..., partial_transcripts: _Optional[bool] = ..., max_response_tokens: _Optional[int] = ..., barge_in: _Optional[bool] = ..., disable_barge_in: _Optional[bool] = ..., turn_detection: _Optional[_Union[TurnDetectionSettings, _Mapping]] = ..., interruptions: _Optional[_Union[InterruptionSettings, _Mapping]] = ..., playback: _Optional[_Union[PlaybackReporting, str]] = ..., output_encoding: _Optional[_Union[AudioEncoding, str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., tool_calling: _Optional[_Union[ToolCallSettings, _Mapping]] = ...) -> None: ...
+    resume_token: str
+    def __init__(self, input_encoding: _Optional[_Union[AudioEncoding, str]] = ..., input_sample_rate: _Optional[int] = ..., language: _Optional[str] = ..., system_prompt: _Optional[str] = ..., voice: _Optional[str] = ..., vad: _Optional[_Union[VADSettings, _Mapping]] = ..., response_mode: _Optional[_Union[ResponseMode, str]] = ..., output_sample_rate: _Optional[int] = ..., partial_transcripts: _Optional[bool] = ..., max_response_tokens: _Optional[int] = ..., barge_in: _Optional[bool] = ..., disable_barge_in: _Optional[bool] = ..., turn_detection: _Optional[_Union[TurnDetectionSettings, _Mapping]] = ..., interruptions: _Optional[_Union[InterruptionSettings, _Mapping]] = ..., playback: _Optional[_Union[PlaybackReporting, str]] = ..., output_encoding: _Optional[_Union[AudioEncoding, str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., tool_calling: _Optional[_Union[ToolCallSettings, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class Tool(_message.Message):
     __slots__ = ("name", "description", "parameters_json")
@@ -239,18 +241,32 @@ class ClientMessage(_message.Message):
     def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioInput, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ..., playback: _Optional[_Union[PlaybackPosition, _Mapping]] = ..., end_of_input: _Optional[_Union[EndOfInput, _Mapping]] = ..., commit: _Optional[_Union[CommitInput, _Mapping]] = ..., clear: _Optional[_Union[ClearInput, _Mapping]] = ..., cancel_response: _Optional[_Union[CancelResponse, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., create_response: _Optional[_Union[CreateResponse, _Mapping]] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
-    __slots__ = ("session_id", "output_sample_rate", "response_mode", "llm_model", "asr_model")
+    __slots__ = ("session_id", "output_sample_rate", "response_mode", "llm_model", "asr_model", "resume_token", "resumed", "restored_turns")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_MODE_FIELD_NUMBER: _ClassVar[int]
     LLM_MODEL_FIELD_NUMBER: _ClassVar[int]
     ASR_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_TURNS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     output_sample_rate: int
     response_mode: ResponseMode
     llm_model: str
     asr_model: str
-    def __init__(self, session_id: _Optional[str] = ..., output_sample_rate: _Optional[int] = ..., response_mode: _Optional[_Union[ResponseMode, str]] = ..., llm_model: _Optional[str] = ..., asr_model: _Optional[str] = ...) -> None: ...
+    resume_token: str
+    resumed: bool
+    restored_turns: int
+    def __init__(self, session_id: _Optional[str] = ..., output_sample_rate: _Optional[int] = ..., response_mode: _Optional[_Union[ResponseMode, str]] = ..., llm_model: _Optional[str] = ..., asr_model: _Optional[str] = ..., resume_token: _Optional[str] = ..., resumed: _Optional[bool] = ..., restored_turns: _Optional[int] = ...) -> None: ...
+
+class SessionMoved(_message.Message):
+    __slots__ = ("resume_token", "reason")
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    resume_token: str
+    reason: str
+    def __init__(self, resume_token: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class SpeechStarted(_message.Message):
     __slots__ = ()
@@ -439,7 +455,7 @@ class ToolResultAccepted(_message.Message):
     def __init__(self, call_id: _Optional[str] = ..., late: _Optional[bool] = ...) -> None: ...
 
 class ServerEvent(_message.Message):
-    __slots__ = ("server_time_ms", "audio_time_ms", "session_started", "speech_started", "speech_stopped", "partial_transcript", "final_transcript", "response_started", "text_delta", "audio", "response_done", "response_interrupted", "error", "response_paused", "response_resumed", "input_committed", "tool_call", "tool_call_cancelled", "tool_result_accepted")
+    __slots__ = ("server_time_ms", "audio_time_ms", "session_started", "speech_started", "speech_stopped", "partial_transcript", "final_transcript", "response_started", "text_delta", "audio", "response_done", "response_interrupted", "error", "response_paused", "response_resumed", "input_committed", "tool_call", "tool_call_cancelled", "tool_result_accepted", "session_moved")
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     SESSION_STARTED_FIELD_NUMBER: _ClassVar[int]
@@ -459,6 +475,7 @@ class ServerEvent(_message.Message):
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     TOOL_RESULT_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_MOVED_FIELD_NUMBER: _ClassVar[int]
     server_time_ms: int
     audio_time_ms: int
     session_started: SessionStarted
@@ -478,7 +495,8 @@ class ServerEvent(_message.Message):
     tool_call: ToolCall
     tool_call_cancelled: ToolCallCancelled
     tool_result_accepted: ToolResultAccepted
-    def __init__(self, server_time_ms: _Optional[int] = ..., audio_time_ms: _Optional[int] = ..., session_started: _Optional[_Union[SessionStarted, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., partial_transcript: _Optional[_Union[PartialTranscript, _Mapping]] = ..., final_transcript: _Optional[_Union[FinalTranscript, _Mapping]] = ..., response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., text_delta: _Optional[_Union[ResponseTextDelta, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., response_done: _Optional[_Union[ResponseDone, _Mapping]] = ..., response_interrupted: _Optional[_Union[ResponseInterrupted, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., response_paused: _Optional[_Union[ResponsePaused, _Mapping]] = ..., response_resumed: _Optional[_Union[ResponseResumed, _Mapping]] = ..., input_committed: _Optional[_Union[InputCommitted, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_cancelled: _Optional[_Union[ToolCallCancelled, _Mapping]] = ..., tool_result_accepted: _Optional[_Union[ToolResultAccepted, _Mapping]] = ...) -> None: ...
+    session_moved: SessionMoved
+    def __init__(self, server_time_ms: _Optional[int] = ..., audio_time_ms: _Optional[int] = ..., session_started: _Optional[_Union[SessionStarted, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., partial_transcript: _Optional[_Union[PartialTranscript, _Mapping]] = ..., final_transcript: _Optional[_Union[FinalTranscript, _Mapping]] = ..., response_started: _Optional[_Union[ResponseStarted, _Mapping]] = ..., text_delta: _Optional[_Union[ResponseTextDelta, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., response_done: _Optional[_Union[ResponseDone, _Mapping]] = ..., response_interrupted: _Optional[_Union[ResponseInterrupted, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., response_paused: _Optional[_Union[ResponsePaused, _Mapping]] = ..., response_resumed: _Optional[_Union[ResponseResumed, _Mapping]] = ..., input_committed: _Optional[_Union[InputCommitted, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_call_cancelled: _Optional[_Union[ToolCallCancelled, _Mapping]] = ..., tool_result_accepted: _Optional[_Union[ToolResultAccepted, _Mapping]] = ..., session_moved: _Optional[_Union[SessionMoved, _Mapping]] = ...) -> None: ...
 
 class TranscribeConfig(_message.Message):
     __slots__ = ("encoding", "sample_rate", "language", "partial_transcripts")
