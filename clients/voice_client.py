@@ -47,6 +47,9 @@ class UserTurn:
     barge_in_after_ms: float | None = None
     """Start this turn this long after the previous answer's first audio (an interruption)."""
     label: str = ""
+    restored: bool = False
+    """Said before the session moved, committed (``text``: its transcript) but not answered: the
+    server answers it after the resume, so nothing is sent; the turn waits for that answer."""
 
 
 @dataclass
@@ -91,6 +94,12 @@ class TurnResult:
     """Tools the model called in this turn: name, arguments, output (run here), error."""
     result_to_audio_ms: float | None = None
     """Last tool result sent -> first audio of the answer that uses it (client clock)."""
+    committed: bool = False
+    """The server took the turn in (its InputCommitted or final transcript came)."""
+    answered: bool = False
+    """Its answer ended (ResponseDone, or interrupted by the user): not to be asked again."""
+    restored: bool = False
+    """The server answered it after a resume (``UserTurn.restored``)."""
 
 
 @dataclass
@@ -102,6 +111,16 @@ class SessionResult:
     output_sample_rate: int = 0
     audio: list[bytes] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    resume_token: str = ""
+    """The newest token to resume this session with (SessionStarted, SessionMoved)."""
+    moved: bool = False
+    """The server moved the session (SessionMoved): reconnect with ``resume_token``."""
+    resumed: bool = False
+    restored_turns: int = 0
+    t_started: float = 0.0
+    """Client clock when SessionStarted came (0: it never did)."""
+    extra_answers: int = 0
+    """Answers that ended for a turn that already had a newer one (a turn answered twice)."""
 
     def answer_audio(self) -> np.ndarray:
         raw = b"".join(self.audio)
@@ -293,6 +312,13 @@ class VoiceClient:
                         yield report
 
             for index, turn in enumerate(turns):
+                if turn.restored and index < len(results):  # made before the call (see below)
+                    result = results[index]
+                    state["speaking"] = index
+                    result.t_speech_end = time.monotonic()
+                    async for msg in wait_until(states[index].finished.is_set, turn_timeout_s):
+                        yield msg
+                    continue
                 result = TurnResult(label=turn.label or f"turn{index + 1}")
                 if turn.barge_in_after_ms is not None and index > 0:
                     prev = states[index - 1].finished
@@ -383,6 +409,7 @@ class VoiceClient:
             by_input[e.input_id] = index
             states[index].inputs.setdefault(e.input_id, e.text)
             state["last_input"] = index
+            results[index].committed = True
 
         def index_of_input(input_id: int) -> int | None:
             if input_id and input_id in by_input:
@@ -414,6 +441,13 @@ class VoiceClient:
             await results_out.put(pb.ClientMessage(tool_result=pb.ToolResult(call_id=e.call_id,
                                                                              output_json=record["output"])))
 
+        # Turns the server answers by itself after a resume: known before the call, since their
+        # InputCommitted may come before the request loop reaches them.
+        for said in turns:
+            if not said.restored:
+                break
+            results.append(TurnResult(label=said.label or f"turn{len(results) + 1}", restored=True))
+            states.append(_TurnState(audio_turn=False))
         call = self.stub.Converse(_merged(requests(), results_out), metadata=self.metadata)
         try:
             async for event in call:
@@ -426,8 +460,13 @@ class VoiceClient:
                 speaking = state["speaking"]
                 if kind == "session_started":
                     started.set()
-                    session.session_id = event.session_started.session_id
-                    session.output_sample_rate = event.session_started.output_sample_rate
+                    s = event.session_started
+                    session.session_id, session.output_sample_rate = s.session_id, s.output_sample_rate
+                    session.resume_token, session.resumed, session.restored_turns = (
+                        s.resume_token, s.resumed, s.restored_turns)
+                    session.t_started = now
+                elif kind == "session_moved":
+                    session.resume_token, session.moved = event.session_moved.resume_token, True
                 elif kind == "partial_transcript" and speaking >= 0:
                     results[speaking].partials.append(event.partial_transcript.text)
                 elif kind == "input_committed":
@@ -437,6 +476,7 @@ class VoiceClient:
                     if (index := index_of_input(e.input_id)) is None:
                         continue
                     turn = results[index]
+                    turn.committed = True
                     states[index].inputs[e.input_id] = e.text
                     turn.transcript = " ".join(t for t in states[index].inputs.values() if t) or e.text
                     if turn.first_transcript_ms is None and turn.t_speech_end:
@@ -490,12 +530,15 @@ class VoiceClient:
                     d = event.response_done
                     turn = results[index]
                     if d.response_id != turn.response_id:
+                        if turn.answered and d.response_id > turn.response_id:
+                            session.extra_answers += 1
                         continue  # an older answer of this turn (or a filler): a newer one is under way
                     turn.response_text = d.text
                     if d.response_id in calling:
                         continue  # it called tools: the answer that uses their results follows
                     turn.server_latency = {f.name: getattr(d.latency, f.name) for f in d.latency.DESCRIPTOR.fields}
                     turn.speculative = bool(d.latency.speculative)
+                    turn.answered = True
                     end(index)
                 elif kind == "response_interrupted":
                     e = event.response_interrupted
@@ -510,6 +553,7 @@ class VoiceClient:
                         split_turn(index, e.response_id, now)
                         continue
                     turn.interrupted = True
+                    turn.answered = e.reason != "closed"  # cut by the session's end: not answered
                     turn.interrupt_reason = e.reason
                     turn.heard_text = e.heard_text
                     turn.response_text = e.generated_text

@@ -13,9 +13,11 @@ the gateway drains (``SessionHub.drain``): its streams end at their next turn bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger("ray.serve")
 
@@ -27,11 +29,26 @@ def replica_shutdown_flag() -> Callable[[], bool] | None:
     """A probe of this process's Serve replica's "shutting down" flag; None when not in a
     replica, or when this Ray version keeps it elsewhere (then nothing drains: streams are cut
     after ``graceful_shutdown_timeout_s``, and clients resume with their tokens)."""
+    replica = _this_replica()
+    if replica is None:
+        return None
+    return lambda: bool(replica._shutting_down)
+
+
+def _this_replica() -> Any:
+    """Serve's replica object of this process. The replica context (a public developer API) holds
+    a callback the replica made as a closure over itself; failing that, the replica is looked for
+    among the process's objects."""
+    from ray import serve
+
+    with contextlib.suppress(Exception):
+        callback = serve.context._get_internal_replica_context()._handle_registration_callback
+        for cell in getattr(callback, "__closure__", None) or ():
+            if hasattr(cell.cell_contents, "_shutting_down"):
+                return cell.cell_contents
     for obj in gc.get_objects():
-        if type(obj).__name__ == "ReplicaActor" and type(obj).__module__.startswith("ray.serve"):
-            impl = getattr(obj, "_replica_impl", None)
-            if impl is not None and hasattr(impl, "_shutting_down"):
-                return lambda: bool(impl._shutting_down)
+        if hasattr(type(obj), "perform_graceful_shutdown") and hasattr(obj, "_shutting_down"):
+            return obj
     return None
 
 

@@ -5,6 +5,7 @@ engines' latest requests). Production classes keep no test-only methods."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from deployments.gateway import Gateway
@@ -16,6 +17,10 @@ class ObservedGateway(Gateway.func_or_class):  # type: ignore[misc,name-defined]
     async def session_history(self, session_id: str) -> list[dict[str, Any]] | None:
         """The recorded history of a live or recently ended session (with interruption flags)."""
         return self.hub.history(session_id)  # type: ignore[no-any-return]
+
+    async def pid(self) -> int:
+        """This replica's process (the resume tests kill it)."""
+        return os.getpid()
 
 
 class ObservedLLM(LLMDeployment.func_or_class):  # type: ignore[misc,name-defined]
