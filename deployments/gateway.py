@@ -71,6 +71,7 @@ class Gateway:
         self.grpc = GrpcAdapter(self.hub, self.auth, self.metrics)  # Converse, Transcribe, Synthesize
         self.realtime = RealtimeAdapter(self.args, self.hub, self.auth, self.metrics)  # /v1/realtime
         await self._warm_up()
+        self._health_monitor = asyncio.get_running_loop().create_task(self.hub.monitor_health())
         # a stopping replica moves its sessions (SessionMoved) instead of having them cut
         self._drain_watch = asyncio.get_running_loop().create_task(
             watch_for_shutdown(await asyncio.to_thread(replica_shutdown_flag), self.hub.drain))

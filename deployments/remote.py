@@ -10,11 +10,14 @@ detector's own thread (batched up to ``turn_detector.max_batch``) instead of one
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from services.batching import Priority
@@ -22,6 +25,99 @@ from services.errors import Unavailable
 from services.tools import ToolCallDelta, ToolChoice, ToolSpec
 from services.turn_detection import SmartTurnModel
 from services.vad import SileroModel, VADBatcher, VADState
+
+log = logging.getLogger("ray.serve")
+
+#: A stage call failed because the replica serving it went away (killed, node lost): the same
+#: call to another replica may succeed.
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
+#: How long a retried call may wait for a replica to take it. With two replicas the survivor
+#: answers in milliseconds; with one, Serve holds the call until it has restarted the replica (5-9 s
+#: measured here): the turn ends with an error event after this instead of leaving the caller in
+#: silence, and the next turn finds the stage back.
+RETRY_WAIT_S = 2.0
+
+
+def _gone(stage: str, exc: BaseException) -> Unavailable:
+    err = Unavailable(f"the {stage} stage lost its replica and none took the call again within {RETRY_WAIT_S:g} s; "
+                      "it is restarting: say that again in a moment")
+    err.__cause__ = exc
+    return err
+
+
+async def _unary_retry(stage: str, make: Callable[[], DeploymentResponse | DeploymentResponseGenerator],
+                       down: bool = False) -> Any:
+    """A unary stage call, retried once on another replica (or the restarted one) when its
+    replica died under it; safe for calls without side effects (transcription, token counts).
+    ``down``: the stage is known to have no running replica: the call may wait only
+    ``RETRY_WAIT_S`` for one."""
+    try:
+        if down:
+            return await asyncio.wait_for(_call(make()), RETRY_WAIT_S)
+        return await _call(make())
+    except TimeoutError as exc:
+        raise _gone(stage, exc) from None
+    except REPLICA_GONE as exc:
+        log.warning("%s call: its replica went away (%s); retrying", stage, type(exc).__name__)
+        try:
+            return await asyncio.wait_for(_call(make()), RETRY_WAIT_S)
+        except (TimeoutError, *REPLICA_GONE) as again:
+            raise _gone(stage, again) from exc
+
+
+async def _stream_retry(stage: str, make: Callable[[], DeploymentResponseGenerator | DeploymentResponse],
+                        skip: Callable[[Any, int], Any] | None, down: bool = False) -> AsyncIterator[Any]:
+    """A streaming stage call that starts again on another replica when its replica dies.
+    ``skip(item, n)``: ``item`` without its first ``n`` units (TTS: bytes of audio, so the retried
+    chunk goes on where the dead replica stopped); None: only a call that yielded nothing yet may
+    start again (the LLM: an answer not yet heard). ``down``: as for ``_unary_retry``."""
+    sent = 0  # units the caller has had
+    attempt = 0
+    while True:
+        seen = 0  # units of this attempt's stream
+        source = _stream(make())
+        if attempt or down:
+            source = _first_within(source, RETRY_WAIT_S, stage)
+        try:
+            async for item in source:
+                n = _units(item)
+                if seen + n <= sent:  # the attempt before yielded all of it
+                    seen += n
+                    continue
+                if seen < sent and skip is not None:
+                    item = skip(item, sent - seen)
+                seen += n
+                sent = seen
+                yield item
+            return
+        except REPLICA_GONE as exc:
+            if attempt or (skip is None and sent):
+                raise _gone(stage, exc) from exc
+            log.warning("%s stream: its replica went away (%s) after %d units; retrying", stage,
+                        type(exc).__name__, sent)
+            attempt += 1
+
+
+def _units(item: Any) -> int:
+    return len(item) if isinstance(item, bytes | str) else 1
+
+
+async def _first_within(stream: AsyncIterator[Any], timeout_s: float, stage: str) -> AsyncIterator[Any]:
+    """``stream``, whose first item must come within ``timeout_s`` (a retried call waiting for a
+    replica that is still restarting)."""
+    it = aiter(stream)
+    try:
+        try:
+            first = await asyncio.wait_for(anext(it), timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError as exc:
+            raise _gone(stage, exc) from None
+        yield first
+        async for item in it:
+            yield item
+    finally:
+        await it.aclose()  # type: ignore[attr-defined]
 
 
 async def _stream(gen: DeploymentResponseGenerator | DeploymentResponse) -> AsyncIterator[Any]:
@@ -60,6 +156,8 @@ class RemoteStages:
         self.vad, self.asr, self.llm, self.tts = vad, asr, llm, tts
         self.local_vad = local_vad
         self.turn_model = turn_model
+        #: Stages with no running replica at the last health check (their calls wait briefly).
+        self.down: set[str] = set()
         # local VAD: one model call per tick for every session (batch_tick_ms 0 = inline calls)
         self.vad_batcher = (VADBatcher(local_vad) if local_vad is not None and local_vad.cfg.batch_tick_ms > 0
                             else None)
@@ -77,7 +175,8 @@ class RemoteStages:
         """Transcript of one utterance; ``priority``: FINAL (a turn waits for it), BARGE_IN,
         SPECULATIVE or PARTIAL: the ASR replica decodes more urgent work first."""
         level = int(Priority.parse(priority))  # a plain int crosses Ray
-        return SimpleNamespace(**await _call(self.asr.transcribe.remote(audio16k, language, level)))
+        return SimpleNamespace(**await _unary_retry(
+            "ASR", lambda: self.asr.transcribe.remote(audio16k, language, level), "ASR" in self.down))
 
     async def partial_transcribe(self, audio16k: np.ndarray, language: str | None) -> str | None:
         text: str | None = await _call(self.asr.partial.remote(audio16k, language))
@@ -92,19 +191,23 @@ class RemoteStages:
                        audio: np.ndarray | None = None, tools: list[ToolSpec] | None = None,
                        tool_choice: ToolChoice | None = None, words_only: bool = False,
                        ) -> AsyncIterator[str | ToolCallDelta]:
-        gen = self.llm.options(stream=True).generate.remote(messages, max_tokens, audio, tools, tool_choice,
-                                                            words_only)
-        async for delta in _stream(gen):
+        def call() -> DeploymentResponseGenerator | DeploymentResponse:
+            return self.llm.options(stream=True).generate.remote(messages, max_tokens, audio, tools, tool_choice,
+                                                                 words_only)
+
+        async for delta in _stream_retry("LLM", call, skip=None, down="LLM" in self.down):
             yield delta
 
     async def synthesize(self, text: str, *, voice: str, sample_rate: int,
                          slack_s: float | None = None) -> AsyncIterator[bytes]:
-        gen = self.tts.options(stream=True).synthesize.remote(text, sample_rate, slack_s)
-        async for pcm in _stream(gen):
+        def call() -> DeploymentResponseGenerator | DeploymentResponse:
+            return self.tts.options(stream=True).synthesize.remote(text, sample_rate, slack_s)
+
+        async for pcm in _stream_retry("TTS", call, skip=lambda pcm, n: pcm[n:], down="TTS" in self.down):
             yield pcm
 
     async def count_tokens(self, text: str) -> int:
-        return int(await _call(self.llm.count_tokens.remote(text)))
+        return int(await _unary_retry("LLM", lambda: self.llm.count_tokens.remote(text)))
 
     async def info(self) -> dict[str, Any]:
         """Every stage answers (the gateway's health check) with what sessions need to know."""
@@ -123,6 +226,7 @@ class RemoteStages:
 
         status = await asyncio.to_thread(serve.status)  # a controller call: off the event loop
         handles = [self.asr, self.llm, self.tts] + ([self.vad] if self.local_vad is None else [])
+        down: set[str] = set()
         for handle in handles:
             app = status.applications.get(handle.app_name)
             deployment = app.deployments.get(handle.deployment_name) if app is not None else None
@@ -134,4 +238,7 @@ class RemoteStages:
             # which the next call wakes; that is not an outage.
             healthy = str(getattr(deployment.status, "value", deployment.status)) == "HEALTHY"
             if not states.get("RUNNING", 0) and (any(states.values()) or not healthy):
-                raise Unavailable(f"the {handle.deployment_name} stage has no running replica")
+                down.add(handle.deployment_name)
+        self.down = down
+        if down:
+            raise Unavailable(f"the {', '.join(sorted(down))} stage has no running replica")

@@ -49,6 +49,8 @@ HEALTH_TTL_S = 0.5
 #: call until it is back (~5 s measured for TTS here), and Serve's status shows RUNNING all along:
 #: this timeout is what says NOT_SERVING meanwhile.
 HEALTH_TIMEOUT_S = 2.0
+#: A monitor verdict older than this is not trusted (a probe is hanging): NOT_SERVING.
+HEALTH_STALE_S = 3.0
 
 
 class GatewayStages(Stages, Protocol):
@@ -118,7 +120,9 @@ class _HubObserver:
             self.inner.turn_ended(state, reason)
 
     def answered(self, latency: TurnLatency) -> None:
-        if latency.first_audio_ms > 0:
+        if latency.first_audio_ms > 0 and not self.hub.outage_within(latency.first_audio_ms / 1000 + 1.0):
+            # (an answer slowed by a stage outage says nothing about load: admission must not
+            # read the outage as overload)
             self.hub.first_audio.add(latency.first_audio_ms)
         if self.inner is not None:
             self.inner.answered(latency)
@@ -148,6 +152,9 @@ class SessionHub:
         self.journal_write_ms: deque[float] = deque(maxlen=JOURNAL_SAMPLES)
         self.journal_failures = 0
         self.draining = False
+        self._down_since: float | None = None  # the stages' outage in progress (health monitor)
+        self._outage_ended = float("-inf")
+        self._monitored = False
         # per live conversation (keyed by the object: a session resumed on this same replica has
         # two, briefly): set once SessionMoved was sent; its journal writer and owner
         self._moved: dict[Conversation, asyncio.Event] = {}
@@ -182,11 +189,26 @@ class SessionHub:
                 raise Unavailable("the voice pipeline's stages are not ready yet; retry shortly") from exc
         return self._info
 
-    async def healthy(self) -> bool:
-        """Every stage answers now (asked again after ``HEALTH_TTL_S``: a dead stage turns it false)."""
-        at, ok = self._health
-        if time.monotonic() - at < HEALTH_TTL_S:
-            return ok
+    async def monitor_health(self, period_s: float = HEALTH_TTL_S) -> None:
+        """Probe the stages every ``period_s`` for ever (the gateway runs it): health answers from
+        the newest verdict at once, admission refuses during an outage (UNAVAILABLE, not
+        RESOURCE_EXHAUSTED) and admits again as soon as the stages are back."""
+        self._monitored = True
+        while True:
+            ok = await self._probe()
+            now = time.monotonic()
+            if not ok and self._down_since is None:
+                self._down_since = now
+            elif ok and self._down_since is not None:
+                self._down_since, self._outage_ended = None, now
+                self._shed_at = None  # refusals for slow answers were the outage's, not load's
+            await asyncio.sleep(period_s)
+
+    def outage_within(self, seconds: float) -> bool:
+        """A stage outage is going on, or ended less than ``seconds`` ago."""
+        return self._down_since is not None or time.monotonic() - self._outage_ended < seconds
+
+    async def _probe(self) -> bool:
         try:
             await asyncio.wait_for(self.stages.replicas_running(), HEALTH_TIMEOUT_S)
             self._info = await asyncio.wait_for(self.stages.info(), HEALTH_TIMEOUT_S)
@@ -196,6 +218,17 @@ class SessionHub:
             ok = False
         self._health = (time.monotonic(), ok)
         return ok
+
+    async def healthy(self) -> bool:
+        """Every stage answers now. With the monitor running: its newest verdict, at once (one
+        older than ``HEALTH_STALE_S`` means a probe hangs: not healthy); else probed here, reused
+        for ``HEALTH_TTL_S``."""
+        at, ok = self._health
+        if self._monitored:
+            return ok and time.monotonic() - at < HEALTH_STALE_S
+        if time.monotonic() - at < HEALTH_TTL_S:
+            return ok
+        return await self._probe()
 
     # --- sessions --------------------------------------------------------------------------------
 
@@ -208,6 +241,10 @@ class SessionHub:
         g = self.args.gateway
         if self.draining:
             raise Unavailable("this gateway replica is shutting down; retry and another replica takes the session")
+        if self._down_since is not None:
+            down = ", ".join(sorted(getattr(self.stages, "down", set()))) or "a"
+            raise Unavailable(f"the {down} stage of the voice pipeline is down (restarting); retry in "
+                              f"{g.retry_after_s:g} s")
         if self.active >= g.max_sessions:
             raise ResourceExhausted(f"server busy: {g.max_sessions} sessions already active on this replica; "
                                     f"retry in {g.retry_after_s:g} s", retry_after_s=g.retry_after_s)

@@ -275,3 +275,29 @@ async def test_drain_does_not_wait_forever_and_the_unfinished_turn_is_answered_a
     assert entry["pending"] == ["A question that never gets its answer here."]
     async with opened(b, restored=entry) as client:
         await client.wait_for(ev.ResponseDone)
+
+
+# --- stage outages: health and admission ------------------------------------------------------------
+
+
+async def test_an_outage_is_not_overload_and_admission_reopens_when_the_stages_are_back() -> None:
+    h = SessionHub(AppArgs.model_validate({"gateway": {"admission_first_audio_ms": 1000}}), HubStages())
+    monitor = asyncio.create_task(h.monitor_health(period_s=0.05))
+    try:
+        async with opened(h) as client:
+            await client.wait_for(ev.SessionStarted)
+            assert await h.healthy()
+            h.stages.alive = False  # a stage replica is killed
+            await asyncio.sleep(0.2)
+            assert not await h.healthy()  # NOT_SERVING at once, from the monitor's verdict
+            with pytest.raises(Unavailable, match="down"):
+                h.admit()  # an outage: UNAVAILABLE, not "at capacity"
+            for _ in range(5):  # answers slowed by the outage...
+                h.observer.answered(ev.TurnLatency(first_audio_ms=9000))
+            h.stages.alive = True
+            await asyncio.sleep(0.2)
+            assert await h.healthy()
+            h.admit()  # ...do not keep callers out once the stages are back
+            assert h.first_audio.p95(min_samples=1) is None
+    finally:
+        monitor.cancel()

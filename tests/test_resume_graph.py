@@ -13,12 +13,13 @@ import time
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from clients.resume import Backoff, converse_resuming
 from clients.voice_client import UserTurn, VoiceClient
 from protos.voxserve.v1 import voice_pb2 as pb
-from tests.conftest import handle
+from tests.conftest import handle, say
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]
 
@@ -148,3 +149,89 @@ async def test_a_rolling_redeploy_moves_the_call_without_dropping_it(server) -> 
     assert result.extra_answers == 0
     assert all(t.response_text.strip() for t in result.turns)
     assert grpc  # (imported for status names in failures)
+
+
+# --- stage replicas -------------------------------------------------------------------------------------
+
+
+def kill_stage(name: str) -> None:
+    """Kill the stage's only replica as a crash would (Serve then starts another)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and f"#{name}#" in a["name"]]
+    assert names, f"no {name} replica"
+    for actor in names:
+        ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
+
+
+async def health(address: str) -> str:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.5)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def test_a_dead_tts_gives_an_error_event_soon_not_seconds_of_silence(server) -> None:  # type: ignore[no-untyped-def]
+    events: list[tuple[float, str]] = []
+    client = VoiceClient(server.grpc_address)
+    killed: list[float] = []
+
+    def on_event(e: pb.ServerEvent) -> None:
+        kind = e.WhichOneof("event") or ""
+        events.append((time.monotonic(), kind))
+        if kind == "audio" and not killed:
+            killed.append(time.monotonic())
+            threading.Thread(target=kill_stage, args=("TTS",), daemon=True).start()
+
+    try:
+        cfg = pb.SessionConfig()
+        cfg.CopyFrom(CONFIG)
+        cfg.max_response_tokens = 80
+        result = await client.converse([UserTurn(text="Tell me a long story about a dragon and a knight.")], cfg,
+                                       on_event=on_event, wait_playback=False)
+    finally:
+        await client.close()
+    assert killed
+    after = [(t, k) for t, k in events if t > killed[0]]
+    ends = [t for t, k in after if k in ("error", "response_done", "response_interrupted")]
+    assert ends, [k for _, k in after]
+    audio_times = [killed[0]] + [t for t, k in after if k == "audio"]
+    gaps = np.diff(audio_times + [ends[0]])
+    # either the answer went on (a retried chunk) or it ended with an error: never a long silence
+    assert gaps.max() < 6.0, (gaps.max(), [k for _, k in after][:20], result.turns[0].error)
+    await until_serving(server.grpc_address)
+
+
+async def until_serving(address: str, within_s: float = 90) -> float:
+    t0 = time.monotonic()
+    while await health(address) != "SERVING":
+        assert time.monotonic() - t0 < within_s, "the app did not come back"
+        await asyncio.sleep(0.25)
+    return time.monotonic() - t0
+
+
+async def test_a_dead_asr_turns_health_not_serving_then_admission_reopens(server) -> None:  # type: ignore[no-untyped-def]
+    await until_serving(server.grpc_address)
+    kill_stage("ASR")
+    seen: list[str] = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5 and "NOT_SERVING" not in seen:
+        seen.append(await health(server.grpc_address))
+        await asyncio.sleep(0.1)
+    assert "NOT_SERVING" in seen and "DEADLINE_EXCEEDED" not in seen, seen
+    client = VoiceClient(server.grpc_address)
+    try:
+        refused = await client.converse([UserTurn(text="Hello?")], CONFIG, wait_playback=False)
+        assert refused.status in ("UNAVAILABLE", "OK"), (refused.status, refused.details)  # never RESOURCE_EXHAUSTED
+        await until_serving(server.grpc_address)
+        answered = await client.converse([UserTurn(audio=say("What is the capital of France?"))], CONFIG,
+                                         wait_playback=False)
+        assert answered.status == "OK", (answered.status, answered.details)
+        assert answered.turns[0].response_text.strip()
+    finally:
+        await client.close()
