@@ -193,6 +193,7 @@ def _plan_turns(cfg: LoadTestConfig, questions: list[Any], rng: random.Random) -
 
 async def _one_call(cfg: LoadTestConfig, caller: int, call: int, questions: list[Any], rng: random.Random,
                     t0: float, report: LoadTestReport, live: _Live) -> None:
+    from clients.resume import converse_resuming
     from clients.voice_client import UserTurn, VoiceClient
     from protos.voxserve.v1 import voice_pb2 as pb
 
@@ -213,8 +214,15 @@ async def _one_call(cfg: LoadTestConfig, caller: int, call: int, questions: list
     client = VoiceClient(cfg.address)
     live.active += 1
     try:
-        result = await client.converse(turns, session_cfg, pause_ms=1000 * cfg.pause_s,
-                                       turn_timeout_s=cfg.turn_timeout_s, on_event=on_event)
+        if cfg.resume:
+            result, resumed = await converse_resuming(client, turns, session_cfg, pause_ms=1000 * cfg.pause_s,
+                                                      turn_timeout_s=cfg.turn_timeout_s, on_event=on_event)
+            rec.resumes, rec.resume_ms, rec.turns_lost, rec.lost = (
+                resumed.resumes, resumed.resume_ms, resumed.turns_lost, resumed.lost)
+            rec.answered_twice = result.extra_answers
+        else:
+            result = await client.converse(turns, session_cfg, pause_ms=1000 * cfg.pause_s,
+                                           turn_timeout_s=cfg.turn_timeout_s, on_event=on_event)
     except asyncio.CancelledError:
         rec.t_end_s = time.monotonic() - t0
         rec.details = "cut by max_duration_s"
@@ -233,7 +241,9 @@ async def _one_call(cfg: LoadTestConfig, caller: int, call: int, questions: list
         live.errors += 1
     for i, (tr, (q, barge)) in enumerate(zip(result.turns, plan, strict=False)):
         code, err, note = classify_error(tr.error)
-        answered = tr.voice_to_voice_ms is not None
+        if tr.restored:  # answered by the server after a resume: no voice-to-voice time of its own
+            tr.voice_to_voice_ms = None
+        answered = tr.voice_to_voice_ms is not None or tr.restored and tr.answered
         if not answered and not code:
             code, err = "NO_ANSWER", f"no answer audio within {cfg.turn_timeout_s:.0f} s"
         report.turns.append(TurnRecord(

@@ -42,6 +42,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cooldown", type=float, default=d.cooldown_s,
                    help="seconds to keep recording replicas after the last call (shows scale-down)")
     p.add_argument("--turn-timeout", type=float, default=d.turn_timeout_s, help="seconds to wait for an answer")
+    p.add_argument("--no-resume", action="store_true",
+                   help="do not resume a call whose stream breaks or moves (default: resume with its token)")
     p.add_argument("--language", default=d.language,
                    help="language hint (default: en; '' = the server's default, auto = detect)")
     p.add_argument("--question", action="append", help="a question to speak (repeatable; default: built-in set)")
@@ -63,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
         address=args.address, allow_remote=args.allow_remote, callers=args.callers, ramp_up_s=args.ramp_up,
         hold_s=args.hold, ramp_down_s=args.ramp_down, turns_per_call=args.turns, calls_per_caller=args.calls,
         pause_s=args.pause, barge_in_rate=args.barge_in_rate, max_duration_s=args.max_duration,
-        turn_timeout_s=args.turn_timeout, cooldown_s=args.cooldown, language=args.language,
+        turn_timeout_s=args.turn_timeout, resume=not args.no_resume, cooldown_s=args.cooldown, language=args.language,
         questions=args.question, seed=args.seed,
         out_dir=args.out, app_name=args.app_name, progress=not args.quiet,
         replicas="off" if args.no_replicas else (args.ray_address or "auto"))

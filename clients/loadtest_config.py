@@ -67,6 +67,9 @@ class LoadTestConfig:
     """Hard bound on the whole test, (0, 3600]: calls still running then are cancelled (reported as cut)."""
     turn_timeout_s: float = 60.0
     """A turn without an answer after this long is unanswered, > 0."""
+    resume: bool = True
+    """A call whose stream breaks or is moved (SessionMoved) reconnects with its resume token and goes
+    on; off: it ends there (reported with its status)."""
     language: str = "en"
     """Language hint sent in the SessionConfig ('' = the server's default, 'auto' = detect)."""
     questions: list[str] | None = None

@@ -74,6 +74,11 @@ class CallRecord:
     details: str = ""
     turns_planned: int = 0
     turns_done: int = 0
+    resumes: int = 0  # times the call was resumed with its token (after a break or SessionMoved)
+    resume_ms: list[float] = field(default_factory=list)  # break -> resumed SessionStarted, each resume
+    turns_lost: int = 0  # turns that never got their answer across resumes
+    answered_twice: int = 0  # answers that came for a turn already answered
+    lost: bool = False  # the call could not be continued
 
 
 @dataclass
@@ -170,6 +175,10 @@ def summary_dict(report: LoadTestReport) -> dict[str, Any]:
         "errors": report.errors(), "notes": dict(Counter(t.note for t in turns if t.note)),
         "peak_active_calls": peak, "max_replicas": replicas_max,
         "duration_s": report.duration_s, "ok": report.ok, "metrics": metrics,
+        "calls_resumed": sum(c.resumes > 0 for c in report.calls), "resumes": sum(c.resumes for c in report.calls),
+        "calls_lost": sum(c.lost for c in report.calls), "turns_lost": sum(c.turns_lost for c in report.calls),
+        "turns_answered_twice": sum(c.answered_twice for c in report.calls),
+        "time_to_resume_ms": _stats([ms for c in report.calls for ms in c.resume_ms]),
     }
 
 
@@ -197,6 +206,11 @@ def summarize(report: LoadTestReport, markdown: bool = False) -> str:
               f"{s['interrupted']}, turns with underruns {s['underrun_turns']}, speculative answers "
               f"{s['speculative']}, paused/resumed {s['paused']}/{s['resumed']}, early answers "
               f"{s['early_answers']}, peak active calls {s['peak_active_calls']}, duration {s['duration_s']:.0f} s")
+    if s["resumes"] or s["calls_lost"]:
+        r = s["time_to_resume_ms"]
+        counts += (f"; calls resumed {s['calls_resumed']} ({s['resumes']} resumes, time to resume p50 "
+                   f"{fmt(r['p50'])} / p95 {fmt(r['p95'])} ms), calls lost {s['calls_lost']}, turns lost "
+                   f"{s['turns_lost']}, turns answered twice {s['turns_answered_twice']}")
     sep = "\n\n" if markdown else "\n"
     parts = ["\n".join(lines), counts, f"errors: {errors}"]
     if s["notes"]:

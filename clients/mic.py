@@ -4,6 +4,8 @@ The microphone is streamed as it is captured and the answer is played as it arri
 playback position is reported to the server so barge-in keeps history true. When the server
 pauses the answer (``ResponsePaused``: the user started speaking over it) playback stops where it
 is, ``ResponseResumed`` continues it from there, and ``ResponseInterrupted`` drops what is left.
+A stream that breaks or is moved (``SessionMoved``) is resumed with the session's token, with
+backoff; the words said since the last transcript are sent again.
 Use headphones: no echo cancellation is done here, so a loudspeaker's answer would interrupt itself.
 """
 
@@ -15,12 +17,16 @@ import queue
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import grpc
 import numpy as np
 
 from clients.audio import float_to_pcm16
+from clients.resume import RESUMABLE
 from protos.voxserve.v1 import voice_pb2 as pb
 
 CHUNK_MS = 20
+#: Longest unfinished utterance kept to send again after a break (chunks of CHUNK_MS: 30 s).
+UTTERANCE_CHUNKS = 1500
 
 
 def _sounddevice() -> Any:
@@ -70,10 +76,19 @@ async def talk_live(stub: Any, config: pb.SessionConfig, on_event: Callable[[pb.
         if out_rate["rate"]:
             played["ms"] += 1000.0 * filled / out_rate["rate"]
 
-    async def requests() -> AsyncIterator[pb.ClientMessage]:
-        yield pb.ClientMessage(config=config)
+    # The utterance not yet taken in by the server (no final transcript yet): sent again first
+    # when the call resumes after a break, so the user need not repeat it.
+    utterance: list[np.ndarray] = []
+    session = {"token": ""}
+
+    async def requests(cfg: pb.SessionConfig) -> AsyncIterator[pb.ClientMessage]:
+        yield pb.ClientMessage(config=cfg)
+        for samples in list(utterance):
+            yield pb.ClientMessage(audio=pb.AudioInput(data=float_to_pcm16(samples)))
         while True:
             samples = await mic.get()
+            utterance.append(samples)
+            del utterance[:-UTTERANCE_CHUNKS]
             yield pb.ClientMessage(audio=pb.AudioInput(data=float_to_pcm16(samples)))
             if played["response"]:
                 yield pb.ClientMessage(playback=pb.PlaybackPosition(
@@ -82,29 +97,48 @@ async def talk_live(stub: Any, config: pb.SessionConfig, on_event: Callable[[pb.
     blocksize = rate * CHUNK_MS // 1000
     with sd.InputStream(samplerate=rate, channels=1, dtype="float32", blocksize=blocksize, callback=captured):
         output: Any = None
+        delay = 0.2
         try:
-            async for event in stub.Converse(requests(), metadata=metadata):
-                on_event(event)
-                kind = event.WhichOneof("event")
-                if kind == "audio":
-                    chunk = event.audio
-                    if output is None:
-                        out_rate["rate"] = chunk.sample_rate
-                        output = sd.OutputStream(samplerate=chunk.sample_rate, channels=1, dtype="float32",
-                                                 callback=play)
-                        output.start()
-                    if chunk.response_id != played["response"]:
-                        played.update(response=chunk.response_id, ms=0.0)
-                    speaker.put(np.frombuffer(chunk.data, "<i2").astype(np.float32) / 32768)
-                elif kind == "response_paused":
-                    paused["response"] = event.response_paused.response_id
-                elif kind == "response_resumed":
-                    if paused["response"] == event.response_resumed.response_id:
-                        paused["response"] = 0
-                elif kind == "response_interrupted":
-                    with speaker.mutex:  # stop playing the interrupted answer at once
-                        speaker.queue.clear()
-                    paused["response"] = 0
+            while True:
+                cfg = pb.SessionConfig()
+                cfg.CopyFrom(config)
+                cfg.resume_token = session["token"]
+                try:
+                    async for event in stub.Converse(requests(cfg), metadata=metadata):
+                        on_event(event)
+                        kind = event.WhichOneof("event")
+                        if kind == "session_started":
+                            session["token"], delay = event.session_started.resume_token, 0.2
+                        elif kind == "session_moved":
+                            session["token"] = event.session_moved.resume_token
+                        elif kind in ("final_transcript", "input_committed"):
+                            utterance.clear()
+                        elif kind == "audio":
+                            chunk = event.audio
+                            if output is None:
+                                out_rate["rate"] = chunk.sample_rate
+                                output = sd.OutputStream(samplerate=chunk.sample_rate, channels=1,
+                                                         dtype="float32", callback=play)
+                                output.start()
+                            if chunk.response_id != played["response"]:
+                                played.update(response=chunk.response_id, ms=0.0)
+                            speaker.put(np.frombuffer(chunk.data, "<i2").astype(np.float32) / 32768)
+                        elif kind == "response_paused":
+                            paused["response"] = event.response_paused.response_id
+                        elif kind == "response_resumed":
+                            if paused["response"] == event.response_resumed.response_id:
+                                paused["response"] = 0
+                        elif kind == "response_interrupted":
+                            with speaker.mutex:  # stop playing the interrupted answer at once
+                                speaker.queue.clear()
+                            paused["response"] = 0
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code().name not in RESUMABLE or not session["token"]:
+                        raise
+                    print(f"[connection lost ({exc.code().name}); resuming in {delay:.1f} s]", flush=True)
+                    await asyncio.sleep(delay)
+                    delay = min(2.0, delay * 2)
         finally:
             if output is not None:
                 output.close()

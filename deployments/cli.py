@@ -214,6 +214,7 @@ def _load_tools(args: argparse.Namespace, config: Any) -> Any:
 
 async def _talk(args: argparse.Namespace) -> int:
     from clients.audio import write_wav
+    from clients.resume import converse_resuming
     from clients.voice_client import VoiceClient
     from protos.voxserve.v1 import voice_pb2 as pb
 
@@ -240,10 +241,14 @@ async def _talk(args: argparse.Namespace) -> int:
     turns = _load_turns(args, rate)
     client = VoiceClient(args.address, getattr(args, "api_key", None))
     try:
-        result = await client.converse(turns, config, realtime=not args.fast,
-                                       on_event=None if args.quiet else _print_event, tools=tools)
+        # a stream that breaks or is moved (SessionMoved) is resumed with the session's token
+        result, resumed = await converse_resuming(client, turns, config, realtime=not args.fast,
+                                                  on_event=None if args.quiet else _print_event, tools=tools)
     finally:
         await client.close()
+    if resumed.resumes:
+        print(f"session resumed {resumed.resumes} time(s) (" +
+              ", ".join(f"{ms:.0f} ms" for ms in resumed.resume_ms) + " from the break to the resumed session)")
     if result.status != "OK":
         print(f"voxserve talk: stream ended with {result.status}: {result.details}", file=sys.stderr)
         return 1
