@@ -243,7 +243,7 @@ async def _one_call(cfg: LoadTestConfig, caller: int, call: int, questions: list
         code, err, note = classify_error(tr.error)
         if tr.restored:  # answered by the server after a resume: no voice-to-voice time of its own
             tr.voice_to_voice_ms = None
-        answered = tr.voice_to_voice_ms is not None or tr.restored and tr.answered
+        answered = tr.voice_to_voice_ms is not None or (tr.restored and tr.answered)
         if not answered and not code:
             code, err = "NO_ANSWER", f"no answer audio within {cfg.turn_timeout_s:.0f} s"
         report.turns.append(TurnRecord(

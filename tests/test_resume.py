@@ -149,8 +149,8 @@ class Client:
         async for event in self.conv.events():
             self.out.append(event)
 
-    async def wait_for(self, kind: type, n: int = 1, timeout: float = 5) -> list[Any]:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, kind: type, n: int = 1, within_s: float = 5) -> list[Any]:
+        deadline = time.monotonic() + within_s
         while len(found := [e for e in self.out if isinstance(e, kind)]) < n:
             assert time.monotonic() < deadline, f"no {n} {kind.__name__} in {[type(e).__name__ for e in self.out]}"
             await asyncio.sleep(0.01)
@@ -253,7 +253,7 @@ async def test_drain_moves_each_session_at_its_turn_boundary() -> None:
             a.admit()
         await asyncio.wait_for(a.wait_moved(idle.conv), 1)
         assert not [e for e in busy.out if isinstance(e, ev.SessionMoved)]  # still answering
-        await busy.wait_for(ev.SessionMoved, timeout=5)
+        await busy.wait_for(ev.SessionMoved, within_s=5)
         kinds = [type(e) for e in busy.out]
         assert kinds.index(ev.ResponseDone) < kinds.index(ev.SessionMoved)  # the answer finished first
         await asyncio.wait_for(drained, 5)

@@ -201,7 +201,7 @@ async def test_a_dead_tts_gives_an_error_event_soon_not_seconds_of_silence(serve
     ends = [t for t, k in after if k in ("error", "response_done", "response_interrupted")]
     assert ends, [k for _, k in after]
     audio_times = [killed[0]] + [t for t, k in after if k == "audio"]
-    gaps = np.diff(audio_times + [ends[0]])
+    gaps = np.diff([*audio_times, ends[0]])
     # either the answer went on (a retried chunk) or it ended with an error: never a long silence
     assert gaps.max() < 6.0, (gaps.max(), [k for _, k in after][:20], result.turns[0].error)
     await until_serving(server.grpc_address)
