@@ -112,6 +112,9 @@ async def converse_resuming(client: VoiceClient, turns: list[UserTurn], config: 
         if not result.moved:  # a moved session may come back at once; a broken one waits a little
             await asyncio.sleep(delay)
             delay = min(plan.max_s, delay * 2)
+    if not remaining and merged.status != "OK":  # every turn was answered before the break
+        merged.details = f"the stream ended with {merged.status} after its last answer: {merged.details}"
+        merged.status = "OK"
     report.turns_lost = len(remaining) + sum(1 for t in done if not _answered(t))
     merged.turns += [TurnResult(label=t.label, error="lost: never answered") for t in remaining]
     return merged, report

@@ -9,6 +9,9 @@
 // Tools: the page offers one function of its own (get_time) when "demo tool" is ticked; when a
 // response is done, each function call it made is shown in the transcript, run here, and its
 // result sent as a function_call_output item; a response.create then asks for the answer.
+// Resume: session.created carries voxserve.resume_token; when the socket breaks, or the server
+// moves the session (an error with code session_moved, then close 1012), the page reconnects with
+// /v1/realtime?resume_token=... and backoff, and sends again the speech not yet committed.
 // window.voxStats (mirrored as JSON in #stats) records what happened, for people and for tests.
 "use strict";
 
@@ -61,6 +64,8 @@ let ws = null, ctx = null, micStream = null, micNode = null, master = null, anal
 let ready = false;  // the session has our settings (session.updated): audio may flow
 let talking = false, playHead = 0, current = null, sumSq = 0, samples = 0, meterTimer = null;
 let speechStoppedAt = null;  // performance.now() when the user's turn ended (client view)
+let resumeToken = "", retryMs = 200, reconnectTimer = null;
+let unsent = [];  // audio appends since the last commit: sent again after a resume
 const bubbles = new Map();   // item id -> element
 
 function mode() { return document.querySelector("input[name=mode]:checked").value; }
@@ -102,7 +107,10 @@ function onMicFrame(frame) {
   if (!ready || (mode() === "push-to-talk" && !talking)) return;
   const pcm = new Int16Array(frame.length);
   for (let i = 0; i < frame.length; i++) pcm[i] = Math.max(-32768, Math.min(32767, Math.round(frame[i] * 32767)));
-  send({ type: "input_audio_buffer.append", audio: toBase64(pcm) });
+  const append = { type: "input_audio_buffer.append", audio: toBase64(pcm) };
+  unsent.push(append);
+  if (unsent.length > 750) unsent.shift();  // 30 s of speech at most
+  send(append);
   stats.micChunks++;
 }
 
@@ -203,10 +211,17 @@ function onEvent(e) {
     case "session.created":
       stats.connected = true;
       stats.sessionId = e.session.id;
+      resumeToken = (e.voxserve || {}).resume_token || "";
+      retryMs = 200;
+      if ((e.voxserve || {}).resumed) {
+        stats.resumed = (stats.resumed || 0) + 1;
+        setStatus("Reconnected: the conversation goes on.");
+      }
       send(sessionUpdate());
       break;
     case "session.updated":
       if (!ready && !micStream) startMic();
+      else for (const append of unsent) send(append);  // resumed: what the server had not taken in
       break;
     case "input_audio_buffer.speech_started":
       stats.speechStarted++;
@@ -218,6 +233,7 @@ function onEvent(e) {
       setStatus("Thinking…");
       break;
     case "input_audio_buffer.committed":
+      unsent = [];
       if (speechStoppedAt === null) speechStoppedAt = performance.now();
       break;
     case "conversation.item.added":
@@ -277,6 +293,11 @@ function onEvent(e) {
       break;
     }
     case "error":
+      if (e.error.code === "session_moved") {  // the server restarts: come back with the new token
+        resumeToken = (e.voxserve || {}).resume_token || resumeToken;
+        setStatus("The server is moving this call; reconnecting…");
+        break;
+      }
       if (e.error.code === "function_call_cancelled") {  // the user spoke on: no answer waits for it
         const call = bubbles.get((e.voxserve || {}).call_id);
         if (call) call.classList.add("cancelled");
@@ -349,23 +370,34 @@ async function start() {
     fail(`audio output unavailable: ${err.message}`);
     return;
   }
+  resumeToken = "";
+  connect();
+  $("stop").disabled = false;
+  for (const r of document.querySelectorAll("input[name=mode]")) r.disabled = true;
+}
+
+function connect() {
   const key = $("key").value.trim();
   const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-  ws = new WebSocket(`${scheme}${location.host}/v1/realtime?model=voxserve`,
+  const resume = resumeToken ? `&resume_token=${encodeURIComponent(resumeToken)}` : "";
+  ws = new WebSocket(`${scheme}${location.host}/v1/realtime?model=voxserve${resume}`,
                      key ? ["realtime", "openai-insecure-api-key." + key] : ["realtime"]);
   const socket = ws;
   ws.onmessage = (m) => onEvent(JSON.parse(m.data));
   ws.onclose = (c) => {
     stats.connected = false;
     publish();
-    if (ws === socket) {  // not closed by the Stop button
-      setStatus(`disconnected (${c.code}${c.reason ? ": " + c.reason : ""})`, c.code !== 1000);
-      stop();
+    if (ws !== socket) return;  // closed by the Stop button
+    if (resumeToken && c.code !== 1000 && c.code !== 1008) {  // broken or moved: resume
+      setStatus(`connection lost (${c.code}); reconnecting in ${(retryMs / 1000).toFixed(1)} s…`, true);
+      reconnectTimer = setTimeout(() => { reconnectTimer = null; if (ws === socket) connect(); }, retryMs);
+      retryMs = Math.min(5000, retryMs * 2);
+      return;
     }
+    setStatus(`disconnected (${c.code}${c.reason ? ": " + c.reason : ""})`, c.code !== 1000);
+    stop();
   };
-  ws.onerror = () => setStatus("connection failed (wrong API key, or server down?)", true);
-  $("stop").disabled = false;
-  for (const r of document.querySelectorAll("input[name=mode]")) r.disabled = true;
+  ws.onerror = () => { if (!resumeToken) setStatus("connection failed (wrong API key, or server down?)", true); };
 }
 
 // The microphone opens once the server has our settings, so no word is spoken into a session
@@ -398,6 +430,7 @@ function fail(message) {
 }
 
 function stop() {
+  if (reconnectTimer) { clearTimeout(reconnectTimer); reconnectTimer = null; }
   if (ws) { const w = ws; ws = null; try { w.close(1000); } catch (e) { /* closed */ } }
   if (micStream) micStream.getTracks().forEach((t) => t.stop());
   if (meterTimer) clearInterval(meterTimer);
