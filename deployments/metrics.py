@@ -79,6 +79,14 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "voxserve_tool_latency_ms": ("histogram", ("span",),
                                  "Tool calls: call -> result (the client's tool), and result -> first audio "
                                  "of the answer that uses it (ours)."),
+    "voxserve_journal_writes_total": ("counter", ("outcome",),
+                                      "Session journal writes: ok, or failed (the store did not answer; the "
+                                      "next change of turn writes again)."),
+    "voxserve_journal_write_ms": ("histogram", (), "One session journal write (beside the answer, never "
+                                  "before it)."),
+    "voxserve_session_moves_total": ("counter", ("kind",),
+                                     "Sessions resumed on this replica (kind=resumed) and moved away by its "
+                                     "drain (kind=moved)."),
     "voxserve_stage_request_ms": ("histogram", ("stage", "method"),
                                   "Duration of one request inside a stage deployment replica "
                                   "(for streams: until the last item)."),
@@ -112,7 +120,8 @@ class GatewayMetrics:
               "voxserve_turn_ends_total", "voxserve_errors_total", "voxserve_stage_latency_ms",
               "voxserve_first_audio_ms", "voxserve_voice_to_voice_ms", "voxserve_turn_total_ms",
               "voxserve_llm_tokens_per_s", "voxserve_stalled_turns_total", "voxserve_underrun_ms",
-              "voxserve_min_buffer_ms", "voxserve_tool_calls_total", "voxserve_tool_latency_ms")
+              "voxserve_min_buffer_ms", "voxserve_tool_calls_total", "voxserve_tool_latency_ms",
+              "voxserve_journal_writes_total", "voxserve_journal_write_ms", "voxserve_session_moves_total")
 
     def __init__(self, backend: dict[str, Any] | None = None) -> None:
         self._m = backend if backend is not None else {name: _make(name) for name in self._NAMES}
@@ -156,6 +165,15 @@ class GatewayMetrics:
         self._m["voxserve_tool_calls_total"].inc(1, tags={"outcome": outcome})
         if outcome == "result" and seconds is not None:
             self._m["voxserve_tool_latency_ms"].observe(1000 * seconds, tags={"span": "call_to_result"})
+
+    def journal_write(self, ms: float, ok: bool) -> None:
+        self._m["voxserve_journal_writes_total"].inc(1, tags={"outcome": "ok" if ok else "failed"})
+        if ok:
+            self._m["voxserve_journal_write_ms"].observe(ms)
+
+    def session_moved(self, kind: str) -> None:
+        """``resumed`` (a session continued here) or ``moved`` (sent away by the drain)."""
+        self._m["voxserve_session_moves_total"].inc(1, tags={"kind": kind})
 
     def turn_latency(self, lat: ev.TurnLatency) -> None:
         """Record an answered turn's latency breakdown (``ResponseDone.latency``)."""

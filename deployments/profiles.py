@@ -134,9 +134,13 @@ def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, g
     )
 
 
-# A voice conversation is one long gRPC stream: the gateway drains longer than the stages so that
-# turns in flight can finish while a node goes away.
+# A voice conversation is one long gRPC stream. A stopping gateway replica moves its sessions at
+# their next turn boundary (sessions.drain_timeout_s at most, 8 s by default: SessionMoved, then
+# the clients resume elsewhere), so its streams end well within this; the rest is margin for a
+# slow client and for Serve's 2 s wait loop.
 GATEWAY_SHUTDOWN_S = 60.0
+#: Margin the gateway's graceful_shutdown_timeout_s must leave above sessions.drain_timeout_s.
+DRAIN_MARGIN_S = 10.0
 # Serve lets a gateway replica take many more streams than the gateway admits, so a burst reaches
 # the gateway's own admission check and gets RESOURCE_EXHAUSTED at once, with our message and a
 # retry hint, instead of Ray's "Request dropped due to backpressure"; a refusal ends within
@@ -496,6 +500,11 @@ def check_app(app: dict[str, Any]) -> list[str]:
         problems.append("args.asr.device is 'cuda' but the ASR deployment reserves no GPU")
     if args.tts.use_cuda and not gpus_of(TTS):
         problems.append("args.tts.use_cuda is set but the TTS deployment reserves no GPU")
+    shutdown = by_name.get(GATEWAY, {}).get("graceful_shutdown_timeout_s", 20.0)
+    if isinstance(shutdown, int | float) and shutdown < args.sessions.drain_timeout_s + DRAIN_MARGIN_S:
+        problems.append(f"Gateway graceful_shutdown_timeout_s {shutdown:g} leaves less than {DRAIN_MARGIN_S:g} s "
+                        f"after sessions.drain_timeout_s {args.sessions.drain_timeout_s:g}: Serve would cut "
+                        "sessions before they are moved")
     gw = by_name.get(GATEWAY, {}).get("max_ongoing_requests")
     if isinstance(gw, int) and gw < args.gateway.max_sessions:
         problems.append(f"Gateway max_ongoing_requests {gw} is below gateway.max_sessions "

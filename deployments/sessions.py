@@ -177,6 +177,11 @@ class SessionHub:
         if report is not None:
             report(ms, ok)
 
+    def _moves(self, kind: str) -> None:
+        report = getattr(self.observer.inner, "session_moved", None)  # type: ignore[attr-defined]
+        if report is not None:
+            report(kind)
+
     # --- stages ----------------------------------------------------------------------------------
 
     async def stage_info(self, timeout_s: float | None = HEALTH_TIMEOUT_S) -> dict[str, Any]:
@@ -370,6 +375,8 @@ class SessionHub:
                 token = self.tokens.issue(conv.session_id, owner)
             self.live[conv.session_id] = conv
             self._moved[conv] = asyncio.Event()
+            if restored is not None:
+                self._moves("resumed")
             await conv.start(resume_token=token, restored=restored)
             yield conv
         finally:
@@ -414,6 +421,7 @@ class SessionHub:
             return
         await conv.emit(SessionMoved(resume_token=token, reason=reason))
         moved.set()
+        self._moves("moved")
 
     async def wait_moved(self, conv: Conversation) -> None:
         """Returns once ``conv`` was sent ``SessionMoved`` (its adapter then ends the stream)."""

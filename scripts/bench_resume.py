@@ -6,7 +6,9 @@ callers that resume with their tokens (``clients.resume``). Three runs:
 - ``kill1``: one Gateway replica; SIGKILL its process every ``--every`` seconds (Serve restarts it,
   the callers resume on the new one);
 - ``kill2``: two Gateway replicas; SIGKILL one of them each time (the callers resume on the other);
-- ``redeploy``: a rolling redeploy of the Gateway (a changed config) in the middle of the run.
+- ``redeploy``: a rolling redeploy of the Gateway (a changed config) in the middle of the run;
+- ``journal`` / ``nojournal``: the same load without chaos, with the embedded journal and with
+  ``sessions.journal: off``: what journaling costs the answers (voice-to-voice), if anything.
 
 For each: time from the break to the resumed SessionStarted (p50/p95, client clock), calls
 resumed and lost, turns lost, turns answered twice, voice-to-voice of the answered turns, and the
@@ -110,6 +112,11 @@ async def run(name: str, server: Any, callers: int, hold_s: float, chaos: Any) -
     return out
 
 
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 def lscpu() -> str:
     return subprocess.run(["lscpu"], capture_output=True, text=True).stdout
 
@@ -120,32 +127,39 @@ async def main() -> None:
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--every", type=float, default=60.0, help="seconds between kills")
     p.add_argument("--runs", default="kill1,kill2,redeploy")
+    p.add_argument("--quiet-hold", type=float, default=120.0, help="hold of the journal/nojournal runs")
     p.add_argument("--out", default=str(ROOT / "docs" / "bench" / "issue18"))
     args = p.parse_args()
     local_env()
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cpu = lscpu()
-    (out_dir / "lscpu.txt").write_text(cpu)  # noqa: ASYNC240 (before the runs)
+    write(out_dir / "lscpu.txt", cpu)
     results: list[dict[str, Any]] = []
     hold = args.kills * args.every + 20
     for name in args.runs.split(","):
         gateways = 2 if name == "kill2" else 1
-        overrides = {"deployments": {"Gateway": {"autoscaling_config": {"min_replicas": gateways,
-                                                                        "max_replicas": gateways}}}}
+        overrides: dict[str, Any] = {"deployments": {"Gateway": {"autoscaling_config": {
+            "min_replicas": gateways, "max_replicas": gateways}}}}
+        if name == "nojournal":
+            overrides["args"] = {"sessions": {"journal": "off"}}
         with local_app(overrides) as server:
             if name.startswith("kill"):
                 def chaos(log: list[dict[str, Any]], t0: float) -> Any:
                     return killer(args.kills, args.every, log, t0)
                 results.append(await run(name, server, args.callers, hold, chaos))
-            else:
+            elif name == "redeploy":
                 def chaos(log: list[dict[str, Any]], t0: float, srv: Any = server) -> Any:
                     return redeployer(srv, 40.0, log, t0)
                 results.append(await run(name, server, args.callers, 100.0, chaos))
+            else:
+                def chaos(log: list[dict[str, Any]], t0: float) -> Any:
+                    return asyncio.sleep(0)
+                results.append(await run(name, server, args.callers, args.quiet_hold, chaos))
     doc = {"results": results, "versions": versions("ray", "vllm", "ctranslate2", "piper-tts"),
            "cpu": cpu.splitlines()[:20]}
-    (out_dir / "resume.json").write_text(json.dumps(doc, indent=1))  # noqa: ASYNC240 (after the runs)
-    print(f"wrote {out_dir / 'resume.json'}")
+    name = "resume.json" if "kill1" in args.runs else f"resume-{args.runs.replace(',', '-')}.json"
+    write(out_dir / name, json.dumps(doc, indent=1))
+    print(f"wrote {out_dir / name}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ class ObservedGateway(Gateway.func_or_class):  # type: ignore[misc,name-defined]
         """This replica's process (the resume tests kill it)."""
         return os.getpid()
 
+    async def where(self, session_id: str) -> tuple[str, bool]:
+        """This replica's Ray node, and whether it holds ``session_id`` live."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), session_id in self.hub.live
+
 
 class ObservedLLM(LLMDeployment.func_or_class):  # type: ignore[misc,name-defined]
     async def recent_requests(self, n: int = 16) -> list[dict[str, Any]]:

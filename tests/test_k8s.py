@@ -134,7 +134,8 @@ def test_chart_serve_config_is_the_local_one(profile: str, rendered: dict[str, d
 
 def without_generated_keys(rendered: dict[str, str]) -> dict[str, str]:
     """The rendering with the chart-generated API key blanked (a fresh random one per render)."""
-    return {name: re.sub(r"(?m)^(  api-keys: ).*$", r"\1<generated>", text) for name, text in rendered.items()}
+    return {name: re.sub(r"(?m)^(  (api-keys|resume-secret): ).*$", r"\1<generated>", text)
+            for name, text in rendered.items()}
 
 
 def test_chart_defaults_are_the_cpu_profile() -> None:

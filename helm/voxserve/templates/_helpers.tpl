@@ -36,6 +36,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (printf "%s-api-keys" (include "voxserve.fullname" .)) .Values.auth.existingSecret -}}
 {{- end -}}
 
+{{- define "voxserve.resumeSecretName" -}}
+{{- default (printf "%s-resume-secret" (include "voxserve.fullname" .)) .Values.sessions.existingSecret -}}
+{{- end -}}
+
 {{/* Environment variable the Serve app reads keys from (deployments.auth.AuthConfig.api_keys_env). */}}
 {{- define "voxserve.authEnvName" -}}
 {{- $auth := get .Values.serve.args "auth" | default dict -}}
@@ -82,6 +86,20 @@ deployments.profiles.serve_config_from_options builds it in Python: the tests co
     secretKeyRef:
       name: {{ include "voxserve.authSecretName" . }}
       key: {{ .Values.auth.secretKey }}
+{{- end }}
+{{- if or .Values.sessions.existingSecret .Values.sessions.createSecret }}
+- name: VOXSERVE_RESUME_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "voxserve.resumeSecretName" . }}
+      key: {{ .Values.sessions.secretKey }}
+{{- end }}
+{{- if .Values.sessions.redisUrlSecret }}
+- name: VOXSERVE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.sessions.redisUrlSecret }}
+      key: {{ .Values.sessions.redisUrlKey }}
 {{- end }}
 - name: RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S
   value: {{ .Values.shutdown.proxyDrainSeconds | quote }}
