@@ -88,6 +88,10 @@ class DeploymentOptions(BaseModel):
     graceful_shutdown_wait_loop_s: float = Field(default=2.0, gt=0, description="Poll period while draining a replica.")
     graceful_shutdown_timeout_s: float = Field(
         default=20.0, ge=0, description="Longest drain of a stopping replica before it is killed.")
+    max_surge_percent: int = Field(
+        default=0, ge=0, le=100,
+        description="Extra replicas (percent of the target) a rolling update may start before stopping old "
+                    "ones: old replicas keep serving until their replacements are ready.")
     health_check_period_s: float = Field(default=10.0, gt=0, description="Replica health check period.")
     health_check_timeout_s: float = Field(default=30.0, gt=0, description="Replica health check timeout.")
 
@@ -123,7 +127,7 @@ class Profile(BaseModel):
 
 
 def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, gpus: float = 0.0,
-         shutdown_s: float = 20.0, max_queued: int = -1) -> DeploymentOptions:
+         shutdown_s: float = 20.0, max_queued: int = -1, surge: int = 0) -> DeploymentOptions:
     return DeploymentOptions(
         max_ongoing_requests=max_ongoing,
         max_queued_requests=max_queued,
@@ -131,6 +135,7 @@ def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, g
                                        target_ongoing_requests=target),
         ray_actor_options=ActorOptions(num_cpus=cpus, num_gpus=gpus),
         graceful_shutdown_timeout_s=shutdown_s,
+        max_surge_percent=surge,
     )
 
 
@@ -139,6 +144,9 @@ def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, g
 # the clients resume elsewhere), so its streams end well within this; the rest is margin for a
 # slow client and for Serve's 2 s wait loop.
 GATEWAY_SHUTDOWN_S = 60.0
+#: A rolling update of the gateway starts the new replicas first: the sessions the old ones move
+#: (SessionMoved) then resume at once instead of waiting for a replica to start (~10 s measured).
+GATEWAY_SURGE = 100
 #: Margin the gateway's graceful_shutdown_timeout_s must leave above sessions.drain_timeout_s.
 DRAIN_MARGIN_S = 10.0
 # Serve lets a gateway replica take many more streams than the gateway admits, so a burst reaches
@@ -157,7 +165,7 @@ CPU_MAX_SESSIONS = 8
 def _gateway(args: AppArgs) -> DeploymentOptions:
     # the autoscaler adds a gateway replica when sessions reach 3/4 of what one admits
     return _dep(args.gateway.max_sessions + GATEWAY_HEADROOM, 1, 4, max(1.0, 0.75 * args.gateway.max_sessions),
-                cpus=0.25, shutdown_s=GATEWAY_SHUTDOWN_S, max_queued=GATEWAY_QUEUE)
+                cpus=0.25, shutdown_s=GATEWAY_SHUTDOWN_S, max_queued=GATEWAY_QUEUE, surge=GATEWAY_SURGE)
 
 
 def cpu_profile() -> Profile:

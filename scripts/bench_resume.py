@@ -7,6 +7,8 @@ callers that resume with their tokens (``clients.resume``). Three runs:
   the callers resume on the new one);
 - ``kill2``: two Gateway replicas; SIGKILL one of them each time (the callers resume on the other);
 - ``redeploy``: a rolling redeploy of the Gateway (a changed config) in the middle of the run;
+- ``tts2``: two TTS replicas; kill one (``ray.kill``, as a crash) every ``--every`` seconds: the
+  answers in flight retry their chunk on the other (largest stall inside an answer, errors);
 - ``journal`` / ``nojournal``: the same load without chaos, with the embedded journal and with
   ``sessions.journal: off``: what journaling costs the answers (voice-to-voice), if anything.
 
@@ -54,6 +56,20 @@ async def killer(kills: int, every_s: float, log: list[dict[str, Any]], t0: floa
         os.kill(pid, signal.SIGKILL)
         log.append({"t_s": round(time.monotonic() - t0, 1), "killed": pid, "alive_before": len(pids)})
         print(f"[kill {i + 1}/{kills}] SIGKILL Gateway pid {pid} ({len(pids)} running)", file=sys.stderr, flush=True)
+
+
+async def tts_killer(kills: int, every_s: float, log: list[dict[str, Any]], t0: float) -> None:
+    import ray
+
+    for i in range(kills):
+        await asyncio.sleep(every_s)
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "serve" and "#TTS#" in a["name"]]
+        if not names:
+            continue
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        log.append({"t_s": round(time.monotonic() - t0, 1), "killed": names[0], "alive_before": len(names)})
+        print(f"[tts kill {i + 1}/{kills}] {names[0]} ({len(names)} running)", file=sys.stderr, flush=True)
 
 
 async def redeployer(server: Any, after_s: float, log: list[dict[str, Any]], t0: float) -> None:
@@ -106,6 +122,10 @@ async def run(name: str, server: Any, callers: int, hold_s: float, chaos: Any) -
                               "max": round(max(resume_ms), 1) if resume_ms else None},
         "v2v_ms": {"n": len(v2v), "p50": pct(v2v, 50), "p95": pct(v2v, 95)},
         "statuses": sorted({c.status for c in report.calls}),
+        "turn_errors": s["errors"],
+        "underrun_ms": {"turns_with_underrun": s["underrun_turns"],
+                        "p95": pct([t.underrun_ms for t in report.turns if t.answered], 95),
+                        "max": max((t.underrun_ms for t in report.turns if t.answered), default=0.0)},
         "journal": await journal_stats(),
     }
     print(json.dumps(out, indent=1), file=sys.stderr, flush=True)
@@ -140,6 +160,8 @@ async def main() -> None:
         gateways = 2 if name == "kill2" else 1
         overrides: dict[str, Any] = {"deployments": {"Gateway": {"autoscaling_config": {
             "min_replicas": gateways, "max_replicas": gateways}}}}
+        if name == "tts2":
+            overrides["deployments"]["TTS"] = {"autoscaling_config": {"min_replicas": 2, "max_replicas": 2}}
         if name == "nojournal":
             overrides["args"] = {"sessions": {"journal": "off"}}
         with local_app(overrides) as server:
@@ -147,6 +169,11 @@ async def main() -> None:
                 def chaos(log: list[dict[str, Any]], t0: float) -> Any:
                     return killer(args.kills, args.every, log, t0)
                 results.append(await run(name, server, args.callers, hold, chaos))
+            elif name == "tts2":
+                def chaos(log: list[dict[str, Any]], t0: float) -> Any:
+                    return tts_killer(max(1, args.kills // 2), args.every, log, t0)
+                results.append(await run(name, server, args.callers, max(1, args.kills // 2) * args.every + 20,
+                                         chaos))
             elif name == "redeploy":
                 def chaos(log: list[dict[str, Any]], t0: float, srv: Any = server) -> Any:
                     return redeployer(srv, 40.0, log, t0)

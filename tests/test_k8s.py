@@ -197,7 +197,8 @@ def test_rayservice_cluster_shape(profile: str, rendered: dict[str, dict[str, st
     ports = {p["name"]: p for p in rs["spec"]["serveService"]["spec"]["ports"]}
     assert ports["serve-grpc"]["appProtocol"] == "kubernetes.io/h2c"
     kinds = sorted(d["kind"] for d in docs_of(rendered[profile]))
-    assert kinds == ["RayService", "Secret", "Service", "ServiceMonitor"]  # Secret: the generated API key
+    # Secrets: the generated API key and the resume-token secret
+    assert kinds == ["RayService", "Secret", "Secret", "Service", "ServiceMonitor"]
 
 
 # --- offline validation ---------------------------------------------------------------------------
@@ -367,7 +368,7 @@ def _key_env(container: dict[str, Any]) -> dict[str, Any] | None:
 @pytest.mark.parametrize("profile", PROFILE_NAMES)
 def test_auth_on_by_default_with_a_generated_secret(profile: str) -> None:
     rendered = render_k8s.render_chart(helm_values(profile))
-    (secret,) = [d for d in docs_of(rendered) if d["kind"] == "Secret"]
+    (secret,) = [d for d in docs_of(rendered) if d["kind"] == "Secret" and "api-keys" in d["metadata"]["name"]]
     assert secret["metadata"]["name"] == "voxserve-api-keys"
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     key = base64.b64decode(secret["data"]["api-keys"]).decode()
@@ -391,7 +392,7 @@ def test_auth_on_by_default_with_a_generated_secret(profile: str) -> None:
 def test_auth_with_an_existing_secret() -> None:
     rendered = render_k8s.render_chart(deep_merge(helm_values("cpu"), {
         "auth": {"existingSecret": "my-keys", "secretKey": "keys"}}))
-    assert not [d for d in docs_of(rendered) if d["kind"] == "Secret"]
+    assert not [d for d in docs_of(rendered) if d["kind"] == "Secret" and "api-keys" in d["metadata"]["name"]]
     for c in _containers(rendered):
         assert _key_env(c) == {"name": "VOXSERVE_API_KEYS", "valueFrom": {"secretKeyRef": {
             "name": "my-keys", "key": "keys"}}}
@@ -414,8 +415,35 @@ def test_plain_manifests_expect_a_user_secret() -> None:
 
 def test_auth_off() -> None:
     rendered = render_k8s.render_chart(deep_merge(helm_values("cpu"), {"auth": {"enabled": False}}))
-    assert not [d for d in docs_of(rendered) if d["kind"] == "Secret"]
+    assert not [d for d in docs_of(rendered) if d["kind"] == "Secret" and "api-keys" in d["metadata"]["name"]]
     assert all(_key_env(c) is None for c in _containers(rendered))
+
+
+def _env(container: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((e for e in container.get("env", []) if e["name"] == name), None)
+
+
+def test_resume_secret_and_redis_url_come_from_secrets() -> None:
+    rendered = render_k8s.render_chart(helm_values("cpu"))
+    (secret,) = [d for d in docs_of(rendered) if d["kind"] == "Secret" and "resume" in d["metadata"]["name"]]
+    assert secret["metadata"]["name"] == "voxserve-resume-secret"
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(base64.b64decode(secret["data"]["resume-secret"])) >= 32
+    for c in _containers(rendered):
+        assert _env(c, "VOXSERVE_RESUME_SECRET") == {"name": "VOXSERVE_RESUME_SECRET", "valueFrom": {
+            "secretKeyRef": {"name": "voxserve-resume-secret", "key": "resume-secret"}}}
+        assert _env(c, "VOXSERVE_REDIS_URL") is None
+    own = render_k8s.render_chart(deep_merge(helm_values("cpu"), {"sessions": {
+        "existingSecret": "mine", "redisUrlSecret": "redis", "redisUrlKey": "url"}}))
+    assert not [d for d in docs_of(own) if d["kind"] == "Secret" and "resume" in d["metadata"]["name"]]
+    for c in _containers(own):
+        assert _env(c, "VOXSERVE_RESUME_SECRET")["valueFrom"]["secretKeyRef"]["name"] == "mine"  # type: ignore[index]
+        assert _env(c, "VOXSERVE_REDIS_URL") == {"name": "VOXSERVE_REDIS_URL", "valueFrom": {
+            "secretKeyRef": {"name": "redis", "key": "url"}}}
+    shared = render_k8s.render_chart(deep_merge(helm_values("cpu"), {"sessions": {"createSecret": False}}))
+    assert all(_env(c, "VOXSERVE_RESUME_SECRET") is None for c in _containers(shared))
+    with pytest.raises(helm.HelmError, match="sessions"):
+        render_k8s.render_chart(deep_merge(helm_values("cpu"), {"sessions": {"secretKye": "x"}}))
 
 
 @pytest.mark.parametrize(("values", "needle"), [

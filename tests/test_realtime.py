@@ -716,3 +716,48 @@ def test_every_engine_event_has_a_realtime_mapping() -> None:
     # a response that ended before the client heard of it is still announced before its done
     late = ev.ResponseInterrupted(response_id=3, heard_text="", heard_ms=0, generated_text="")
     assert [p["type"] for p in mapper.map(late)][:1] == ["response.created"]
+
+
+# --- resume (issue 18) ------------------------------------------------------------------------------
+
+
+async def test_a_session_resumes_with_its_token_and_a_bad_token_restores_nothing(rig) -> None:  # type: ignore[no-untyped-def]
+    from services.journal import MemoryJournal
+
+    r = rig()
+    await r.hub.open_journal(MemoryJournal())
+    async with r.connect() as c:
+        created = c.events[0]
+        token = created["voxserve"]["resume_token"]
+        assert token and created["voxserve"]["resumed"] is False
+        await c.send("session.update", session={"type": "realtime", "instructions": "Answer in one word.",
+                                                "tools": [{"type": "function", "name": "get_time",
+                                                           "description": "The time",
+                                                           "parameters": {"type": "object", "properties": {}}}]})
+        await c.until("session.updated")
+        await c.send("conversation.item.create", item={"type": "message", "role": "user",
+                                                       "content": [{"type": "input_text", "text": "Hello there"}]})
+        await c.send("response.create")
+        done = await c.until("response.done")
+        heard_s = len(audio_bytes(c.events, done["response"]["id"])) / 2 / 24000
+        await asyncio.sleep(heard_s + 0.3)  # played to the end: the answer was heard
+        first_id = c.session_id
+    async with websockets.connect(r.url + "&resume_token=" + token, max_size=None) as ws:
+        again = Client(ws)
+        try:
+            created = await again.until("session.created")
+            assert created["voxserve"]["resumed"] is True and created["voxserve"]["restored_turns"] == 2
+            assert created["session"]["id"] == f"sess_{first_id}"
+            assert created["session"]["instructions"] == "Answer in one word."
+            assert [t["name"] for t in created["session"]["tools"]] == ["get_time"]
+        finally:
+            await again.stop()
+    for bad, code in ((token[:-3] + "xyz", "permission_denied"), ("nonsense", "permission_denied")):
+        async with websockets.connect(r.url + "&resume_token=" + bad, max_size=None) as ws:
+            refused = Client(ws)
+            try:
+                error = await refused.until("error")
+                assert error["error"]["code"] == code, error
+                assert not refused.of("session.created")
+            finally:
+                await refused.stop()

@@ -301,3 +301,17 @@ async def test_an_outage_is_not_overload_and_admission_reopens_when_the_stages_a
             assert h.first_audio.p95(min_samples=1) is None
     finally:
         monitor.cancel()
+
+
+async def test_a_hang_up_before_the_answer_was_heard_keeps_the_question_for_the_resume() -> None:
+    a, b = await two_hubs()
+    async with opened(a) as client:
+        token = (await client.wait_for(ev.SessionStarted))[0].resume_token
+        await client.conv.push_text("Are you there?")
+        await client.wait_for(ev.ResponseDone)  # all sent, but 2 s of audio not yet played: the line drops
+    entry = await b.resume(token, "")
+    assert entry["pending"] == ["Are you there?"] and entry["turns"] == []
+    async with opened(b, restored=entry) as client:
+        done = await client.wait_for(ev.ResponseDone)
+        assert done[0].text and len(b.stages.llm_calls) == 1
+        assert b.stages.llm_calls[0][-1]["content"] == "Are you there?"

@@ -150,7 +150,7 @@ class Conversation:
         """What another replica needs to continue this conversation (``services.conversation.snapshot``)."""
         return capture(session_id=self.session_id, settings=self.settings, history=self.history,
                        response=self._response, queued=list(self._queue), unanswered=self._unanswered,
-                       next_response=self._next_response)
+                       next_response=self._next_response, carried=self._carry)
 
     @property
     def at_turn_boundary(self) -> bool:
@@ -697,7 +697,11 @@ class Conversation:
         r = self._response
         if r is not None and not r.ended:
             done = r.state is TurnState.SENT and (drain or r.playback_done())
-            await r.end(TurnState.COMMITTED if done else TurnState.INTERRUPTED, "closed")
+            end = await r.end(TurnState.COMMITTED if done else TurnState.INTERRUPTED, "closed")
+            if end.carry is not None and end.carry.full_text():  # never heard: the journal keeps the words
+                if self._carry is not None:
+                    end.carry.carried = self._carry.full_text()
+                self._carry = end.carry
             self.observer.turn_ended(r.state.value, "closed")
         await self._tasks.aclose()
         self._notify()

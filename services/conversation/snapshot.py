@@ -23,10 +23,12 @@ MOVED_RESULT = '{"error": "cancelled: the call was interrupted when the session 
 
 
 def capture(*, session_id: str, settings: SessionSettings, history: ChatHistory, response: Turn | None,
-            queued: list[UserInput], unanswered: list[UserInput], next_response: int) -> dict[str, Any]:
-    """The conversation's state as a JSON-ready dict (see ``restore``)."""
+            queued: list[UserInput], unanswered: list[UserInput], next_response: int,
+            carried: UserInput | None = None) -> dict[str, Any]:
+    """The conversation's state as a JSON-ready dict (see ``restore``). ``carried``: words whose
+    answer was never heard (a discarded turn, e.g. cut by a hang-up): they still need one."""
     turns = [asdict(t) for t in history.turns]
-    pending: list[str] = []
+    pending: list[str] = [t for t in [carried.full_text() if carried is not None else ""] if t]
     r = response
     if r is not None and not r.ended and not r.filler:
         user = r.user.full_text()
@@ -35,7 +37,7 @@ def capture(*, session_id: str, settings: SessionSettings, history: ChatHistory,
                 turns.append(asdict(HistoryEntry("user", user)))
             turns.append(asdict(HistoryEntry("assistant", r.generated, tool_calls=list(r.calls))))
         elif r.state in (TurnState.ACTIVE, TurnState.PAUSED) and user:
-            pending.append(user)
+            pending = [user]  # (its words include any carried ones)
     pending += [t for u in queued if (t := u.full_text())]
     return {
         "version": VERSION,
