@@ -571,6 +571,8 @@ class VoiceClient:
                         and event.tool_call_cancelled.reason != "timeout":  # after a timeout the model still answers
                     end(tool_state["turn"])  # the user spoke on (or cancelled): no answer comes for that turn
                     tool_state["turn"] = None
+                elif kind == "error" and session.moved and not event.error.response_id:
+                    continue  # the end of a moved stream (UNAVAILABLE): no turn's error; resume
                 elif kind == "error":
                     e = event.error
                     index = turn_of(e.response_id) if e.response_id else None

@@ -123,6 +123,7 @@ async def run(name: str, server: Any, callers: int, hold_s: float, chaos: Any) -
         "v2v_ms": {"n": len(v2v), "p50": pct(v2v, 50), "p95": pct(v2v, 95)},
         "statuses": sorted({c.status for c in report.calls}),
         "turn_errors": s["errors"],
+        "turn_error_samples": sorted({f"{t.error_code}: {t.error}"[:160] for t in report.turns if t.error_code})[:10],
         "underrun_ms": {"turns_with_underrun": s["underrun_turns"],
                         "p95": pct([t.underrun_ms for t in report.turns if t.answered], 95),
                         "max": max((t.underrun_ms for t in report.turns if t.answered), default=0.0)},

@@ -315,3 +315,66 @@ async def test_a_hang_up_before_the_answer_was_heard_keeps_the_question_for_the_
         done = await client.wait_for(ev.ResponseDone)
         assert done[0].text and len(b.stages.llm_calls) == 1
         assert b.stages.llm_calls[0][-1]["content"] == "Are you there?"
+
+
+# --- stage calls whose replica dies (deployments.remote; the handle stream is faked) ---------------------
+
+
+def _dying_streams(monkeypatch: pytest.MonkeyPatch, scripts: list[list[Any]]) -> list[int]:
+    """Each call of ``_stream`` plays the next script: items, an exception, or a hang."""
+    import deployments.remote as remote
+
+    opened: list[int] = []
+
+    async def fake(gen: Any) -> AsyncIterator[Any]:
+        opened.append(1)
+        for item in scripts[len(opened) - 1]:
+            if isinstance(item, BaseException):
+                raise item
+            if item == "hang":
+                await asyncio.Event().wait()
+            yield item
+
+    monkeypatch.setattr(remote, "_stream", fake)
+    return opened
+
+
+async def _drain(stage: str, skip: Any, down: bool = False) -> bytes | str:
+    from deployments.remote import _stream_retry
+
+    items = [x async for x in _stream_retry(stage, lambda: None, skip=skip, down=down)]  # type: ignore[arg-type]
+    return b"".join(items) if items and isinstance(items[0], bytes) else "".join(items)
+
+
+async def test_a_tts_chunk_whose_replica_dies_goes_on_where_it_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.exceptions import ActorDiedError
+
+    opened = _dying_streams(monkeypatch, [[b"aaaa", b"bb", ActorDiedError()], [b"aaaab", b"bcc", b"dd"]])
+    assert await _drain("TTS", skip=lambda pcm, n: pcm[n:]) == b"aaaabbccdd"  # nothing twice, nothing lost
+    assert len(opened) == 2
+
+
+async def test_an_llm_answer_restarts_only_if_nothing_was_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.exceptions import ActorDiedError
+
+    _dying_streams(monkeypatch, [[ActorDiedError()], ["Hello", " there"]])
+    assert await _drain("LLM", skip=None) == "Hello there"
+    _dying_streams(monkeypatch, [["Hel", ActorDiedError()], ["Hello"]])
+    with pytest.raises(Unavailable, match="LLM stage lost its replica"):
+        await _drain("LLM", skip=None)  # words already on their way to the caller: not restarted
+
+
+async def test_a_stage_with_no_replica_left_fails_fast_instead_of_silence(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray.exceptions import ActorDiedError
+
+    import deployments.remote as remote
+
+    monkeypatch.setattr(remote, "RETRY_WAIT_S", 0.2)
+    _dying_streams(monkeypatch, [[ActorDiedError()], ["hang"]])  # the retry waits for a replica that is not there
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable, match="restarting"):
+        await _drain("TTS", skip=lambda pcm, n: pcm[n:])
+    assert time.monotonic() - t0 < 1
+    _dying_streams(monkeypatch, [["hang"]])  # known down: even the first call waits only briefly
+    with pytest.raises(Unavailable):
+        await _drain("TTS", skip=lambda pcm, n: pcm[n:], down=True)
