@@ -87,8 +87,10 @@ async def converse_resuming(client: VoiceClient, turns: list[UserTurn], config: 
             if got is not None and _answered(got):
                 done.append(got)
                 continue
-            if got is not None and got.committed and got.transcript.strip():
-                nxt.append(UserTurn(text=got.transcript, restored=True, label=turn.label))
+            said = got.transcript.strip() or (turn.text or "").strip() if got is not None else ""
+            if got is not None and got.committed and said:
+                # the server has its words (a typed turn, or speech it transcribed): it answers it
+                nxt.append(UserTurn(text=said, restored=True, label=turn.label))
             elif turn.restored and got is not None and not got.committed:
                 nxt.append(turn)  # still pending on the server
             else:

@@ -178,10 +178,12 @@ def cpu_profile() -> Profile:
                     "Smart Turn, SmolLM2-135M, Piper joe) on CPU only",
         args=args,
         deployments={
-            VAD: _dep(64, 1, 2, 16, cpus=0.1),
-            ASR: _dep(4, 1, 4, 1, cpus=0.5),
-            LLM: _dep(8, 1, 2, 4, cpus=0.5),
-            TTS: _dep(4, 1, 4, 2, cpus=0.5),
+            # surge: a redeploy starts each stage's new replica before stopping the old one, so
+            # no stage is ever without a replica (cheap on CPU: ~2 GB for the LLM, briefly)
+            VAD: _dep(64, 1, 2, 16, cpus=0.1, surge=100),
+            ASR: _dep(4, 1, 4, 1, cpus=0.5, surge=100),
+            LLM: _dep(8, 1, 2, 4, cpus=0.5, surge=100),
+            TTS: _dep(4, 1, 4, 2, cpus=0.5, surge=100),
             GATEWAY: _gateway(args),
         },
         cpu_workers=WorkerGroup(min_replicas=1, max_replicas=4, cpu="4", memory="12Gi"),
@@ -219,7 +221,10 @@ def gpu_profile() -> Profile:
                      "whisper large-v3-turbo at 0.2 and Piper at 0.1"),
         args=args,
         deployments={
-            VAD: _dep(64, 1, 4, 16, cpus=0.1),
+            # no surge for the GPU stages: a second replica during a redeploy would need GPU memory
+            # that is not there; with one replica per stage a redeploy's retry then waits for the
+            # new one (the turn in flight may end with an error event; the call goes on)
+            VAD: _dep(64, 1, 4, 16, cpus=0.1, surge=100),
             ASR: _dep(8, 1, 2, 4, cpus=1, gpus=0.2),
             LLM: _dep(32, 1, 2, 16, cpus=2, gpus=GPU_LLM_SHARE),
             TTS: _dep(8, 1, 2, 4, cpus=1, gpus=0.1),

@@ -10,7 +10,9 @@ detector's own thread (batched up to ``turn_detector.max_batch``) instead of one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +33,8 @@ log = logging.getLogger("ray.serve")
 #: A stage call failed because the replica serving it went away (killed, node lost): the same
 #: call to another replica may succeed.
 REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
+#: How often a call waiting for its first item looks whether its stage is known to be down.
+DOWN_POLL_S = 0.25
 #: How long a retried call may wait for a replica to take it. With two replicas the survivor
 #: answers in milliseconds; with one, Serve holds the call until it has restarted the replica (5-9 s
 #: measured here): the turn ends with an error event after this instead of leaving the caller in
@@ -45,39 +49,56 @@ def _gone(stage: str, exc: BaseException) -> Unavailable:
     return err
 
 
+async def _bounded(stage: str, waiting: asyncio.Future[Any], is_down: Callable[[], bool]) -> Any:
+    """``waiting``'s result; while the stage is (or becomes) known to be down, at most
+    ``RETRY_WAIT_S`` more (Serve would hold the call until a replica is back: 5-10 s of silence)."""
+    down_at: float | None = None
+    try:
+        while not waiting.done():
+            await asyncio.wait({waiting}, timeout=DOWN_POLL_S)
+            if not waiting.done() and is_down():
+                down_at = down_at or time.monotonic()
+                if time.monotonic() - down_at >= RETRY_WAIT_S:
+                    raise _gone(stage, TimeoutError())
+        return waiting.result()
+    finally:
+        if not waiting.done():
+            waiting.cancel()
+            with contextlib.suppress(BaseException):
+                await waiting
+
+
+def _always() -> bool:
+    return True
+
+
 async def _unary_retry(stage: str, make: Callable[[], DeploymentResponse | DeploymentResponseGenerator],
-                       down: bool = False) -> Any:
+                       is_down: Callable[[], bool]) -> Any:
     """A unary stage call, retried once on another replica (or the restarted one) when its
     replica died under it; safe for calls without side effects (transcription, token counts).
-    ``down``: the stage is known to have no running replica: the call may wait only
-    ``RETRY_WAIT_S`` for one."""
+    While ``is_down()`` (the stage has no running replica) it waits at most ``RETRY_WAIT_S``."""
     try:
-        if down:
-            return await asyncio.wait_for(_call(make()), RETRY_WAIT_S)
-        return await _call(make())
-    except TimeoutError as exc:
-        raise _gone(stage, exc) from None
+        return await _bounded(stage, asyncio.ensure_future(_call(make())), is_down)
     except REPLICA_GONE as exc:
         log.warning("%s call: its replica went away (%s); retrying", stage, type(exc).__name__)
         try:
-            return await asyncio.wait_for(_call(make()), RETRY_WAIT_S)
-        except (TimeoutError, *REPLICA_GONE) as again:
+            return await _bounded(stage, asyncio.ensure_future(_call(make())), _always)
+        except REPLICA_GONE as again:
             raise _gone(stage, again) from exc
 
 
 async def _stream_retry(stage: str, make: Callable[[], DeploymentResponseGenerator | DeploymentResponse],
-                        skip: Callable[[Any, int], Any] | None, down: bool = False) -> AsyncIterator[Any]:
+                        skip: Callable[[Any, int], Any] | None, is_down: Callable[[], bool]) -> AsyncIterator[Any]:
     """A streaming stage call that starts again on another replica when its replica dies.
     ``skip(item, n)``: ``item`` without its first ``n`` units (TTS: bytes of audio, so the retried
     chunk goes on where the dead replica stopped); None: only a call that yielded nothing yet may
-    start again (the LLM: an answer not yet heard). ``down``: as for ``_unary_retry``."""
+    start again (the LLM: an answer not yet heard). ``is_down``: as for ``_unary_retry``, for
+    the first item."""
     sent = 0  # units the caller has had
     attempt = 0
     while True:
         seen = 0  # units of this attempt's stream
-        source = _stream(make())
-        if attempt or down:
-            source = _first_within(source, RETRY_WAIT_S, stage)
+        source = _first_within(_stream(make()), stage, _always if attempt else is_down)
         try:
             async for item in source:
                 n = _units(item)
@@ -102,17 +123,14 @@ def _units(item: Any) -> int:
     return len(item) if isinstance(item, bytes | str) else 1
 
 
-async def _first_within(stream: AsyncIterator[Any], timeout_s: float, stage: str) -> AsyncIterator[Any]:
-    """``stream``, whose first item must come within ``timeout_s`` (a retried call waiting for a
-    replica that is still restarting)."""
+async def _first_within(stream: AsyncIterator[Any], stage: str, is_down: Callable[[], bool]) -> AsyncIterator[Any]:
+    """``stream``, whose first item is awaited under ``_bounded`` (later ones come as they come)."""
     it = aiter(stream)
     try:
         try:
-            first = await asyncio.wait_for(anext(it), timeout_s)
+            first = await _bounded(stage, asyncio.ensure_future(anext(it)), is_down)
         except StopAsyncIteration:
             return
-        except TimeoutError as exc:
-            raise _gone(stage, exc) from None
         yield first
         async for item in it:
             yield item
@@ -156,11 +174,40 @@ class RemoteStages:
         self.vad, self.asr, self.llm, self.tts = vad, asr, llm, tts
         self.local_vad = local_vad
         self.turn_model = turn_model
-        #: Stages with no running replica at the last health check (their calls wait briefly).
-        self.down: set[str] = set()
+        # Stages with no running replica (Serve's status), and stages whose health probe did not
+        # answer: their calls wait at most RETRY_WAIT_S for one
+        self._status_down: set[str] = set()
+        self._probe_down: set[str] = set()
         # local VAD: one model call per tick for every session (batch_tick_ms 0 = inline calls)
         self.vad_batcher = (VADBatcher(local_vad) if local_vad is not None and local_vad.cfg.batch_tick_ms > 0
                             else None)
+
+    @property
+    def down(self) -> set[str]:
+        """Stages known to have no replica that answers (from the gateway's health monitor)."""
+        return self._status_down | self._probe_down
+
+    async def probe(self, timeout_s: float) -> dict[str, Any]:
+        """``info()``, each stage with its own ``timeout_s``: the ones that do not answer in time
+        are ``down`` until a later probe hears from them (UNAVAILABLE naming them)."""
+        async def ask(name: str, response: Any) -> Any:
+            try:
+                return await asyncio.wait_for(_call(response), timeout_s)
+            except Exception:
+                failed.add(name)
+                return None
+
+        failed: set[str] = set()
+        calls = [ask("TTS", self.tts.sample_rate.remote()), ask("LLM", self.llm.info.remote()),
+                 ask("ASR", self.asr.info.remote())]
+        if self.local_vad is None:
+            calls.append(ask("VAD", self.vad.probs.remote(np.zeros(0, np.float32), VADState())))
+        rate, llm, asr, *_ = await asyncio.gather(*calls)
+        self._probe_down = failed
+        if failed:
+            raise Unavailable(f"the {', '.join(sorted(failed))} stage did not answer within {timeout_s:g} s")
+        return {"voice_rate": rate, "llm_model": llm["model"], "asr_model": asr["model"],
+                "speech_native": llm["speech_native"]}
 
     async def vad_probs(self, audio16k: np.ndarray, state: VADState) -> tuple[np.ndarray, VADState]:
         if self.vad_batcher is not None:
@@ -176,7 +223,7 @@ class RemoteStages:
         SPECULATIVE or PARTIAL: the ASR replica decodes more urgent work first."""
         level = int(Priority.parse(priority))  # a plain int crosses Ray
         return SimpleNamespace(**await _unary_retry(
-            "ASR", lambda: self.asr.transcribe.remote(audio16k, language, level), "ASR" in self.down))
+            "ASR", lambda: self.asr.transcribe.remote(audio16k, language, level), lambda: "ASR" in self.down))
 
     async def partial_transcribe(self, audio16k: np.ndarray, language: str | None) -> str | None:
         text: str | None = await _call(self.asr.partial.remote(audio16k, language))
@@ -195,7 +242,7 @@ class RemoteStages:
             return self.llm.options(stream=True).generate.remote(messages, max_tokens, audio, tools, tool_choice,
                                                                  words_only)
 
-        async for delta in _stream_retry("LLM", call, skip=None, down="LLM" in self.down):
+        async for delta in _stream_retry("LLM", call, skip=None, is_down=lambda: "LLM" in self.down):
             yield delta
 
     async def synthesize(self, text: str, *, voice: str, sample_rate: int,
@@ -203,11 +250,11 @@ class RemoteStages:
         def call() -> DeploymentResponseGenerator | DeploymentResponse:
             return self.tts.options(stream=True).synthesize.remote(text, sample_rate, slack_s)
 
-        async for pcm in _stream_retry("TTS", call, skip=lambda pcm, n: pcm[n:], down="TTS" in self.down):
+        async for pcm in _stream_retry("TTS", call, skip=lambda pcm, n: pcm[n:], is_down=lambda: "TTS" in self.down):
             yield pcm
 
     async def count_tokens(self, text: str) -> int:
-        return int(await _unary_retry("LLM", lambda: self.llm.count_tokens.remote(text)))
+        return int(await _unary_retry("LLM", lambda: self.llm.count_tokens.remote(text), lambda: "LLM" in self.down))
 
     async def info(self) -> dict[str, Any]:
         """Every stage answers (the gateway's health check) with what sessions need to know."""
@@ -239,6 +286,6 @@ class RemoteStages:
             healthy = str(getattr(deployment.status, "value", deployment.status)) == "HEALTHY"
             if not states.get("RUNNING", 0) and (any(states.values()) or not healthy):
                 down.add(handle.deployment_name)
-        self.down = down
+        self._status_down = down
         if down:
             raise Unavailable(f"the {', '.join(sorted(down))} stage has no running replica")

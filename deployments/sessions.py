@@ -216,7 +216,9 @@ class SessionHub:
     async def _probe(self) -> bool:
         try:
             await asyncio.wait_for(self.stages.replicas_running(), HEALTH_TIMEOUT_S)
-            self._info = await asyncio.wait_for(self.stages.info(), HEALTH_TIMEOUT_S)
+            probe = getattr(self.stages, "probe", None)  # per stage, naming the ones down
+            self._info = await (probe(HEALTH_TIMEOUT_S) if probe is not None
+                                else asyncio.wait_for(self.stages.info(), HEALTH_TIMEOUT_S))
             ok = True
         except Exception as exc:
             log.warning("health check: a stage did not answer: %s", to_vox_error(exc).message)

@@ -342,7 +342,8 @@ def _dying_streams(monkeypatch: pytest.MonkeyPatch, scripts: list[list[Any]]) ->
 async def _drain(stage: str, skip: Any, down: bool = False) -> bytes | str:
     from deployments.remote import _stream_retry
 
-    items = [x async for x in _stream_retry(stage, lambda: None, skip=skip, down=down)]  # type: ignore[arg-type]
+    items = [x async for x in _stream_retry(stage, lambda: None, skip=skip,  # type: ignore[arg-type]
+                                            is_down=lambda: down)]
     return b"".join(items) if items and isinstance(items[0], bytes) else "".join(items)
 
 

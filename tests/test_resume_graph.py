@@ -147,8 +147,9 @@ async def test_a_rolling_redeploy_moves_the_call_without_dropping_it(server) -> 
     assert "session_moved" in events, events
     assert report.resumes >= 1 and not report.lost and report.turns_lost == 0, report
     assert result.extra_answers == 0
-    assert all(t.response_text.strip() for t in result.turns)
-    assert grpc  # (imported for status names in failures)
+    assert [t.label for t in result.turns] == [t.label for t in turns]
+    assert all(t.response_text.strip() for t in result.turns), [
+        (t.label, t.restored, t.answered, t.interrupt_reason, t.error, t.response_text) for t in result.turns]
 
 
 # --- stage replicas -------------------------------------------------------------------------------------
