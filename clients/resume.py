@@ -42,7 +42,9 @@ class Backoff:
     first_s: float = 0.1
     max_s: float = 2.0
     give_up_s: float = 90.0
-    """Stop trying this long after the break."""
+    """Stop trying when no turn was answered for this long since the break."""
+    max_attempts: int = 50
+    """Stop after this many connection attempts without a turn answered in between."""
 
 
 def _answered(turn: TurnResult) -> bool:
@@ -62,6 +64,8 @@ async def converse_resuming(client: VoiceClient, turns: list[UserTurn], config: 
     broke_at = 0.0
     merged = SessionResult(turns=done)
     delay = plan.first_s
+    stuck_since = 0.0  # first break since a turn was last answered (0: none)
+    stuck_attempts = 0
     while True:
         attempt = pb.SessionConfig()
         attempt.CopyFrom(cfg)
@@ -72,6 +76,7 @@ async def converse_resuming(client: VoiceClient, turns: list[UserTurn], config: 
         merged.audio += result.audio
         merged.events += result.events
         merged.extra_answers += result.extra_answers
+        answered_before = len(done)
         if result.t_started:
             merged.session_id = merged.session_id or result.session_id
             merged.output_sample_rate = result.output_sample_rate
@@ -79,7 +84,6 @@ async def converse_resuming(client: VoiceClient, turns: list[UserTurn], config: 
                 report.resumes += 1
                 report.resume_ms.append(1000 * (result.t_started - broke_at))
                 merged.resumed = True
-            delay = plan.first_s
         # what this stream settled, and what the next one must do
         nxt: list[UserTurn] = []
         for i, turn in enumerate(remaining):
@@ -98,6 +102,8 @@ async def converse_resuming(client: VoiceClient, turns: list[UserTurn], config: 
             nxt += remaining[i + 1:]
             break
         remaining = nxt
+        if len(done) > answered_before:  # progress: the backoff and the give-up clock start over
+            delay, stuck_since, stuck_attempts = plan.first_s, 0.0, 0
         if result.resume_token:
             token = result.resume_token
         if not remaining or (result.status == "OK" and not result.moved):
@@ -108,7 +114,9 @@ async def converse_resuming(client: VoiceClient, turns: list[UserTurn], config: 
         now = time.monotonic()
         if result.t_started or not broke_at:
             broke_at = now  # a new break (a failed reconnect keeps the first one's time)
-        if now - broke_at > plan.give_up_s:
+        stuck_since = stuck_since or now
+        stuck_attempts += 1
+        if now - stuck_since > plan.give_up_s or stuck_attempts >= plan.max_attempts:
             report.lost = True
             break
         if not result.moved:  # a moved session may come back at once; a broken one waits a little

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import time
@@ -20,20 +21,34 @@ from typing import Any
 
 from deployments.config import SessionsConfig
 from services.errors import InvalidArgument
-from services.journal import PREFIX, SECRET_KEY, JournalStore, MemoryJournal, RedisJournal
+from services.journal import PREFIX, SECRET_KEY, JournalStore, MemoryJournal, RedisJournal, fenced
 
 NAMESPACE = "voxserve"
 SWEEP_EVERY_S = 60.0
+#: Longest wait for one GCS call (a stalled GCS must not hang session opens for ever).
+GCS_TIMEOUT_S = 2.0
+log = logging.getLogger("ray.serve")
+
+
+async def _bounded(call: Any) -> Any:
+    return await asyncio.wait_for(call, GCS_TIMEOUT_S)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("session journal: sweeping expired entries failed: %s", task.exception())
 
 
 class GcsJournal:
     """``services.journal.JournalStore`` over Ray's internal KV (call from inside a Ray worker)."""
 
     name = "embedded"
+    shared = True
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()  # get-then-put of one replica is atomic; resumes raise epochs
         self._swept = time.time()
+        self._sweeping: asyncio.Task[None] | None = None
 
     @staticmethod
     def _kv() -> Any:
@@ -42,7 +57,7 @@ class GcsJournal:
         return internal_kv
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
-        raw = await asyncio.to_thread(self._kv()._internal_kv_get, PREFIX + session_id, namespace=NAMESPACE)
+        raw = await _bounded(asyncio.to_thread(self._kv()._internal_kv_get, PREFIX + session_id, namespace=NAMESPACE))
         if raw is None:
             return None
         stored = json.loads(raw)
@@ -52,15 +67,17 @@ class GcsJournal:
 
     async def put(self, session_id: str, entry: dict[str, Any], ttl_s: float) -> bool:
         async with self._lock:
-            stored = await self.get(session_id)
-            if stored is not None and int(stored.get("epoch", 0)) > int(entry.get("epoch", 0)):
+            # (get-then-put: atomic within this replica; across replicas the window is one GCS
+            # round trip, milliseconds: Redis does it atomically)
+            if fenced(await self.get(session_id), entry):
                 return False
             value = json.dumps({"expires_at": time.time() + ttl_s, "entry": entry})
-            await asyncio.to_thread(self._kv()._internal_kv_put, PREFIX + session_id, value, True,
-                                    namespace=NAMESPACE)
-        if time.time() - self._swept > SWEEP_EVERY_S:
+            await _bounded(asyncio.to_thread(self._kv()._internal_kv_put, PREFIX + session_id, value, True,
+                                             namespace=NAMESPACE))
+        if time.time() - self._swept > SWEEP_EVERY_S and (self._sweeping is None or self._sweeping.done()):
             self._swept = time.time()
-            asyncio.get_running_loop().create_task(asyncio.to_thread(self._sweep))
+            self._sweeping = asyncio.get_running_loop().create_task(asyncio.to_thread(self._sweep))
+            self._sweeping.add_done_callback(_log_failure)
         return True
 
     def _sweep(self) -> None:

@@ -10,7 +10,6 @@ detector's own thread (batched up to ``turn_detector.max_batch``) instead of one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -64,8 +63,14 @@ async def _bounded(stage: str, waiting: asyncio.Future[Any], is_down: Callable[[
     finally:
         if not waiting.done():
             waiting.cancel()
-            with contextlib.suppress(BaseException):
-                await waiting
+            try:
+                await waiting  # the remote call is cancelled before this returns
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the caller's own cancel: never swallowed
+            except Exception:
+                pass
 
 
 def _always() -> bool:

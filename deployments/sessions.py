@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ HEALTH_TTL_S = 0.5
 #: call until it is back (~5 s measured for TTS here), and Serve's status shows RUNNING all along:
 #: this timeout is what says NOT_SERVING meanwhile.
 HEALTH_TIMEOUT_S = 2.0
+#: Consecutive failed probes that make an outage (admission refuses, latencies are not counted).
+OUTAGE_PROBES = 2
 #: A monitor verdict older than this is not trusted (a probe is hanging): NOT_SERVING.
 HEALTH_STALE_S = 3.0
 
@@ -159,6 +162,7 @@ class SessionHub:
         # two, briefly): set once SessionMoved was sent; its journal writer and owner
         self._moved: dict[Conversation, asyncio.Event] = {}
         self._writers: dict[Conversation, tuple[JournalWriter, str]] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def open_journal(self, store: JournalStore | None, secret: bytes | None = None) -> None:
         """Journal sessions in ``store`` (None: no journal, no resume). ``secret`` signs resume
@@ -176,6 +180,11 @@ class SessionHub:
         report = getattr(self.observer.inner, "journal_write", None)  # type: ignore[attr-defined]
         if report is not None:
             report(ms, ok)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _moves(self, kind: str) -> None:
         report = getattr(self.observer.inner, "session_moved", None)  # type: ignore[attr-defined]
@@ -199,10 +208,12 @@ class SessionHub:
         the newest verdict at once, admission refuses during an outage (UNAVAILABLE, not
         RESOURCE_EXHAUSTED) and admits again as soon as the stages are back."""
         self._monitored = True
+        failures = 0
         while True:
             ok = await self._probe()
             now = time.monotonic()
-            if not ok and self._down_since is None:
+            failures = 0 if ok else failures + 1
+            if failures >= OUTAGE_PROBES and self._down_since is None:  # one slow probe is no outage
                 self._down_since = now
             elif ok and self._down_since is not None:
                 self._down_since, self._outage_ended = None, now
@@ -363,14 +374,19 @@ class SessionHub:
                                 session_id=session_id)
             token = ""
             if self.journal is not None and self.tokens is not None:
-                c = conv
+                c, me = conv, uuid.uuid4().hex
 
                 def state() -> dict[str, Any]:
-                    return {**c.state(), "owner": owner, "epoch": epoch}
+                    return {**c.state(), "owner": owner, "epoch": epoch, "writer": me}
 
                 writer = JournalWriter(self.journal, conv.session_id, state, self.args.sessions.ttl_s,
                                        on_write=self._journal_written)
-                await writer.flush()  # before SessionStarted: its token must resume at once
+                # before SessionStarted: its token must resume at once; for a resume, this write
+                # claims the session (a second resume of the same token at once is refused)
+                if not await writer.flush() and restored is not None:
+                    raise (FailedPrecondition("this session was just resumed by another connection")
+                           if writer.lost else Unavailable(f"the session journal ({self.journal.name}) did not "
+                                                            "answer; retry shortly"))
                 conv.on_change = writer.mark
                 writing = asyncio.create_task(writer.run(), name=f"journal-{conv.session_id}")
                 self._writers[conv] = (writer, owner)
@@ -380,11 +396,13 @@ class SessionHub:
             if restored is not None:
                 self._moves("resumed")
             await conv.start(resume_token=token, restored=restored)
+            if self.draining:  # it opened while the replica began to drain: it moves too
+                self._spawn(self._move(conv, "draining"))
             yield conv
         finally:
             if writing is not None:
                 writing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await writing
             if conv is not None:
                 self._moved.pop(conv, None)
@@ -406,6 +424,13 @@ class SessionHub:
         boundary (or after ``sessions.drain_timeout_s``): its newest state is journaled, it is
         sent ``SessionMoved`` with a fresh resume token, and its adapter ends the stream."""
         self.draining = True
+        if self.journal is None or not self.journal.shared:
+            # no journal another replica can read: moving would only cut the calls sooner;
+            # admit no one and let them run until Serve's graceful shutdown ends
+            log.warning("drain: sessions are not journaled where another replica can resume them "
+                        "(sessions.journal %s): they run on until the replica stops",
+                        self.journal.name if self.journal is not None else "off")
+            return
         moves = [self._move(conv, reason) for conv in list(self.live.values())]
         await asyncio.gather(*moves, return_exceptions=True)
 
@@ -415,7 +440,10 @@ class SessionHub:
         token = ""
         if journaled is not None and self.tokens is not None:
             writer, owner = journaled
-            await writer.flush()
+            for _ in range(3):  # the entry a resume continues from must be this one
+                if await writer.flush():
+                    break
+                await asyncio.sleep(0.2)
             writer.freeze()
             token = self.tokens.issue(conv.session_id, owner)
         moved = self._moved.get(conv)

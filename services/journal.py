@@ -10,9 +10,11 @@ interface (``JournalStore``):
 - the embedded default lives in ``deployments.journal_gcs`` (Ray's GCS key-value store: it needs
   Ray, which services may not import).
 
-Every entry carries an ``epoch``, raised at each resume: a store keeps the newest epoch's writes,
-so a replica that lost its client but has not noticed yet cannot overwrite the session's newer
-state on the replica it resumed on. Entries expire ``ttl_s`` after their last write.
+Every entry carries an ``epoch``, raised at each resume, and its ``writer``: a store keeps the
+newest epoch's writes, and of one epoch the first writer's (``fenced``), so a replica that lost
+its client but has not noticed yet cannot overwrite the session's newer state on the replica it
+resumed on, and two resumes of one token at once cannot both continue it. Entries expire
+``ttl_s`` after their last write.
 
 Writing never delays an answer: ``JournalWriter`` runs beside the conversation, coalesces
 changes and writes the newest state, measuring each write.
@@ -39,6 +41,7 @@ class JournalStore(Protocol):
     """Where session states live between replicas."""
 
     name: str
+    shared: bool  # every gateway replica reads the same entries (a session can move)
 
     async def get(self, session_id: str) -> dict[str, Any] | None:
         """The session's newest entry, or None (never written, or expired)."""
@@ -57,8 +60,13 @@ class JournalStore(Protocol):
         ...
 
 
-def _newer(stored: dict[str, Any] | None, entry: dict[str, Any]) -> bool:
-    return stored is not None and int(stored.get("epoch", 0)) > int(entry.get("epoch", 0))
+def fenced(stored: dict[str, Any] | None, entry: dict[str, Any]) -> bool:
+    """``entry`` may not replace ``stored``: a newer epoch holds the session, or another writer of
+    the same epoch does (two resumes of one token at once: the first to write keeps it)."""
+    if stored is None:
+        return False
+    old, new = int(stored.get("epoch", 0)), int(entry.get("epoch", 0))
+    return old > new or (old == new and stored.get("writer", "") != entry.get("writer", ""))
 
 
 class MemoryJournal:
@@ -66,7 +74,9 @@ class MemoryJournal:
 
     name = "memory"
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, *, shared: bool = False) -> None:
+        #: True only when every hub that may resume its sessions holds this very object (tests).
+        self.shared = shared
         self._entries: dict[str, tuple[float, dict[str, Any]]] = {}
         self._secret = secrets.token_bytes(32)
         self._clock = clock
@@ -79,7 +89,7 @@ class MemoryJournal:
         return json.loads(json.dumps(found[1]))  # a copy, like a real store's
 
     async def put(self, session_id: str, entry: dict[str, Any], ttl_s: float) -> bool:
-        if _newer(await self.get(session_id), entry):
+        if fenced(await self.get(session_id), entry):
             return False
         self._entries[session_id] = (self._clock() + ttl_s, json.loads(json.dumps(entry)))
         return True
@@ -91,12 +101,16 @@ class MemoryJournal:
         pass
 
 
-# Atomic "write unless a newer epoch is stored": KEYS[1] the entry, ARGV the JSON, its epoch, TTL ms.
+# Atomic ``fenced`` check and write: KEYS[1] the entry, ARGV the JSON, its epoch, TTL ms, writer.
 _PUT_LUA = """
 local old = redis.call('GET', KEYS[1])
 if old then
   local ok, stored = pcall(cjson.decode, old)
-  if ok and tonumber(stored['epoch'] or 0) > tonumber(ARGV[2]) then return 0 end
+  if ok then
+    local epoch = tonumber(stored['epoch'] or 0)
+    if epoch > tonumber(ARGV[2]) then return 0 end
+    if epoch == tonumber(ARGV[2]) and (stored['writer'] or '') ~= ARGV[4] then return 0 end
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 return 1
@@ -108,6 +122,7 @@ class RedisJournal:
     of the whole Ray cluster; can share the Redis of KubeRay's GCS fault tolerance."""
 
     name = "redis"
+    shared = True
 
     def __init__(self, url: str, *, timeout_s: float = 2.0) -> None:
         import redis.asyncio as aioredis
@@ -122,7 +137,8 @@ class RedisJournal:
 
     async def put(self, session_id: str, entry: dict[str, Any], ttl_s: float) -> bool:
         written = await self._put(keys=[PREFIX + session_id],
-                                  args=[json.dumps(entry), int(entry.get("epoch", 0)), max(1, int(ttl_s * 1000))])
+                                  args=[json.dumps(entry), int(entry.get("epoch", 0)), max(1, int(ttl_s * 1000)),
+                                        str(entry.get("writer", ""))])
         return bool(written)
 
     async def shared_secret(self) -> bytes:
@@ -174,14 +190,15 @@ class JournalWriter:
             self._dirty.clear()
             await self.flush()
 
-    async def flush(self) -> None:
-        """Write the newest state now, if it changed or the entry is getting old."""
+    async def flush(self) -> bool:
+        """Write the newest state now, if it changed or the entry is getting old; False when the
+        store did not take it (failed, or the session is held by another writer)."""
         if self.lost:
-            return
+            return False
         entry = self._state()
         text = json.dumps(entry, sort_keys=True)
         if text == self._last and time.monotonic() - self._last_at < self.ttl_s / 4:
-            return
+            return True
         t0 = time.perf_counter()
         try:
             ok = await self.store.put(self.session_id, entry, self.ttl_s)
@@ -189,7 +206,7 @@ class JournalWriter:
             log.warning("session journal: writing %s to %s failed: %s", self.session_id, self.store.name, exc)
             if self._on_write is not None:
                 self._on_write((time.perf_counter() - t0) * 1000, False)
-            return
+            return False
         ms = (time.perf_counter() - t0) * 1000
         self.write_ms.append(ms)
         del self.write_ms[:-1000]
@@ -198,5 +215,6 @@ class JournalWriter:
         if not ok:
             log.info("session journal: %s was resumed elsewhere; this replica stops writing it", self.session_id)
             self.lost = True
-            return
+            return False
         self._last, self._last_at = text, time.monotonic()
+        return True

@@ -166,7 +166,7 @@ async def opened(h: SessionHub, owner: str = "", restored: dict[str, Any] | None
 
 
 async def two_hubs() -> tuple[SessionHub, SessionHub]:
-    store = MemoryJournal()
+    store = MemoryJournal(shared=True)  # both "replicas" hold this one store
     a, b = hub(store), hub(store)
     await a.open_journal(store)
     await b.open_journal(store)
@@ -379,3 +379,29 @@ async def test_a_stage_with_no_replica_left_fails_fast_instead_of_silence(monkey
     _dying_streams(monkeypatch, [["hang"]])  # known down: even the first call waits only briefly
     with pytest.raises(Unavailable):
         await _drain("TTS", skip=lambda pcm, n: pcm[n:], down=True)
+
+
+async def test_one_token_resumed_twice_at_once_continues_the_session_once() -> None:
+    a, b = await two_hubs()
+    c = hub(MemoryJournal())
+    await c.open_journal(a.journal)  # type: ignore[arg-type]
+    async with opened(a) as client:
+        token = (await client.wait_for(ev.SessionStarted))[0].resume_token
+    first, second = await b.resume(token, ""), await c.resume(token, "")  # both read the same epoch
+    async with opened(b, restored=first) as resumed:
+        await resumed.wait_for(ev.SessionStarted)
+        with pytest.raises(FailedPrecondition, match="another connection"):
+            async with opened(c, restored=second):
+                pass
+    assert c.active == 0 and not c.live  # nothing half-open left behind
+
+
+async def test_without_a_shared_journal_a_drain_does_not_cut_the_calls() -> None:
+    h = SessionHub(AppArgs.model_validate({"sessions": {"journal": "off"}}), HubStages())
+    async with opened(h) as client:
+        await client.wait_for(ev.SessionStarted)
+        await asyncio.wait_for(h.drain(), 1)
+        with pytest.raises(Unavailable, match="shutting down"):
+            h.admit()
+        await asyncio.sleep(0.1)
+        assert not [e for e in client.out if isinstance(e, ev.SessionMoved)]

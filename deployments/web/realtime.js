@@ -64,7 +64,7 @@ let ws = null, ctx = null, micStream = null, micNode = null, master = null, anal
 let ready = false;  // the session has our settings (session.updated): audio may flow
 let talking = false, playHead = 0, current = null, sumSq = 0, samples = 0, meterTimer = null;
 let speechStoppedAt = null;  // performance.now() when the user's turn ended (client view)
-let resumeToken = "", retryMs = 200, reconnectTimer = null;
+let resumeToken = "", retryMs = 200, reconnectTimer = null, retries = 0;
 let unsent = [];  // audio appends since the last commit: sent again after a resume
 const bubbles = new Map();   // item id -> element
 
@@ -104,12 +104,13 @@ function onMicFrame(frame) {
   let peak = 0;
   for (let i = 0; i < frame.length; i++) peak = Math.max(peak, Math.abs(frame[i]));
   $("meter").firstElementChild.style.width = Math.min(100, peak * 140) + "%";
-  if (!ready || (mode() === "push-to-talk" && !talking)) return;
+  if (!micStream || (mode() === "push-to-talk" && !talking)) return;
   const pcm = new Int16Array(frame.length);
   for (let i = 0; i < frame.length; i++) pcm[i] = Math.max(-32768, Math.min(32767, Math.round(frame[i] * 32767)));
   const append = { type: "input_audio_buffer.append", audio: toBase64(pcm) };
-  unsent.push(append);
+  unsent.push(append);  // kept until committed: sent again after a resume
   if (unsent.length > 750) unsent.shift();  // 30 s of speech at most
+  if (!ready) return;  // reconnecting: it goes out with the replay, in order
   send(append);
   stats.micChunks++;
 }
@@ -213,6 +214,7 @@ function onEvent(e) {
       stats.sessionId = e.session.id;
       resumeToken = (e.voxserve || {}).resume_token || "";
       retryMs = 200;
+      retries = 0;
       if ((e.voxserve || {}).resumed) {
         stats.resumed = (stats.resumed || 0) + 1;
         setStatus("Reconnected: the conversation goes on.");
@@ -220,8 +222,11 @@ function onEvent(e) {
       send(sessionUpdate());
       break;
     case "session.updated":
-      if (!ready && !micStream) startMic();
-      else for (const append of unsent) send(append);  // resumed: what the server had not taken in
+      if (!micStream) startMic();
+      else if (!ready) {  // resumed: first what the server had not taken in, then live audio
+        for (const append of unsent) send(append);
+        ready = true;
+      }
       break;
     case "input_audio_buffer.speech_started":
       stats.speechStarted++;
@@ -388,7 +393,9 @@ function connect() {
     stats.connected = false;
     publish();
     if (ws !== socket) return;  // closed by the Stop button
-    if (resumeToken && c.code !== 1000 && c.code !== 1008) {  // broken or moved: resume
+    if (resumeToken && c.code !== 1000 && c.code !== 1008 && retries < 20) {  // broken or moved: resume
+      ready = false;
+      retries++;
       setStatus(`connection lost (${c.code}); reconnecting in ${(retryMs / 1000).toFixed(1)} s…`, true);
       reconnectTimer = setTimeout(() => { reconnectTimer = null; if (ws === socket) connect(); }, retryMs);
       retryMs = Math.min(5000, retryMs * 2);

@@ -90,6 +90,7 @@ class Conversation:
         self._spec: Turn | None = None  # a speculative turn (PENDING)
         self._spec_key: tuple[int, int] | None = None  # (speech start, silence start) it was made for
         self._queue: deque[UserInput] = deque()  # user turns waiting for the current answer
+        self._queued_at_close: list[UserInput] = []  # (still unanswered: the journal keeps them)
         self._unanswered: list[UserInput] = []  # committed without auto-respond
         self._carry: UserInput | None = None  # words of a discarded turn, said before the next ones
         self._recent: OrderedDict[int, Turn] = OrderedDict()
@@ -149,7 +150,8 @@ class Conversation:
     def state(self) -> dict[str, Any]:
         """What another replica needs to continue this conversation (``services.conversation.snapshot``)."""
         return capture(session_id=self.session_id, settings=self.settings, history=self.history,
-                       response=self._response, queued=list(self._queue), unanswered=self._unanswered,
+                       response=self._response, queued=list(self._queue or self._queued_at_close),
+                       unanswered=self._unanswered,
                        next_response=self._next_response, carried=self._carry)
 
     @property
@@ -536,6 +538,8 @@ class Conversation:
         detection) drops the open utterance and any speculation; other changes keep them."""
         async with self._lock:
             previous, self.settings = self.settings, settings
+            if self.on_change is not None:
+                self.on_change()
             if settings.system_prompt:
                 self.history.system_prompt = settings.system_prompt
             if self._listener.configure(settings, previous):
@@ -690,6 +694,7 @@ class Conversation:
         await self._out.close(drop_pending=not drain)
         if not drain:  # a hang-up: nobody may read any more, the events are dropped
             await self._tools.cancel_all("closed")
+        self._queued_at_close = list(self._queue)
         self._queue.clear()
         spec, self._spec = self._spec, None
         if spec is not None:

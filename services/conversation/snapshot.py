@@ -32,10 +32,16 @@ def capture(*, session_id: str, settings: SessionSettings, history: ChatHistory,
     r = response
     if r is not None and not r.ended and not r.filler:
         user = r.user.full_text()
-        if r.state is TurnState.SENT:  # every word is out: the user hears it, it will be committed
+        if r.state is TurnState.SENT or r.calls:
+            # every word is out (the user hears it, it will be committed), or the turn made calls
+            # the client may be running: as Turn.end does, the calls are kept, never made again
             if user:
                 turns.append(asdict(HistoryEntry("user", user)))
-            turns.append(asdict(HistoryEntry("assistant", r.generated, tool_calls=list(r.calls))))
+            heard = r.generated if r.state is TurnState.SENT else ""
+            turns.append(asdict(HistoryEntry("assistant", heard, interrupted=r.state is not TurnState.SENT,
+                                             tool_calls=list(r.calls))))
+            turns += [asdict(HistoryEntry("tool", out, call_id=cid)) for cid, out in r.tool_outputs.items()
+                      if any(c.call_id == cid for c in r.calls)]
         elif r.state in (TurnState.ACTIVE, TurnState.PAUSED) and user:
             pending = [user]  # (its words include any carried ones)
     pending += [t for u in queued if (t := u.full_text())]
