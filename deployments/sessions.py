@@ -402,20 +402,27 @@ class SessionHub:
         finally:
             if writing is not None:
                 writing.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await writing
             if conv is not None:
                 self._moved.pop(conv, None)
                 self._writers.pop(conv, None)
                 await conv.aclose()
-                if writer is not None:  # (a frozen writer of a moved session writes nothing)
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(writer.flush(), 2.0)
+                if writer is not None:
+                    # the last write runs after the stream's end, never delaying it (a frozen
+                    # writer of a moved session writes nothing)
+                    self._spawn(self._last_write(writer, writing))
                 if self.live.get(conv.session_id) is conv:
                     self.live.pop(conv.session_id, None)
                 self._recent[conv.session_id] = conv.records()
                 while len(self._recent) > RECENT_SESSIONS:
                     self._recent.popitem(last=False)
+
+    @staticmethod
+    async def _last_write(writer: JournalWriter, writing: asyncio.Task[None] | None) -> None:
+        if writing is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writing
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.flush(), 2.0)
 
     # --- drain -----------------------------------------------------------------------------------
 
