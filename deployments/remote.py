@@ -192,9 +192,10 @@ class RemoteStages:
         """Stages known to have no replica that answers (from the gateway's health monitor)."""
         return self._status_down | self._probe_down
 
-    async def probe(self, timeout_s: float) -> dict[str, Any]:
-        """``info()``, each stage with its own ``timeout_s``: the ones that do not answer in time
-        are ``down`` until a later probe hears from them (UNAVAILABLE naming them)."""
+    async def probe(self, timeout_s: float | None) -> dict[str, Any]:
+        """``info()``, each stage with its own ``timeout_s`` (None: waits for stages still
+        starting): the ones that fail or do not answer in time are ``down`` until a later probe
+        hears from them (UNAVAILABLE naming them)."""
         async def ask(name: str, response: Any) -> Any:
             try:
                 return await asyncio.wait_for(_call(response), timeout_s)
@@ -210,7 +211,8 @@ class RemoteStages:
         rate, llm, asr, *_ = await asyncio.gather(*calls)
         self._probe_down = failed
         if failed:
-            raise Unavailable(f"the {', '.join(sorted(failed))} stage did not answer within {timeout_s:g} s")
+            raise Unavailable(f"the {', '.join(sorted(failed))} stage did not answer"
+                              + (f" within {timeout_s:g} s" if timeout_s is not None else ""))
         return {"voice_rate": rate, "llm_model": llm["model"], "asr_model": asr["model"],
                 "speech_native": llm["speech_native"]}
 
@@ -263,12 +265,7 @@ class RemoteStages:
 
     async def info(self) -> dict[str, Any]:
         """Every stage answers (the gateway's health check) with what sessions need to know."""
-        rate, llm, asr = await asyncio.gather(_call(self.tts.sample_rate.remote()), _call(self.llm.info.remote()),
-                                              _call(self.asr.info.remote()))
-        if self.local_vad is None:
-            await _call(self.vad.probs.remote(np.zeros(0, np.float32), VADState()))
-        return {"voice_rate": rate, "llm_model": llm["model"], "asr_model": asr["model"],
-                "speech_native": llm["speech_native"]}
+        return await self.probe(None)
 
     async def replicas_running(self) -> None:
         """UNAVAILABLE when a stage has no running replica. A call alone does not tell: Serve holds
