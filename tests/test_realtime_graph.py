@@ -355,13 +355,29 @@ async def test_openai_sdk_spoken_weather_question_calls_the_tool_and_speaks_its_
     get_weather(city) tool leads, over the openai SDK, to a call naming Paris, and then to a
     spoken answer that uses the returned result."""
     async with realtime(server, tools=[GET_WEATHER], tool_choice="auto") as s:
-        await s.speak(say("What is the weather like in Paris?", RATE))
-        mic = asyncio.create_task(s.open_mic())
+        mic: asyncio.Task[None] | None = None
         try:
-            args = await s.until("response.function_call_arguments.done")
+            # With tool_choice auto the 0.5B tool model sometimes answers a spoken question in
+            # words instead (its miss rate is a benchmark figure: scripts/bench_tools.py). A user
+            # would ask again, so the test does, up to three times; a miss fails fast, never by
+            # waiting out the session's audio limit.
+            misses: list[str] = []
+            for _ in range(3):
+                if mic is not None:
+                    s.mic_open = False
+                    await mic
+                await s.speak(say("What is the weather like in Paris?", RATE))
+                s.mic_open = True
+                mic = asyncio.create_task(s.open_mic())
+                first = await s.until("response.done")
+                calls = [o for o in first.response.output if o.type == "function_call"]
+                if calls:
+                    break
+                misses.append(" ".join(c.transcript or "" for o in first.response.output
+                                       for c in (getattr(o, "content", None) or [])))
+            assert calls, f"no tool call in 3 tries; answered instead: {misses}"
+            args = next(e for e in s.of("response.function_call_arguments.done") if e.call_id == calls[0].call_id)
             assert args.name == "get_weather" and "paris" in args.arguments.lower(), args
-            first = await s.until("response.done")
-            assert any(o.type == "function_call" and o.call_id == args.call_id for o in first.response.output)
             await s.conn.conversation.item.create(item={"type": "function_call_output", "call_id": args.call_id,
                                                         "output": PARIS_WEATHER})
             await s.until("conversation.item.added", lambda e: e.item.type == "function_call_output")
@@ -374,11 +390,12 @@ async def test_openai_sdk_spoken_weather_question_calls_the_tool_and_speaks_its_
             done = await s.until("response.done", lambda e: e.response.id == created.response.id)
         finally:
             s.mic_open = False
-            await mic
+            if mic is not None:
+                await mic
     said = done.response.output[0].content[0].transcript.lower()
     assert ("21" in said or "sunny" in said or "twenty" in said) and "{" not in said, said
     assert answer_audio(s, done.response.id).size / RATE > 0.5 and first_audio.delta
-    print(f"result -> first audio: {1000 * result_to_audio:.0f} ms")
+    print(f"result -> first audio: {1000 * result_to_audio:.0f} ms; asked {len(misses) + 1} time(s)")
 
 
 async def test_grpc_typed_question_calls_the_tool_and_the_answer_uses_the_result(server) -> None:  # type: ignore[no-untyped-def]
