@@ -2,12 +2,15 @@
 
 Each caller dials (one gRPC channel per call), speaks cached spoken questions at real-time pace
 through ``VoiceClient.converse`` (silence between turns, optional barge-ins), listens to the
-answer in simulated real time, hangs up and calls again until its slot in the ramp schedule
-ends. Everything is measured on the client clock: voice-to-voice latency (end of the speech in the
-audio sent, found by its energy, -> first answer audio received), time to first transcript and
-first text, playback underruns, and errors by gRPC status code. Replica counts per deployment
-are polled from Serve when this process is (or can become) a driver of the cluster, so
-autoscaling shows in the plot.
+answer in simulated real time, hangs up and calls again while the schedule wants it: a ramp
+(1 -> N -> 0) or steps of any shape (``LoadTestConfig.schedule``), so the load can rise and fall
+while autoscaling follows. Everything is measured on the client clock: voice-to-voice latency
+(end of the speech in the audio sent, found by its energy, -> first answer audio received), time
+to first transcript and first text, playback underruns, and errors by gRPC status code. Replica
+counts per deployment, and the autoscaler's latest decision per deployment
+(``deployments.autoscaling.ScalingView``: replicas wanted, load signals), are polled when this
+process is (or can become) a driver of the cluster, so autoscaling shows in the summary and the
+plot.
 
 Traffic goes only to loopback addresses unless ``allow_remote`` is set.
 """
@@ -23,7 +26,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,8 +36,8 @@ from clients.loadtest_report import CallRecord, LoadTestReport, Sample, TurnReco
 from clients.stats import percentile
 
 __all__ = [
-    "ReplicaPoller", "attach_replica_poller", "caller_window", "check_address", "classify_error", "run_loadtest",
-    "target_callers",
+    "ReplicaPoller", "attach_replica_poller", "caller_window", "check_address", "classify_error", "next_active",
+    "run_loadtest", "target_callers",
 ]
 
 #: Server errors reach TurnResult.error as "CODE: message"; anything else there is a client note
@@ -88,18 +91,38 @@ def caller_window(index: int, cfg: LoadTestConfig) -> tuple[float, float]:
 
 
 def target_callers(t: float, cfg: LoadTestConfig) -> int:
-    """How many callers the schedule wants active at ``t`` seconds."""
+    """How many callers the schedule wants active at ``t`` seconds: the step in force at ``t``
+    (``cfg.schedule``), or the callers whose ramp window holds ``t``. Caller ``i`` is active
+    while this is > ``i`` (both kinds keep the active callers a prefix 0..k-1)."""
+    if cfg.schedule is not None:
+        return next((n for ts, n in reversed(cfg.schedule) if ts <= t), 0)
     return sum(1 for i in range(cfg.callers) if (w := caller_window(i, cfg))[0] <= t < w[1])
+
+
+def next_active(index: int, t: float, cfg: LoadTestConfig) -> float | None:
+    """The first time >= ``t`` at which caller ``index`` is active (``t`` itself if it is now), or
+    None when it never is again (the caller is done)."""
+    if cfg.schedule is None:
+        start, stop = caller_window(index, cfg)
+        return max(t, start) if t < stop and start < stop else None
+    if target_callers(t, cfg) > index:
+        return t
+    return next((ts for ts, n in cfg.schedule if ts > t and n > index), None)
 
 
 # --- replica polling ------------------------------------------------------------------------------
 
 
 class ReplicaPoller:
-    """Reads RUNNING replicas per deployment from ``serve.status()`` (blocking; call in a thread)."""
+    """Reads RUNNING replicas per deployment from ``serve.status()``, and the autoscaler's latest
+    decisions from Ray's GCS key-value store (blocking; call in a thread)."""
 
     def __init__(self, app_name: str) -> None:
         self.app_name = app_name
+        self.scaling_note = ""
+        """Why the autoscaler's decisions are not read ("" while they are, or not tried yet)."""
+        self._view: Any = None
+        self._no_view = False
 
     def poll(self) -> dict[str, int] | None:
         from ray import serve
@@ -109,6 +132,41 @@ class ReplicaPoller:
         if app is None:
             return None
         return {name: int(d.replica_states.get(ReplicaState.RUNNING, 0)) for name, d in app.deployments.items()}
+
+    def poll_scaling(self, deployments: Iterable[str]) -> dict[str, dict[str, Any]] | None:
+        """The autoscaler's fresh decision per deployment (``ScalingView.summary()``: running,
+        target, desired, max, signals; plus ``demands``, the replicas each signal asks for), or
+        None when none was published lately (or it cannot be read: see ``scaling_note``)."""
+        names = tuple(sorted(deployments))
+        if self._no_view or not names:
+            return None
+        if self._view is None or self._view.deployments != names:
+            try:
+                from deployments.autoscaling import ScalingView
+            except ImportError as exc:  # a load tester without the server's package: replicas only
+                self._no_view = True
+                self.scaling_note = f"autoscaler decisions not read: {type(exc).__name__}: {exc}"[:300]
+                return None
+            self._view = ScalingView(self.app_name, names)
+        try:
+            records = self._view.refresh()
+            summary: dict[str, dict[str, Any]] = self._view.summary()
+        except Exception as exc:  # a GCS hiccup, a record of another version: this sample has none
+            self.scaling_note = f"autoscaler decisions not read: {type(exc).__name__}: {exc}"[:300]
+            return None
+        if not summary:
+            self.scaling_note = (f"the autoscaler published no fresh decisions for {self.app_name!r} (not a "
+                                 f"VoicePolicy deployment, or its controller is not publishing)")
+            return None
+        self.scaling_note = ""
+        for name, entry in summary.items():
+            entry["demands"] = dict(records.get(name, {}).get("demands") or {})
+        return summary
+
+    def sample(self) -> tuple[dict[str, int] | None, dict[str, dict[str, Any]] | None]:
+        """(RUNNING replicas per deployment, the autoscaler's decisions) now."""
+        replicas = self.poll()
+        return replicas, (self.poll_scaling(replicas) if replicas else None)
 
 
 def _serve_grpc_port() -> int | None:
@@ -177,6 +235,7 @@ class _Live:
         self.errors = 0
         self.v2v: list[float] = []
         self.replicas: dict[str, int] | None = None
+        self.scaling: dict[str, dict[str, Any]] | None = None
 
 
 def _plan_turns(cfg: LoadTestConfig, questions: list[Any], rng: random.Random) -> list[tuple[Any, float | None]]:
@@ -237,6 +296,7 @@ async def _one_call(cfg: LoadTestConfig, caller: int, call: int, questions: list
             await client.close()
     rec.t_end_s = time.monotonic() - t0
     rec.status, rec.details, rec.turns_done = result.status, result.details, len(result.turns)
+    rec.admitted = bool(result.session_id or result.t_started)
     if result.status != "OK":
         live.errors += 1
     for i, (tr, (q, barge)) in enumerate(zip(result.turns, plan, strict=False)):
@@ -247,7 +307,9 @@ async def _one_call(cfg: LoadTestConfig, caller: int, call: int, questions: list
         if not answered and not code:
             code, err = "NO_ANSWER", f"no answer audio within {cfg.turn_timeout_s:.0f} s"
         report.turns.append(TurnRecord(
-            caller=caller, call=call, turn=i, question=q.text, t_s=tr.t_speech_end - t0,
+            # a turn never spoken (a refused or lost call) is placed at the call's end
+            caller=caller, call=call, turn=i, question=q.text,
+            t_s=tr.t_speech_end - t0 if tr.t_speech_end else rec.t_end_s,
             barge_in=barge is not None, answered=answered, interrupted=tr.interrupted,
             voice_to_voice_ms=tr.voice_to_voice_ms, first_transcript_ms=tr.first_transcript_ms,
             first_text_ms=tr.first_text_ms, underrun_ms=tr.underrun_ms, underruns=tr.underruns,
@@ -260,18 +322,24 @@ async def _one_call(cfg: LoadTestConfig, caller: int, call: int, questions: list
 
 async def _caller(cfg: LoadTestConfig, index: int, questions: list[Any], t0: float,
                   report: LoadTestReport, live: _Live) -> None:
+    """Caller ``index``: calls while the schedule wants it (a call in progress finishes its turns),
+    idles while it does not, and returns when it never will again (or after ``calls_per_caller``)."""
     rng = random.Random(cfg.seed * 1000 + index)
-    start, stop = caller_window(index, cfg)
-    await asyncio.sleep(max(0.0, t0 + start - time.monotonic()))
     call = 0
     while True:
+        at = next_active(index, time.monotonic() - t0, cfg)
+        if at is None:
+            if call:
+                return
+            at = 0.0  # every caller makes at least one call (a ramp without a hold: one call each)
+        await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
         await _one_call(cfg, index, call, questions, rng, t0, report, live)
         call += 1
         if cfg.calls_per_caller and call >= cfg.calls_per_caller:
             return
         # jitter keeps redialing callers from falling into lockstep
         pause = cfg.pause_s * rng.uniform(0.5, 1.5)
-        if time.monotonic() - t0 + pause >= stop:
+        if next_active(index, time.monotonic() - t0 + pause, cfg) is None:
             return
         await asyncio.sleep(pause)
 
@@ -279,7 +347,14 @@ async def _caller(cfg: LoadTestConfig, index: int, questions: list[Any], t0: flo
 def _progress_line(elapsed: float, live: _Live, cfg: LoadTestConfig, target: int) -> str:
     p50, p95 = percentile(live.v2v, 50), percentile(live.v2v, 95)
     lat = f"v2v p50 {p50:.0f} p95 {p95:.0f} ms" if p50 is not None and p95 is not None else "v2v -"
-    reps = " ".join(f"{k}={v}" for k, v in sorted((live.replicas or {}).items()))
+    scaling = live.scaling or {}
+
+    def wanted(dep: str, running: int) -> str:
+        d = scaling.get(dep)
+        more = max(d.get("target", running), d.get("desired", running)) if d is not None else running
+        return f"->{more}" if more != running else ""
+
+    reps = " ".join(f"{k}={v}{wanted(k, v)}" for k, v in sorted((live.replicas or {}).items()))
     return (f"[{elapsed:6.1f}s] callers {live.active}/{target} (peak {cfg.callers}) | answers {live.turns_done} | "
             f"errors {live.errors} | {lat}" + (f" | replicas {reps}" if reps else ""))
 
@@ -312,13 +387,13 @@ async def run_loadtest(cfg: LoadTestConfig, *, questions: list[Any] | None = Non
             now = time.monotonic() - t0
             if poller is not None:
                 try:
-                    live.replicas = await asyncio.to_thread(poller.poll)
+                    live.replicas, live.scaling = await asyncio.to_thread(poller.sample)
                 except Exception as exc:  # the cluster went away mid-test: keep measuring the load
                     report.replica_note = f"replica polling stopped at {now:.0f} s: {type(exc).__name__}"
-                    live.replicas = None
+                    live.replicas = live.scaling = None
             target = target_callers(now, cfg)
             sample = Sample(now, live.active, target, live.turns_done,
-                            dict(live.replicas) if live.replicas is not None else None)
+                            dict(live.replicas) if live.replicas is not None else None, live.scaling)
             report.timeline.append(sample)
             if on_sample is not None:
                 on_sample(sample)
@@ -350,6 +425,10 @@ async def run_loadtest(cfg: LoadTestConfig, *, questions: list[Any] | None = Non
         if tty:
             print(file=sys.stderr)
     report.duration_s = time.monotonic() - t0
+    if poller is not None:
+        got = sum(s.scaling is not None for s in report.timeline)
+        report.scaling_note = (f"read from Ray's GCS key-value store ({got} of {len(report.timeline)} samples)" if got
+                               else poller.scaling_note or "no autoscaler decisions were read")
     report.turns.sort(key=lambda t: t.t_s)
     report.calls.sort(key=lambda c: c.t_start_s)
     return report

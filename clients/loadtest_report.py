@@ -1,12 +1,13 @@
 """What a ``voxserve loadtest`` run measured, and how it is reported: the records of every turn,
-call and timeline sample (``LoadTestReport``), the p50/p95/p99 summary (plain text or markdown),
-the PNG plot, and the files written to ``--out``.
+call and timeline sample (``LoadTestReport``), the p50/p95/p99 summary with a row per phase of
+the schedule (plain text or markdown), the PNG plot, and the files written to ``--out``.
 
 Standard library only at import time; the plot imports matplotlib when it is drawn.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -14,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from clients.errors import MissingPackage
+from clients.loadtest_config import LoadTestConfig
 from clients.stats import percentile
 
 __all__ = [
-    "CLIENT_METRICS", "PERCENTILES", "SERVER_METRICS", "CallRecord", "LoadTestReport", "Sample", "TurnRecord",
-    "plot", "rolling_p95", "summarize", "summary_dict", "write_outputs",
+    "CLIENT_METRICS", "PERCENTILES", "REFUSALS", "SERVER_METRICS", "CallRecord", "LoadTestReport", "Sample",
+    "TurnRecord", "call_cut", "call_refused", "phase_summary", "plot", "rolling_p95", "summarize", "summary_dict",
+    "write_outputs",
 ]
 
 #: Percentiles reported in the summary.
@@ -27,6 +30,13 @@ PERCENTILES = (50, 95, 99)
 CLIENT_METRICS = ("voice_to_voice_ms", "first_transcript_ms", "first_text_ms", "underrun_ms")
 #: Server-measured latency parts (ResponseDone.latency) summarized beside them.
 SERVER_METRICS = ("vad_end_delay_ms", "asr_ms", "llm_first_token_ms", "tts_first_audio_ms")
+#: Statuses of a call the server turned away before its session started (admission control).
+REFUSALS = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
+#: Refusals closer together than this are one span in the summary.
+REFUSAL_GAP_S = 5.0
+#: Deployments in pipeline order (others follow, sorted), and their colour in the plot.
+STAGES = ("VAD", "ASR", "LLM", "TTS", "Gateway")
+_COLOURS = {"VAD": "C0", "ASR": "C1", "LLM": "C2", "TTS": "C4", "Gateway": "C5"}
 
 
 # --- records --------------------------------------------------------------------------------------
@@ -79,17 +89,21 @@ class CallRecord:
     turns_lost: int = 0  # turns that never got their answer across resumes
     answered_twice: int = 0  # answers that came for a turn already answered
     lost: bool = False  # the call could not be continued
+    admitted: bool | None = None  # its session started (SessionStarted came); None: unknown (older reports)
 
 
 @dataclass
 class Sample:
-    """The test's state at one moment: active calls, the schedule's target, replicas per deployment."""
+    """The test's state at one moment: active calls, the schedule's target, RUNNING replicas per
+    deployment, and the autoscaler's latest decision per deployment (``running``, ``target``,
+    ``desired`` and ``max`` replicas, ``signals``, and ``demands``: replicas each signal asks for)."""
 
     t_s: float
     active_calls: int
     target_callers: int
     turns_done: int
     replicas: dict[str, int] | None = None
+    scaling: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass
@@ -101,6 +115,7 @@ class LoadTestReport:
     calls: list[CallRecord] = field(default_factory=list)
     timeline: list[Sample] = field(default_factory=list)
     replica_note: str = ""
+    scaling_note: str = ""  # how the autoscaler's decisions were read, or why not
 
     def errors(self) -> dict[str, int]:
         """Errors by status code: failed streams, error events in turns, and unanswered turns."""
@@ -128,7 +143,7 @@ class LoadTestReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config, "started_at": self.started_at, "duration_s": self.duration_s,
-            "replica_note": self.replica_note, "summary": summary_dict(self),
+            "replica_note": self.replica_note, "scaling_note": self.scaling_note, "summary": summary_dict(self),
             "turns": [asdict(t) for t in self.turns], "calls": [asdict(c) for c in self.calls],
             "timeline": [asdict(s) for s in self.timeline],
         }
@@ -137,7 +152,8 @@ class LoadTestReport:
     def from_dict(cls, d: dict[str, Any]) -> LoadTestReport:
         return cls(config=d["config"], started_at=d["started_at"], duration_s=d["duration_s"],
                    turns=[TurnRecord(**t) for t in d["turns"]], calls=[CallRecord(**c) for c in d["calls"]],
-                   timeline=[Sample(**s) for s in d["timeline"]], replica_note=d.get("replica_note", ""))
+                   timeline=[Sample(**s) for s in d["timeline"]], replica_note=d.get("replica_note", ""),
+                   scaling_note=d.get("scaling_note", ""))
 
 
 # --- summary --------------------------------------------------------------------------------------
@@ -151,8 +167,105 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     return out
 
 
+def call_refused(call: CallRecord, answered: bool = False) -> bool:
+    """The server turned the call away before its session started (RESOURCE_EXHAUSTED or
+    UNAVAILABLE). Older reports do not say whether the session started: there, a call without
+    resumes and without an ``answered`` turn counts."""
+    if call.status not in REFUSALS:
+        return False
+    if call.admitted is not None:
+        return not call.admitted
+    return call.resumes == 0 and not answered
+
+
+def call_cut(call: CallRecord, refused: bool = False) -> bool:
+    """Admitted, then ended by the server side: its session was lost, or it ended with a non-OK
+    status that is not a refusal (replicas removed by a scale-down, or failing). Calls the test
+    itself stopped (CUT by max_duration_s) or that failed in the client do not count."""
+    if refused or call.admitted is False or call.status in ("CUT", "CLIENT_ERROR"):
+        return False
+    return call.lost or call.status != "OK"
+
+
+def _stage_order(names: Any) -> list[str]:
+    return sorted(set(names), key=lambda n: (STAGES.index(n) if n in STAGES else len(STAGES), n))
+
+
+def _phases(report: LoadTestReport) -> list[tuple[str, float, float, str]]:
+    """(name, start_s, end_s, callers wanted) of the report's phases; the last one ends with the test."""
+    try:
+        phases = LoadTestConfig(**report.config).phases()
+    except (TypeError, ValueError):  # a config of another version: one phase
+        phases = [("whole test", 0.0, None, str(report.config.get("callers", "?")))]
+    return [(name, start, end if end is not None else max(report.duration_s, start), wanted)
+            for name, start, end, wanted in phases]
+
+
+def _refusal_spans(times: list[float]) -> list[list[float]]:
+    """[first_s, last_s, count] of each run of refusals less than REFUSAL_GAP_S apart."""
+    spans: list[list[float]] = []
+    for t in sorted(times):
+        if spans and t - spans[-1][1] < REFUSAL_GAP_S:
+            spans[-1][1] = t
+            spans[-1][2] += 1
+        else:
+            spans.append([t, t, 1])
+    return [[round(a, 1), round(b, 1), int(n)] for a, b, n in spans]
+
+
+def phase_summary(report: LoadTestReport) -> dict[str, Any]:
+    """Per phase of the schedule (each step, or ramp-up/hold/ramp-down, then the cooldown): callers
+    wanted, calls started (dialled, refusals included; by start time), calls refused at session
+    start, calls cut (by end time), p50/p95 voice-to-voice of admitted calls' turns (by the end of
+    their speech) and the most RUNNING replicas per deployment. Also every refusal and cut call."""
+    phases = _phases(report)
+    starts = [p[1] for p in phases]
+
+    def index(t: float) -> int:
+        return max(0, bisect.bisect_right(starts, t) - 1)
+
+    answered_calls = {(t.caller, t.call) for t in report.turns if t.answered}
+    refused = {id(c) for c in report.calls if call_refused(c, (c.caller, c.call) in answered_calls)}
+    refused_calls = [c for c in report.calls if id(c) in refused]
+    cut = [c for c in report.calls if call_cut(c, id(c) in refused)]
+    refused_keys = {(c.caller, c.call) for c in refused_calls}
+    rows: list[dict[str, Any]] = [
+        {"phase": name, "start_s": start, "end_s": end, "wanted": wanted, "calls_started": 0, "calls_refused": 0,
+         "calls_cut": 0, "v2v": [], "max_replicas": {}} for name, start, end, wanted in phases]
+    for c in report.calls:
+        rows[index(c.t_start_s)]["calls_started"] += 1
+        if id(c) in refused:
+            rows[index(c.t_start_s)]["calls_refused"] += 1
+    for c in cut:
+        rows[index(c.t_end_s)]["calls_cut"] += 1
+    for t in report.turns:
+        if t.voice_to_voice_ms is not None and (t.caller, t.call) not in refused_keys:
+            rows[index(t.t_s)]["v2v"].append(t.voice_to_voice_ms)
+    for s in report.timeline:
+        running = dict(s.replicas or {})
+        for dep, d in (s.scaling or {}).items():
+            running.setdefault(dep, int(d.get("running", 0)))
+        top = rows[index(s.t_s)]["max_replicas"]
+        for dep, n in running.items():
+            top[dep] = max(top.get(dep, 0), n)
+    for row in rows:
+        v2v = row.pop("v2v")
+        row["turns_timed"] = len(v2v)
+        row["v2v_p50_ms"], row["v2v_p95_ms"] = percentile(v2v, 50), percentile(v2v, 95)
+        row["max_replicas"] = {dep: row["max_replicas"][dep] for dep in _stage_order(row["max_replicas"])}
+    times = [c.t_start_s for c in refused_calls]
+    return {
+        "phases": rows,
+        "refusals": {"n": len(refused_calls), "by_code": dict(sorted(Counter(c.status for c in refused_calls).items())),
+                     "first_s": min(times, default=None), "last_s": max(times, default=None),
+                     "spans": _refusal_spans(times)},
+        "calls_cut_by_scale_down": len(cut),
+        "cut_times_s": sorted(round(c.t_end_s, 1) for c in cut),
+    }
+
+
 def summary_dict(report: LoadTestReport) -> dict[str, Any]:
-    """Counts and p50/p95/p99 of every client metric and server latency part."""
+    """Counts and p50/p95/p99 of every client metric and server latency part, and the phases."""
     turns = report.turns
     metrics: dict[str, Any] = {}
     for name in CLIENT_METRICS:
@@ -179,7 +292,45 @@ def summary_dict(report: LoadTestReport) -> dict[str, Any]:
         "calls_lost": sum(c.lost for c in report.calls), "turns_lost": sum(c.turns_lost for c in report.calls),
         "turns_answered_twice": sum(c.answered_twice for c in report.calls),
         "time_to_resume_ms": _stats([ms for c in report.calls for ms in c.resume_ms]),
+        **phase_summary(report),
     }
+
+
+def _table(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                *("| " + " | ".join(r) + " |" for r in rows)]
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=False)]
+    return ["  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True)))
+            for r in [header, *rows]]
+
+
+def _phase_lines(s: dict[str, Any], markdown: bool) -> list[str]:
+    """The phase table, then the refusals and the calls cut."""
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0f}"
+
+    deps = _stage_order(d for row in s["phases"] for d in row["max_replicas"])
+    header = ["phase", "time (s)", "callers wanted", "calls started", "refused", "cut", "v2v p50", "v2v p95",
+              *(f"max {d}" for d in deps)]
+    rows = [[row["phase"], f"{row['start_s']:.0f}-{row['end_s']:.0f}", row["wanted"], str(row["calls_started"]),
+             str(row["calls_refused"]), str(row["calls_cut"]), fmt(row["v2v_p50_ms"]), fmt(row["v2v_p95_ms"]),
+             *(str(row["max_replicas"].get(d, "-")) for d in deps)] for row in s["phases"]]
+    r = s["refusals"]
+    if r["n"]:
+        codes = ", ".join(f"{k} {v}" for k, v in r["by_code"].items())
+        spans = ", ".join(f"{a:.0f} s ({n})" if b - a < 0.5 else f"{a:.0f}-{b:.0f} s ({n})" for a, b, n in r["spans"])
+        refusals = (f"calls refused at session start: {r['n']} ({codes}); first at {r['first_s']:.1f} s, last at "
+                    f"{r['last_s']:.1f} s; at {spans}")
+    else:
+        refusals = "calls refused at session start: 0"
+    cut = f"calls cut by scale-down (admitted, then lost or ended with an error): {s['calls_cut_by_scale_down']}"
+    if s["cut_times_s"]:
+        cut += " at " + ", ".join(f"{t:.0f}" for t in s["cut_times_s"]) + " s"
+    intro = ("phases (calls by start time, turns by end of speech; v2v in ms of admitted calls' turns; max: RUNNING "
+             "replicas):")
+    return [intro + ("\n" if markdown else ""), *_table(header, rows, markdown), "", refusals, "", cut]
 
 
 def summarize(report: LoadTestReport, markdown: bool = False) -> str:
@@ -192,17 +343,11 @@ def summarize(report: LoadTestReport, markdown: bool = False) -> str:
     header = ["metric (ms)", "n", *(f"p{q}" for q in PERCENTILES), "max"]
     rows = [[name, str(int(st["n"])), *(fmt(st[f"p{q}"]) for q in PERCENTILES), fmt(st["max"])]
             for name, st in s["metrics"].items() if st["n"]]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=False)]
-        lines = ["  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths, strict=True)))
-                 for r in [header, *rows]]
+    lines = _table(header, rows, markdown)
     errors = ", ".join(f"{k} {v}" for k, v in s["errors"].items()) or "none"
     replicas = ", ".join(f"{k} {v}" for k, v in s["max_replicas"].items()) or (report.replica_note or "not recorded")
-    counts = (f"calls {s['calls']} (cut {s['calls_cut']}), turns {s['turns']}, answered {s['answered']}, "
-              f"unanswered {s['unanswered']}, barge-ins {s['barge_ins']}, interrupted answers "
+    counts = (f"calls {s['calls']} (cut by max_duration_s {s['calls_cut']}), turns {s['turns']}, answered "
+              f"{s['answered']}, unanswered {s['unanswered']}, barge-ins {s['barge_ins']}, interrupted answers "
               f"{s['interrupted']}, turns with underruns {s['underrun_turns']}, speculative answers "
               f"{s['speculative']}, paused/resumed {s['paused']}/{s['resumed']}, early answers "
               f"{s['early_answers']}, peak active calls {s['peak_active_calls']}, duration {s['duration_s']:.0f} s")
@@ -215,7 +360,8 @@ def summarize(report: LoadTestReport, markdown: bool = False) -> str:
     parts = ["\n".join(lines), counts, f"errors: {errors}"]
     if s["notes"]:
         parts.append("notes: " + ", ".join(f"{k} ({v})" for k, v in s["notes"].items()))
-    return sep.join([*parts, f"max replicas: {replicas}"])
+    phase_text = "\n".join(line for line in _phase_lines(s, markdown) if line or markdown)
+    return sep.join([*parts, f"max replicas: {replicas}", phase_text])
 
 
 # --- plot -----------------------------------------------------------------------------------------
@@ -233,8 +379,28 @@ def rolling_p95(report: LoadTestReport, window_s: float = 15.0) -> list[tuple[fl
     return out
 
 
+def _running(s: Sample) -> dict[str, int]:
+    """RUNNING replicas per deployment at a sample: Serve's status, else the autoscaler's record."""
+    out = {dep: int(d["running"]) for dep, d in (s.scaling or {}).items() if "running" in d}
+    out.update(s.replicas or {})
+    return out
+
+
+def load_over_target(d: dict[str, Any]) -> float | None:
+    """A deployment's load relative to its autoscaling targets, from one autoscaler record: the
+    largest number of replicas a signal asks for (``demands``; else the policy's ``desired``) over
+    the replicas running. 1 = exactly at target; above it the policy wants more replicas."""
+    demands = [v for v in (d.get("demands") or {}).values() if isinstance(v, (int, float))]
+    wanted = max(demands) if demands else d.get("desired")
+    if wanted is None:
+        return None
+    return float(wanted) / max(1, int(d.get("running") or 0))
+
+
 def plot(report: LoadTestReport, path: str | Path, target_ms: float | None = 1500.0) -> Path:
-    """PNG: voice-to-voice latency per turn, active calls, and replicas per deployment over time."""
+    """PNG on one time axis: (a) voice-to-voice latency per turn with its rolling p95, (b) callers
+    wanted vs active with refused and cut calls marked, (c) RUNNING replicas per deployment (dotted:
+    replicas the autoscaler wants), (d) each deployment's load over its autoscaling targets."""
     try:
         import matplotlib
     except ImportError as exc:  # a dev/bench dependency, not needed to run the load itself
@@ -242,11 +408,14 @@ def plot(report: LoadTestReport, path: str | Path, target_ms: float | None = 150
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.lines import Line2D
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(10, 9), sharex=True,
-                                        gridspec_kw={"height_ratios": [3, 1.3, 1.3]})
+    s = summary_dict(report)
+    fig, (ax1, ax2, ax3, ax4) = plt.subplots(4, 1, figsize=(12, 11.5), sharex=True,
+                                             gridspec_kw={"height_ratios": [3, 1.4, 1.4, 1.4]})
+    # (a) latency
     normal = [(t.t_s, t.voice_to_voice_ms) for t in report.turns
               if t.voice_to_voice_ms is not None and not t.barge_in]
     barge = [(t.t_s, t.voice_to_voice_ms) for t in report.turns if t.voice_to_voice_ms is not None and t.barge_in]
@@ -263,35 +432,88 @@ def plot(report: LoadTestReport, path: str | Path, target_ms: float | None = 150
     if failed:
         ax1.scatter(failed, [0] * len(failed), marker="v", color="k", label="no answer")
     ax1.set_ylabel("voice-to-voice (ms)")
-    ax1.legend(loc="upper left", fontsize=8)
-    ax1.grid(alpha=0.3)
-    ts = [s.t_s for s in report.timeline]
-    ax2.step(ts, [s.active_calls for s in report.timeline], where="post", label="active calls")
-    ax2.step(ts, [s.target_callers for s in report.timeline], where="post", ls="--", label="schedule")
+    outside: dict[str, Any] = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8, "borderaxespad": 0}
+    ax1.legend(**outside)
+    # (b) callers, refusals and cut calls
+    ts = [x.t_s for x in report.timeline]
+    ax2.step(ts, [x.active_calls for x in report.timeline], where="post", color="C0", label="active calls")
+    ax2.step(ts, [x.target_callers for x in report.timeline], where="post", ls="--", color="k", lw=1,
+             label="callers wanted")
+    answered_calls = {(t.caller, t.call) for t in report.turns if t.answered}
+    refused = [c for c in report.calls if call_refused(c, (c.caller, c.call) in answered_calls)]
+    refused_ids = {id(c) for c in refused}
+    cut = [c.t_end_s for c in report.calls if call_cut(c, id(c) in refused_ids)]
+    edge = ax2.get_xaxis_transform()  # x in seconds, y in axes fractions: marks along the bottom
+    if refused:
+        ax2.plot([c.t_start_s for c in refused], [0.06] * len(refused), ls="none", marker="|", ms=12, mew=1.5,
+                 color="red", transform=edge, label=f"refused ({len(refused)})")
+    if cut:
+        ax2.plot(cut, [0.06] * len(cut), ls="none", marker="x", ms=7, color="k", transform=edge,
+                 label=f"cut by scale-down ({len(cut)})")
+    ax2.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax2.set_ylabel("callers")
-    ax2.legend(loc="upper left", fontsize=8)
-    ax2.grid(alpha=0.3)
-    deps = sorted({d for s in report.timeline for d in (s.replicas or {})})
+    ax2.legend(**outside)
+    # (c) replicas: running (solid), wanted by the autoscaler (dotted)
+    running = [_running(x) for x in report.timeline]
+    deps = _stage_order(d for r in running for d in r)
+    extra = iter(f"C{i}" for i in range(6, 10))
+    colours = {d: _COLOURS.get(d) or next(extra, "k") for d in deps}
+    top = 0
     for i, dep in enumerate(deps):
-        pts = [(s.t_s, s.replicas[dep]) for s in report.timeline if s.replicas and dep in s.replicas]
+        pts = [(x.t_s, r[dep]) for x, r in zip(report.timeline, running, strict=True) if dep in r]
         # a small offset per deployment keeps equal counts from hiding each other
-        ax3.step([p[0] for p in pts], [p[1] + 0.04 * i for p in pts], where="post", label=dep)
+        ax3.step([p[0] for p in pts], [p[1] + 0.04 * i for p in pts], where="post", color=colours[dep], label=dep)
+        want = [(x.t_s, int(x.scaling[dep]["desired"])) for x in report.timeline
+                if x.scaling and dep in x.scaling and "desired" in x.scaling[dep]]
+        if want:
+            ax3.step([p[0] for p in want], [p[1] + 0.04 * i for p in want], where="post", color=colours[dep],
+                     ls=":", lw=1.2)
+        top = max([top, *(p[1] for p in pts), *(p[1] for p in want)])
     if deps:
-        top = max(n for s in report.timeline for n in (s.replicas or {}).values())
         ax3.set_ylim(0, top + 1)
         ax3.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax3.legend(loc="lower left", fontsize=8, ncol=len(deps))
+        handles, _ = ax3.get_legend_handles_labels()
+        if any(x.scaling for x in report.timeline):
+            handles.append(Line2D([], [], color="gray", ls=":", label="desired (autoscaler)"))
+        ax3.legend(handles=handles, **outside)
     else:
         ax3.text(0.5, 0.5, f"replica counts not recorded: {report.replica_note}", ha="center",
                  va="center", transform=ax3.transAxes, fontsize=8, wrap=True)
     ax3.set_ylabel("replicas")
-    ax3.set_xlabel("time since start (s)")
-    ax3.grid(alpha=0.3)
-    s = summary_dict(report)
+    # (d) load over the autoscaling targets
+    scaled = _stage_order(d for x in report.timeline for d in (x.scaling or {}))
+    for dep in scaled:
+        load = [(x.t_s, v) for x in report.timeline if x.scaling and dep in x.scaling
+                and (v := load_over_target(x.scaling[dep])) is not None]
+        if load:
+            ax4.step([p[0] for p in load], [p[1] for p in load], where="post",
+                     color=colours.get(dep) or _COLOURS.get(dep, "k"), label=dep)
+    if scaled:
+        ax4.axhline(1.0, color="gray", ls="--", lw=1, label="at target")
+        ax4.set_ylim(bottom=0)
+        ax4.legend(**outside)
+    else:
+        why = report.scaling_note or report.replica_note or "not recorded"
+        ax4.text(0.5, 0.5, f"autoscaler decisions not recorded: {why}", ha="center", va="center",
+                 transform=ax4.transAxes, fontsize=8, wrap=True)
+    ax4.set_ylabel("load / target\n(replicas asked / running)", fontsize=9)
+    ax4.set_xlabel("time since start (s)")
+    # phases: a faint line at each boundary, named along the top
+    for row in s["phases"]:
+        for ax in (ax1, ax2, ax3, ax4):
+            if row["start_s"] > 0:
+                ax.axvline(row["start_s"], color="gray", lw=0.6, alpha=0.5)
+        ax1.text(row["start_s"], 1.0, f" {row['phase']} ({row['wanted']})", transform=ax1.get_xaxis_transform(),
+                 fontsize=7, va="bottom", ha="left", color="dimgray", clip_on=False)
+    for ax in (ax1, ax2, ax3, ax4):
+        ax.grid(alpha=0.3)
     v2v = s["metrics"]["voice_to_voice_ms"]
     p50, p95 = v2v["p50"], v2v["p95"]
-    title = (f"voxserve load test: {report.config.get('callers')} callers, {s['turns']} turns, "
-             f"p50 {p50 or 0:.0f} ms, p95 {p95 or 0:.0f} ms, errors {sum(s['errors'].values())}")
+    schedule = report.config.get("schedule")
+    what = (f"schedule {','.join(f'{t:g}:{n}' for t, n in schedule)}" if schedule
+            else f"{report.config.get('callers')} callers")
+    title = (f"voxserve load test: {what}, {s['turns']} turns, p50 {p50 or 0:.0f} ms, p95 {p95 or 0:.0f} ms, "
+             f"errors {sum(s['errors'].values())}, refused {s['refusals']['n']}")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

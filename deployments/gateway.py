@@ -24,7 +24,8 @@ from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 from ray.serve.handle import DeploymentHandle
 
 from deployments.auth import ApiKeyAuth
-from deployments.config import AppArgs
+from deployments.autoscaling import ScalingView
+from deployments.config import DEPLOYMENTS, AppArgs
 from deployments.drain import replica_shutdown_flag, watch_for_shutdown
 from deployments.grpc.adapter import GrpcAdapter
 from deployments.grpc.status import set_status
@@ -42,6 +43,9 @@ from services.vad import SileroModel, VADState
 
 log = logging.getLogger("ray.serve")
 HEALTH_SERVICES = ("", "voxserve.v1.VoiceAssistant")
+#: The latency the stages scale on looks back this far (admission's own window is longer: it
+#: judges whether to refuse, this one whether to add replicas, and must not lag a ramp).
+SIGNAL_WINDOW_S = 10.0
 
 
 async def _drain(stream: AsyncIterator[Any]) -> None:
@@ -72,6 +76,9 @@ class Gateway:
         self.realtime = RealtimeAdapter(self.args, self.hub, self.auth, self.metrics)  # /v1/realtime
         await self._warm_up()
         self._health_monitor = asyncio.get_running_loop().create_task(self.hub.monitor_health())
+        # admission asks the autoscaler's latest decisions before it refuses a caller
+        view = ScalingView(serve.get_replica_context().app_name, DEPLOYMENTS)
+        self._scaling_watch = asyncio.get_running_loop().create_task(self.hub.watch_scaling(view))
         # a stopping replica moves its sessions (SessionMoved) instead of having them cut
         self._drain_watch = asyncio.get_running_loop().create_task(
             watch_for_shutdown(await asyncio.to_thread(replica_shutdown_flag), self.hub.drain))
@@ -106,6 +113,14 @@ class Gateway:
         """Active sessions, capacity, recent p95 time to first audio (operators, autoscaling), and
         which paths were warmed up before the first session."""
         return {**self.hub.stats(), "warm_up_s": dict(self.warm_up_s)}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric of this replica (deployments.autoscaling.VoicePolicy):
+        its sessions, burst included (a draining replica reports none: they are moving away), and
+        the p95 time to first audio of its answers, in ms (0: too few to judge), which the model
+        stages' policies hold against the app's latency budget."""
+        return {"sessions": 0.0 if self.hub.draining else float(self.hub.active),
+                "first_audio_ms": self.hub.first_audio.p95(within_s=SIGNAL_WINDOW_S) or 0.0}
 
     # --- gRPC health (grpc.health.v1.Health, registered beside our servicer) ----------------------
 

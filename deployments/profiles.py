@@ -50,6 +50,32 @@ PROFILE_NAMES: tuple[str, ...] = ("cpu", "gpu")
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 
 
+#: Import path of the voice autoscaling policy (a class: Serve instantiates it with policy_kwargs).
+VOICE_POLICY = "deployments.autoscaling:VoicePolicy"
+
+
+class SignalTargets(BaseModel):
+    """policy_kwargs of ``VoicePolicy``: the signals a deployment's replicas report, and targets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    counts: dict[str, float] = Field(default_factory=dict,
+        description="Additive signal -> target per replica (replicas needed = sum / target).")
+    ratios: dict[str, float] = Field(default_factory=dict,
+        description="Latency-like signal -> target of its mean (over target: one replica more).")
+    budget: dict[str, float] = Field(default_factory=dict,
+        description="App-wide latency the Gateway reports (first_audio_ms) -> limit; over it, one replica more.")
+
+
+class Policy(BaseModel):
+    """Serve's autoscaling_config.policy: which policy decides, with which targets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy_function: str = Field(default=VOICE_POLICY, description="Import path of the policy (module:name).")
+    policy_kwargs: SignalTargets = Field(default_factory=SignalTargets, description="The policy's signal targets.")
+
+
 class Autoscaling(BaseModel):
     """Serve autoscaling_config of one deployment (a subset of Ray's AutoscalingConfig)."""
 
@@ -62,6 +88,10 @@ class Autoscaling(BaseModel):
     upscale_delay_s: float = Field(default=10.0, ge=0, description="Load must stay high this long before scaling up.")
     downscale_delay_s: float = Field(
         default=300.0, ge=0, description="Load must stay low this long before scaling down.")
+    metrics_interval_s: float = Field(default=10.0, gt=0, description="How often replicas report their metrics.")
+    look_back_period_s: float = Field(default=30.0, gt=0, description="Window the reported metrics are averaged over.")
+    policy: Policy | None = Field(default=None,
+        description="Custom policy on the replicas' own signals; None: Serve's ongoing-requests policy.")
 
 
 class ActorOptions(BaseModel):
@@ -126,13 +156,34 @@ class Profile(BaseModel):
     needs_downloads: bool = Field(default=False, description="Models are hub ids fetched inside the cluster.")
 
 
+class Pace(BaseModel):
+    """How fast a profile's deployments scale: voice wants fast up (a caller waiting now) and
+    patient down (a replica stopped too early is a cold start for the next burst)."""
+
+    upscale_delay_s: float
+    downscale_delay_s: float
+    metrics_interval_s: float
+    look_back_period_s: float
+
+
+#: CPU: replicas start in seconds; a short look-back so that a ramp is seen within seconds.
+CPU_PACE = Pace(upscale_delay_s=2.0, downscale_delay_s=45.0, metrics_interval_s=1.0, look_back_period_s=5.0)
+#: GPU: a replica takes a minute or more (weights, CUDA graphs): scale down only after 5 quiet minutes.
+GPU_PACE = Pace(upscale_delay_s=5.0, downscale_delay_s=300.0, metrics_interval_s=2.0, look_back_period_s=10.0)
+
+
 def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, gpus: float = 0.0,
-         shutdown_s: float = 20.0, max_queued: int = -1, surge: int = 0) -> DeploymentOptions:
+         shutdown_s: float = 20.0, max_queued: int = -1, surge: int = 0, pace: Pace = CPU_PACE,
+         counts: dict[str, float] | None = None, ratios: dict[str, float] | None = None,
+         budget: dict[str, float] | None = None) -> DeploymentOptions:
+    policy = (Policy(policy_kwargs=SignalTargets(counts=counts or {}, ratios=ratios or {}, budget=budget or {}))
+              if counts or ratios else None)
     return DeploymentOptions(
         max_ongoing_requests=max_ongoing,
         max_queued_requests=max_queued,
         autoscaling_config=Autoscaling(min_replicas=min_r, max_replicas=max_r,
-                                       target_ongoing_requests=target),
+                                       target_ongoing_requests=target, policy=policy,
+                                       **pace.model_dump()),
         ray_actor_options=ActorOptions(num_cpus=cpus, num_gpus=gpus),
         graceful_shutdown_timeout_s=shutdown_s,
         max_surge_percent=surge,
@@ -162,10 +213,22 @@ GATEWAY_QUEUE = 128
 CPU_MAX_SESSIONS = 8
 
 
-def _gateway(args: AppArgs) -> DeploymentOptions:
-    # the autoscaler adds a gateway replica when sessions reach 3/4 of what one admits
-    return _dep(args.gateway.max_sessions + GATEWAY_HEADROOM, 1, 4, max(1.0, 0.75 * args.gateway.max_sessions),
-                cpus=0.25, shutdown_s=GATEWAY_SHUTDOWN_S, max_queued=GATEWAY_QUEUE, surge=GATEWAY_SURGE)
+#: Share of max_sessions a gateway replica is kept at: the autoscaler adds one before any is full.
+GATEWAY_FILL = 0.75
+#: Share of the gateway's latency budget (admission_first_audio_ms) at which every model stage
+#: below its max adds a replica: the stages grow before the gateway sheds callers for slow answers.
+SCALE_AT_BUDGET = 0.8
+
+
+def _budget(args: AppArgs) -> dict[str, float]:
+    return {"first_audio_ms": SCALE_AT_BUDGET * args.gateway.admission_first_audio_ms}
+
+
+def _gateway(args: AppArgs, max_r: int, pace: Pace) -> DeploymentOptions:
+    sessions = max(1.0, GATEWAY_FILL * args.gateway.max_sessions)
+    return _dep(args.gateway.max_sessions + args.gateway.burst_sessions + GATEWAY_HEADROOM, 1, max_r, sessions,
+                cpus=0.25, shutdown_s=GATEWAY_SHUTDOWN_S, max_queued=GATEWAY_QUEUE, surge=GATEWAY_SURGE,
+                pace=pace, counts={"sessions": sessions})
 
 
 def cpu_profile() -> Profile:
@@ -180,11 +243,17 @@ def cpu_profile() -> Profile:
         deployments={
             # surge: a redeploy starts each stage's new replica before stopping the old one, so
             # no stage is ever without a replica (cheap on CPU: ~2 GB for the LLM, briefly)
+            # Signal targets from the 2-core concurrency sweep (BENCHMARKS.md): one replica of
+            # each keeps answers under the latency target up to ~2-3 callers. Logical CPUs are
+            # scheduling tokens: max replicas of every stage fit the 8 `voxserve serve` declares.
             VAD: _dep(64, 1, 2, 16, cpus=0.1, surge=100),
-            ASR: _dep(4, 1, 4, 1, cpus=0.5, surge=100),
-            LLM: _dep(8, 1, 2, 4, cpus=0.5, surge=100),
-            TTS: _dep(4, 1, 4, 2, cpus=0.5, surge=100),
-            GATEWAY: _gateway(args),
+            ASR: _dep(4, 1, 3, 2, cpus=0.5, surge=100, counts={"utterances": 1.5}, ratios={"wait_ms": 250},
+                      budget=_budget(args)),
+            LLM: _dep(8, 1, 2, 4, cpus=0.5, surge=100, counts={"requests": 3}, ratios={"ttft_ms": 700},
+                      budget=_budget(args)),
+            TTS: _dep(4, 1, 3, 2, cpus=0.5, surge=100, counts={"syntheses": 2}, ratios={"rtf": 0.5},
+                      budget=_budget(args)),
+            GATEWAY: _gateway(args, 3, CPU_PACE),
         },
         cpu_workers=WorkerGroup(min_replicas=1, max_replicas=4, cpu="4", memory="12Gi"),
         gpu_workers=WorkerGroup(enabled=False, min_replicas=0, max_replicas=1, gpus=1),
@@ -224,11 +293,16 @@ def gpu_profile() -> Profile:
             # no surge for the GPU stages: a second replica during a redeploy would need GPU memory
             # that is not there; with one replica per stage a redeploy's retry then waits for the
             # new one (the turn in flight may end with an error event; the call goes on)
-            VAD: _dep(64, 1, 4, 16, cpus=0.1, surge=100),
-            ASR: _dep(8, 1, 2, 4, cpus=1, gpus=0.2),
-            LLM: _dep(32, 1, 2, 16, cpus=2, gpus=GPU_LLM_SHARE),
-            TTS: _dep(8, 1, 2, 4, cpus=1, gpus=0.1),
-            GATEWAY: _gateway(args),
+            # max replicas: per H100 (docs/gpu-plan.md) one LLM at 0.6, one ASR at 0.2 and TTS
+            # in the 0.1 left (two at 0.05), times the GPU group's max pods (2)
+            VAD: _dep(64, 1, 4, 16, cpus=0.1, surge=100, pace=GPU_PACE),
+            ASR: _dep(32, 1, 2, 16, cpus=1, gpus=0.2, pace=GPU_PACE,
+                      counts={"utterances": 12}, ratios={"wait_ms": 100, "batch_fill": 0.75}, budget=_budget(args)),
+            LLM: _dep(128, 1, 2, 64, cpus=2, gpus=GPU_LLM_SHARE, pace=GPU_PACE,
+                      counts={"requests": 64}, ratios={"ttft_ms": 250}, budget=_budget(args)),
+            TTS: _dep(16, 1, 4, 8, cpus=1, gpus=0.05, pace=GPU_PACE, counts={"syntheses": 8}, ratios={"rtf": 0.2},
+                      budget=_budget(args)),
+            GATEWAY: _gateway(args, 4, GPU_PACE),
         },
         cpu_workers=WorkerGroup(min_replicas=1, max_replicas=2, cpu="4", memory="8Gi"),
         gpu_workers=WorkerGroup(min_replicas=1, max_replicas=2, cpu="8", memory="48Gi", gpus=1),
@@ -278,7 +352,7 @@ def serve_options(profile: str | Profile) -> dict[str, Any]:
         "grpcPort": GRPC_PORT,
         "httpPort": HTTP_PORT,
         "args": _args_dict(p.args),
-        "deployments": {name: p.deployments[name].model_dump(mode="json")
+        "deployments": {name: p.deployments[name].model_dump(mode="json", exclude_none=True)
                         for name in DEPLOYMENTS if name in p.deployments},
     }
 

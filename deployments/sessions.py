@@ -20,7 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from deployments.config import AppArgs
+from deployments.autoscaling import ScalingView
+from deployments.config import ASR, GATEWAY, LLM, TTS, AppArgs
 from services.conversation import Conversation, Observer, SessionSettings
 from services.conversation.events import SessionMoved, TurnLatency
 from services.conversation.history import ChatHistory
@@ -81,6 +82,10 @@ class _Admission:
     opened: bool
 
 
+#: The stages whose replicas make answers faster (admission asks whether one is still growing).
+MODEL_STAGES = (ASR, LLM, TTS)
+
+
 class LatencyWindow:
     """First-audio latencies of the answers of the last ``window_s`` seconds (admission control)."""
 
@@ -92,12 +97,15 @@ class LatencyWindow:
     def add(self, ms: float) -> None:
         self._samples.append((self.clock(), ms))
 
-    def p95(self, min_samples: int = 5) -> float | None:
-        """p95 of the window; None with fewer than ``min_samples`` (too few to judge)."""
-        cutoff = self.clock() - self.window_s
+    def p95(self, min_samples: int = 5, within_s: float | None = None) -> float | None:
+        """p95 of the window (or of its last ``within_s`` seconds); None with fewer than
+        ``min_samples`` (too few to judge)."""
+        now = self.clock()
+        cutoff = now - self.window_s
         while self._samples and self._samples[0][0] < cutoff:
             self._samples.popleft()
-        values = [ms for _, ms in self._samples]
+        recent = now - (within_s if within_s is not None else self.window_s)
+        values = [ms for at, ms in self._samples if at >= recent]
         if len(values) < min_samples:
             return None
         # numpy's linear interpolation: the load tester and the bench scripts use the same definition
@@ -163,6 +171,8 @@ class SessionHub:
         self._moved: dict[Conversation, asyncio.Event] = {}
         self._writers: dict[Conversation, tuple[JournalWriter, str]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        #: the autoscaler's published decisions (``watch_scaling``); None: no autoscaling known
+        self.scaling: ScalingView | None = None
 
     async def open_journal(self, store: JournalStore | None, secret: bytes | None = None) -> None:
         """Journal sessions in ``store`` (None: no journal, no resume). ``secret`` signs resume
@@ -220,6 +230,17 @@ class SessionHub:
                 self._shed_at = None  # refusals for slow answers were the outage's, not load's
             await asyncio.sleep(period_s)
 
+    async def watch_scaling(self, view: ScalingView, period_s: float = 1.0) -> None:
+        """Keep ``view`` fresh for ever (the gateway runs it): admission asks it whether the
+        deployments can still grow before refusing a caller."""
+        self.scaling = view
+        while True:
+            try:
+                await asyncio.to_thread(view.refresh)
+            except Exception as exc:  # a stale view only makes admission stricter (see ScalingView)
+                log.debug("scaling view not refreshed: %s", exc)
+            await asyncio.sleep(period_s)
+
     def outage_within(self, seconds: float) -> bool:
         """A stage outage is going on, or ended less than ``seconds`` ago."""
         return self._down_since is not None or time.monotonic() - self._outage_ended < seconds
@@ -263,16 +284,31 @@ class SessionHub:
             down = ", ".join(sorted(getattr(self.stages, "down", set()))) or "a"
             raise Unavailable(f"the {down} stage of the voice pipeline is down (restarting); retry in "
                               f"{g.retry_after_s:g} s")
+        scaling = self.scaling
         if self.active >= g.max_sessions:
-            raise ResourceExhausted(f"server busy: {g.max_sessions} sessions already active on this replica; "
-                                    f"retry in {g.retry_after_s:g} s", retry_after_s=g.retry_after_s)
+            # While the Gateway deployment can still add a replica (the policy counts this
+            # replica's sessions, so a full one already asks for more), a bounded burst gets in
+            # here instead of being refused; the router sends later calls to the new replica.
+            if scaling is None or not scaling.can_grow(GATEWAY) or self.active >= g.max_sessions + g.burst_sessions:
+                where = ("and the Gateway deployment is at its max replicas" if scaling is not None
+                         and scaling.fresh(GATEWAY) is not None and not scaling.can_grow(GATEWAY) else "")
+                raise ResourceExhausted(f"server busy: {self.active} sessions already active on this replica "
+                                        f"(max {g.max_sessions}){' ' + where if where else ''}; "
+                                        f"retry in {g.retry_after_s:g} s", retry_after_s=g.retry_after_s)
         now = self.first_audio.clock()
         p95 = self.first_audio.p95()
         if self.active and p95 is not None and p95 > g.admission_first_audio_ms:
-            self._shed_at = now
-            raise ResourceExhausted(f"server at capacity: answers take {p95:.0f} ms to start (p95, target "
-                                    f"{g.admission_first_audio_ms} ms); retry in {g.retry_after_s:g} s",
-                                    retry_after_s=g.retry_after_s)
+            if scaling is not None and any(scaling.can_grow(s) for s in MODEL_STAGES):
+                # Slow answers while a model stage can still add replicas: let the caller in.
+                # The stages' policies hold this same latency against its budget and add them
+                # (deployments.autoscaling); only an app at its max replicas sheds load.
+                self._shed_at = None
+            else:
+                self._shed_at = now
+                why = f" and {', '.join(MODEL_STAGES)} are at their max replicas" if scaling is not None else ""
+                raise ResourceExhausted(f"server at capacity: answers take {p95:.0f} ms to start (p95, target "
+                                        f"{g.admission_first_audio_ms} ms){why}; retry in {g.retry_after_s:g} s",
+                                        retry_after_s=g.retry_after_s)
         recovering = self._shed_at is not None and now - self._shed_at < g.admission_window_s
         if self.active and p95 is None and recovering and now - self._last_admit < g.retry_after_s:
             # After shedding, the slow answers age out of the window before new ones come in: the
@@ -293,6 +329,7 @@ class SessionHub:
                    "write_p50_ms": float(np.percentile(writes, 50)) if writes else None,
                    "write_p95_ms": float(np.percentile(writes, 95)) if writes else None}
         return {"active_sessions": self.active, "max_sessions": self.args.gateway.max_sessions,
+                "scaling": self.scaling.summary() if self.scaling is not None else None,
                 "first_audio_p95_ms": self.first_audio.p95(min_samples=1), "draining": self.draining,
                 "journal": journal}
 

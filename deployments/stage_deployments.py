@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from deployments.autoscaling import InFlight, RecentValues
 from deployments.checkpoints import fix_checkpoint
 from deployments.metrics import StageMetrics
 from services.asr import ASRConfig, ASRRouter
@@ -55,14 +57,23 @@ class ASRDeployment:
         self.asr = ASRRouter.load(self.config)
         self.metrics = StageMetrics("asr")
         self.asr.warm_up()  # every loaded engine: a session in any language gets a warm one
+        # autoscaling signals (record_autoscaling_stats)
+        self.utterances = InFlight()
+        self.wait_ms = RecentValues()
+        self.batch_fill = RecentValues()
 
     async def transcribe(self, audio16k: np.ndarray, language: str | None = None,
                          priority: int | str = 0) -> dict[str, Any]:
         """One utterance, batched with the other sessions' utterances on this replica.
         ``priority`` (services.batching.Priority, as int or name): 0 final (default),
         1 barge-in, 2 speculative, 3 partial; more urgent work is decoded first."""
-        with self.metrics.time("transcribe"):
+        t0 = time.perf_counter()
+        with self.metrics.time("transcribe"), self.utterances:
             result = await self.asr.transcribe(audio16k, language, Priority.parse(priority))
+        # time spent waiting for a decoder, not decoding: what another replica would take away
+        self.wait_ms.add(max(0.0, 1000 * (time.perf_counter() - t0 - result.decode_s)))
+        engine = self.asr.engines.get(result.engine)
+        self.batch_fill.add(result.batch_size / max(1, getattr(engine, "max_batch", 1)))
         return {"text": result.text, "language": result.language, "engine": result.engine,
                 "duration_s": result.duration_s, "decode_s": result.decode_s,
                 "batch_size": result.batch_size}
@@ -77,6 +88,12 @@ class ASRDeployment:
         """'model': the engine of sessions that give no language; 'engines': every loaded one
         with its languages and warm-up time."""
         return self.asr.describe()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Utterances in this replica now (decoding or waiting), p95 wait for a decoder (ms) and
+        mean batch fill of the last 10 s (deployments.autoscaling)."""
+        return {"utterances": float(self.utterances.now), "wait_ms": self.wait_ms.p95(),
+                "batch_fill": self.batch_fill.mean()}
 
 
 def _fixed(cfg: LLMConfig) -> LLMConfig:
@@ -99,6 +116,7 @@ class LLMDeployment:
         self.engine = await create_llm_engine(_fixed(self.config))
         self.audio_engine: ChatEngine | None = self.engine if self.engine.supports_audio else None
         self.tool_engine = ToolEngine(_fixed(self.config))
+        self.ttft_ms = RecentValues()  # autoscaling signal: time to first piece of each stream
         try:
             # sessions with tools: the tool model, loaded now so the first call does not wait for it
             await self.tool_engine.load()
@@ -129,10 +147,14 @@ class LLMDeployment:
         else:
             stream = self.audio_engine.stream_chat(messages, max_tokens=max_tokens, audio=audio)
         cfg = self.config
+        t0, first = time.perf_counter(), True
         with self.metrics.time("generate"):
             async with stream:
                 # Each item is a Ray hop: after the first words, join tokens into timed pieces.
                 async for piece in coalesce_deltas(stream, cfg.delta_interval_ms / 1000, cfg.delta_eager_words):
+                    if first:
+                        self.ttft_ms.add(1000 * (time.perf_counter() - t0))
+                        first = False
                     yield piece
 
     def _engines(self) -> list[ChatEngine]:
@@ -147,6 +169,12 @@ class LLMDeployment:
         """What the engines hold now (operators, autoscaling): requests the engines still track, running
         or queued (0 once every stream ended or was aborted: a hang-up leaves none behind)."""
         return {"unfinished_requests": sum(e.num_unfinished_requests() for e in self._engines())}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Requests the engines hold (running and waiting) and p95 time to first piece of the
+        last 10 s, in ms (deployments.autoscaling)."""
+        return {"requests": float(sum(e.num_unfinished_requests() for e in self._engines())),
+                "ttft_ms": self.ttft_ms.p95()}
 
     async def info(self) -> dict[str, Any]:
         return {"model": self.config.model or "SmolLM2-135M-Instruct (embedded)", "engine": self.engine.name,
@@ -172,6 +200,8 @@ class TTSDeployment:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.tts = PiperTTS.load(TTSConfig.model_validate(config or {}))
         self.metrics = StageMetrics("tts")
+        self.syntheses = InFlight()  # autoscaling signals (record_autoscaling_stats)
+        self.rtf = RecentValues()
         for _ in self.tts.synthesize_blocking(WARMUP_TEXT):  # warm-up
             pass
 
@@ -183,14 +213,24 @@ class TTSDeployment:
         rate = sample_rate or self.tts.sample_rate
         resampler = StreamResampler(self.tts.sample_rate, rate)
         # aclosing: a cancelled stream stops the synthesis thread now, not at garbage collection
-        with self.metrics.time("synthesize"):
+        t0, audio_s = time.perf_counter(), 0.0
+        with self.metrics.time("synthesize"), self.syntheses:
             async with contextlib.aclosing(self.tts.synthesize(text, deadline)) as audio_stream:
                 async for audio in audio_stream:
+                    audio_s += audio.size / self.tts.sample_rate
                     yield float_to_pcm16(resampler.push(audio))
+        if audio_s > 0:
+            # wall time per second of speech, waiting for a synthesis slot included
+            self.rtf.add((time.perf_counter() - t0) / audio_s)
         if (tail := resampler.flush()).size:
             yield float_to_pcm16(tail)
 
     async def sample_rate(self) -> int:
         return self.tts.sample_rate
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Syntheses in this replica now (running or waiting for a slot) and p95 real-time factor
+        of the last 10 s (deployments.autoscaling)."""
+        return {"syntheses": float(self.syntheses.now), "rtf": self.rtf.p95()}
 
 

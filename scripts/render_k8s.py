@@ -142,6 +142,7 @@ def values_schema(values: dict[str, Any]) -> dict[str, Any]:
     })
     args = AppArgs.model_json_schema()
     defs = args.pop("$defs", {})
+    defs.update(Autoscaling.model_json_schema().get("$defs", {}))  # the policy's models
     group = {"type": "object", "properties": {
         "enabled": {"type": "boolean"},
         "minReplicas": {"type": "integer", "minimum": 0},

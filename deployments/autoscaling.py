@@ -1,0 +1,252 @@
+"""Autoscaling on each stage's own load: the signals replicas report, the policy that reads them,
+and the view of it that the gateway's admission control and the load tester read.
+
+Serve's default policy scales on ongoing requests per replica. For a voice pipeline that is the
+wrong count for every stage: a Gateway request is a whole call (minutes), an ASR request is one
+utterance (tens of ms), an LLM stream's cost is its time to first token, and a TTS stream's
+is how far synthesis runs behind real time. So each replica reports its own signals
+(``record_autoscaling_stats``, Ray Serve's custom metrics) and one per-deployment policy,
+``VoicePolicy``, turns them into a replica count:
+
+- a *count* signal (sessions, utterances, requests, syntheses) is additive: the deployment needs
+  ``sum over replicas / target per replica`` replicas;
+- a *ratio* signal (time to first token, real-time factor, batch fill) is not: while its mean is
+  over target the deployment wants one replica more than it has (one step at a time, because on
+  one machine a replica adds concurrency, not compute, and the latency may not fall).
+
+The policy takes the largest demand (Serve's own ongoing-requests count is one of them, so
+requests queued in front of the replicas count too); Serve then applies min/max replicas and the
+upscale/downscale delays (fast up, patient down: set per profile). Each decision is also
+published to Ray's GCS key-value store (``publish``), from where ``ScalingView`` lets a gateway
+replica ask "can this deployment still grow?" before it refuses a caller, and the load tester
+plots replicas and signals over time.
+
+This module is imported by Serve's controller: it must stay light (no engines, no numpy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+log = logging.getLogger("ray.serve")
+
+#: GCS key-value namespace and key prefix of the published decisions.
+KV_NAMESPACE = "voxserve"
+KV_PREFIX = "scaling/"
+#: A published decision older than this is not trusted (the controller stopped publishing).
+STALE_S = 15.0
+#: Each deployment's decision is published at most this often.
+PUBLISH_PERIOD_S = 1.0
+
+
+def kv_key(app: str, deployment: str) -> bytes:
+    return f"{KV_PREFIX}{app}/{deployment}".encode()
+
+
+# --- what replicas measure ------------------------------------------------------------------------
+
+
+class InFlight:
+    """Calls running (or waiting) in this replica now: ``with tracker.track(): ...``."""
+
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __enter__(self) -> InFlight:
+        self.now += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.now -= 1
+
+
+class RecentValues:
+    """Values of the last ``window_s`` seconds (a time to first token, a real-time factor)."""
+
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self.clock = clock
+        self._values: deque[tuple[float, float]] = deque(maxlen=2048)
+
+    def add(self, value: float) -> None:
+        self._values.append((self.clock(), value))
+
+    def _recent(self) -> list[float]:
+        cutoff = self.clock() - self.window_s
+        while self._values and self._values[0][0] < cutoff:
+            self._values.popleft()
+        return [v for _, v in self._values]
+
+    def p95(self) -> float:
+        """p95 of the window (nearest rank), 0.0 with no values: no pressure to report."""
+        values = sorted(self._recent())
+        if not values:
+            return 0.0
+        return values[min(len(values) - 1, math.ceil(0.95 * len(values)) - 1)]
+
+    def mean(self) -> float:
+        values = self._recent()
+        return sum(values) / len(values) if values else 0.0
+
+
+# --- the policy -----------------------------------------------------------------------------------
+
+
+def _mean(values: Iterable[float]) -> float:
+    vals = list(values)
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+#: The newest signal levels of every deployment, by "app/deployment": Serve runs every
+#: deployment's policy in its one controller process, so a stage's policy can read the app-wide
+#: latency the Gateway's replicas report (``budget``) without a round trip.
+_LEVELS: dict[str, tuple[float, dict[str, float]]] = {}
+#: The deployment whose replicas report the app-wide latency a budget is checked against.
+BUDGET_SOURCE = "Gateway"
+
+
+class VoicePolicy:
+    """Per-deployment Serve autoscaling policy on the signals its replicas report.
+
+    ``counts``: signal name -> target per replica (additive signals);
+    ``ratios``: signal name -> target of its mean over replicas (latency-like signals; a replica
+    that reports 0 has no samples and does not pull the mean down);
+    ``budget``: signal name -> limit of an app-wide latency the Gateway's replicas report (time
+    to first audio): over it, this stage wants one replica more, so that every model stage is at
+    its max before the gateway sheds callers for slow answers.
+    Serve instantiates it once per deployment with the profile's ``policy_kwargs``."""
+
+    def __init__(self, counts: dict[str, float] | None = None, ratios: dict[str, float] | None = None,
+                 budget: dict[str, float] | None = None, publish: bool = True) -> None:
+        self.counts = {k: float(v) for k, v in (counts or {}).items()}
+        self.ratios = {k: float(v) for k, v in (ratios or {}).items()}
+        self.budget = {k: float(v) for k, v in (budget or {}).items()}
+        self.publish = publish
+        for name, target in {**self.counts, **self.ratios, **self.budget}.items():
+            if not target > 0:
+                raise ValueError(f"autoscaling target of {name} must be > 0, got {target}")
+        self._published_at = 0.0
+
+    def demands(self, ctx: Any) -> dict[str, float]:
+        """Replicas each signal asks for (Serve's ongoing requests included, as ``ongoing``)."""
+        running = max(1, ctx.current_num_replicas)
+        out: dict[str, float] = {}
+        target_ongoing = ctx.config.get_target_ongoing_requests() if ctx.config is not None else None
+        if target_ongoing:
+            out["ongoing"] = ctx.total_num_requests / target_ongoing
+        metrics: dict[str, dict[Any, float]] = ctx.aggregated_metrics or {}
+        for name, target in self.counts.items():
+            if name in metrics:
+                out[name] = sum(metrics[name].values()) / target
+        for name, target in self.ratios.items():
+            if name in metrics:
+                level = self._level(name, metrics[name])
+                # over target: one more than running; under it: what running * level / target needs
+                out[name] = running + 1 if level > target else running * level / target
+        app_levels = self.app_levels(ctx.app_name or "")
+        for name, limit in self.budget.items():
+            if app_levels.get(name, 0.0) > limit:
+                out[f"app_{name}"] = running + 1
+        return out
+
+    @staticmethod
+    def app_levels(app: str, now: float | None = None) -> dict[str, float]:
+        """The Gateway's newest signal levels (empty when none is fresh)."""
+        at, levels = _LEVELS.get(f"{app}/{BUDGET_SOURCE}", (0.0, {}))
+        return levels if (now or time.time()) - at < STALE_S else {}
+
+    def __call__(self, ctx: Any) -> tuple[float, dict[str, Any]]:
+        if ctx.current_num_replicas == 0:
+            return ctx.target_num_replicas, ctx.policy_state
+        metrics: dict[str, dict[Any, float]] = ctx.aggregated_metrics or {}
+        _LEVELS[f"{ctx.app_name or ''}/{ctx.deployment_name}"] = (
+            time.time(), {name: self._level(name, v) for name, v in metrics.items()})
+        demands = self.demands(ctx)
+        desired = max(demands.values(), default=float(ctx.current_num_replicas))
+        if self.publish:
+            self._publish(ctx, desired, demands)
+        return desired, ctx.policy_state
+
+    def _level(self, name: str, per_replica: dict[Any, float]) -> float:
+        """A signal for the whole deployment: the sum of a count, else the mean of the replicas
+        that have samples (a latency)."""
+        if name in self.counts:
+            return sum(per_replica.values())
+        return _mean(v for v in per_replica.values() if v > 0)
+
+    def _publish(self, ctx: Any, desired: float, demands: dict[str, float]) -> None:
+        now = time.time()
+        if now - self._published_at < PUBLISH_PERIOD_S:
+            return
+        self._published_at = now
+        metrics: dict[str, dict[Any, float]] = ctx.aggregated_metrics or {}
+        record = {
+            "t": now, "deployment": ctx.deployment_name,
+            "running": ctx.current_num_replicas, "target": ctx.target_num_replicas,
+            "desired": math.ceil(desired - 1e-9),
+            "min": ctx.capacity_adjusted_min_replicas, "max": ctx.capacity_adjusted_max_replicas,
+            "ongoing": ctx.total_num_requests,
+            "signals": {name: round(self._level(name, v), 3) for name, v in metrics.items()},
+            "demands": {k: round(v, 3) for k, v in demands.items()},
+        }
+        try:
+            from ray.experimental import internal_kv
+
+            internal_kv._internal_kv_put(kv_key(ctx.app_name or "", ctx.deployment_name),
+                                         json.dumps(record).encode(), overwrite=True, namespace=KV_NAMESPACE)
+        except Exception:  # the view is advisory: a GCS hiccup must never break scaling itself
+            log.debug("could not publish the scaling decision of %s", ctx.deployment_name, exc_info=True)
+
+
+# --- what others read -----------------------------------------------------------------------------
+
+
+class ScalingView:
+    """The policy's latest published decision per deployment (``refresh`` reads the GCS; call it
+    in a thread: it blocks for a GCS round trip)."""
+
+    def __init__(self, app: str, deployments: Iterable[str], clock: Callable[[], float] = time.time) -> None:
+        self.app = app
+        self.deployments = tuple(deployments)
+        self.clock = clock
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def refresh(self) -> dict[str, dict[str, Any]]:
+        from ray.experimental import internal_kv
+
+        records: dict[str, dict[str, Any]] = {}
+        for name in self.deployments:
+            raw = internal_kv._internal_kv_get(kv_key(self.app, name), namespace=KV_NAMESPACE)
+            if raw:
+                records[name] = json.loads(raw)
+        self.records = records
+        return records
+
+    def fresh(self, deployment: str) -> dict[str, Any] | None:
+        record = self.records.get(deployment)
+        if record is None or self.clock() - record.get("t", 0) > STALE_S:
+            return None
+        return record
+
+    def can_grow(self, deployment: str) -> bool:
+        """The deployment is below its (capacity-adjusted) max replicas, or still starting the
+        replicas it decided on. Unknown (no fresh record) counts as no: admission then behaves as
+        if there were no autoscaling."""
+        r = self.fresh(deployment)
+        return r is not None and (r["running"] < r["max"] or r["target"] > r["running"])
+
+    def growing(self, deployment: str) -> bool:
+        """The policy wants, or is starting, more replicas than run now (and may add them)."""
+        r = self.fresh(deployment)
+        return r is not None and r["running"] < r["max"] and max(r["target"], r["desired"]) > r["running"]
+
+    def summary(self) -> dict[str, Any]:
+        """Replicas and signals per deployment, for stats() and the load tester."""
+        return {name: {k: r[k] for k in ("running", "target", "desired", "max", "signals")}
+                for name in self.deployments if (r := self.fresh(name)) is not None}
