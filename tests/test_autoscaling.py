@@ -1,0 +1,204 @@
+"""Autoscaling rules without Ray: VoicePolicy's arithmetic on the signals replicas report, the
+ScalingView admission reads, the gateway's admission while deployments can still grow, and the
+profiles' autoscaling options. On the real app: test_autoscaling_graph.py (and the two-node
+placement in test_resume_cluster.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from deployments import autoscaling
+from deployments.autoscaling import InFlight, RecentValues, ScalingView, VoicePolicy
+from deployments.config import ASR, GATEWAY, LLM, TTS
+from deployments.profiles import VOICE_POLICY, get_profile, serve_config
+from services.conversation import SessionSettings
+from services.conversation.events import TurnLatency
+from services.errors import ResourceExhausted
+from tests.test_sessions import hub
+
+
+def ctx(name: str = "LLM", running: int = 1, metrics: dict[str, list[float]] | None = None,
+        ongoing: float = 0.0, target_ongoing: float = 4.0, app: str = "test") -> Any:
+    """An AutoscalingContext stand-in: the fields VoicePolicy reads."""
+    per_replica = {k: {f"r{i}": v for i, v in enumerate(vals)} for k, vals in (metrics or {}).items()}
+    return SimpleNamespace(
+        app_name=app, deployment_name=name, current_num_replicas=running, target_num_replicas=running,
+        total_num_requests=ongoing, aggregated_metrics=per_replica, policy_state={},
+        capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=3,
+        config=SimpleNamespace(get_target_ongoing_requests=lambda: target_ongoing))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_levels() -> Any:
+    autoscaling._LEVELS.clear()
+    yield
+    autoscaling._LEVELS.clear()
+
+
+def test_counts_add_up_over_replicas() -> None:
+    policy = VoicePolicy(counts={"sessions": 6}, publish=False)
+    desired, _ = policy(ctx(GATEWAY, running=2, metrics={"sessions": [8, 6]}, target_ongoing=6))
+    assert desired == pytest.approx(14 / 6)
+    idle, _ = policy(ctx(GATEWAY, running=2, metrics={"sessions": [1, 0]}, target_ongoing=6))
+    assert idle == pytest.approx(1 / 6)  # Serve then keeps min_replicas and waits downscale_delay_s
+
+
+def test_a_ratio_over_target_asks_for_one_more_replica_at_a_time() -> None:
+    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, publish=False)
+    over, _ = policy(ctx(running=2, metrics={"requests": [1, 1], "ttft_ms": [900, 1100]}))
+    assert over == 3  # not 2 * 1000/700: on one machine a replica adds concurrency, not compute
+    # a replica with no samples (0) does not pull the mean down
+    under, _ = policy(ctx(running=2, metrics={"requests": [0, 0], "ttft_ms": [350, 0]}))
+    assert under == pytest.approx(1.0)
+
+
+def test_serve_queue_counts_too() -> None:
+    """Requests queued in front of the replicas (Serve's ongoing count) are a demand of their own."""
+    policy = VoicePolicy(counts={"utterances": 2}, publish=False)
+    desired, _ = policy(ctx(ASR, metrics={"utterances": [1]}, ongoing=12, target_ongoing=2))
+    assert desired == 6
+
+
+def test_the_app_latency_budget_grows_every_model_stage() -> None:
+    gateway = VoicePolicy(counts={"sessions": 6}, publish=False)
+    stage = VoicePolicy(counts={"syntheses": 2}, budget={"first_audio_ms": 1200}, publish=False)
+    calm, _ = stage(ctx(TTS, metrics={"syntheses": [0.5]}))
+    assert calm == pytest.approx(0.25)
+    gateway(ctx(GATEWAY, metrics={"sessions": [5], "first_audio_ms": [1800]}, target_ongoing=6))
+    slow, _ = stage(ctx(TTS, metrics={"syntheses": [0.5]}))
+    assert slow == 2 and "app_first_audio_ms" in stage.demands(ctx(TTS, metrics={"syntheses": [0.5]}))
+    # another app's gateway is not ours, and an old level is not trusted
+    assert stage(ctx(TTS, metrics={"syntheses": [0.5]}, app="other"))[0] == pytest.approx(0.25)
+    assert VoicePolicy.app_levels("test", now=time.time() + autoscaling.STALE_S + 1) == {}
+
+
+def test_bad_targets_are_refused() -> None:
+    with pytest.raises(ValueError, match="ttft_ms"):
+        VoicePolicy(ratios={"ttft_ms": 0})
+
+
+def test_no_replicas_keeps_serves_own_start_decision() -> None:
+    c = ctx(running=0)
+    c.target_num_replicas = 1
+    assert VoicePolicy(counts={"requests": 3}, publish=False)(c)[0] == 1
+
+
+def test_publishing_without_ray_never_breaks_scaling() -> None:
+    """Outside a Ray worker the GCS put fails: the decision is still returned."""
+    policy = VoicePolicy(counts={"requests": 3})
+    desired, _ = policy(ctx(metrics={"requests": [6]}))
+    assert desired == 2
+
+
+def view(**records: dict[str, Any]) -> ScalingView:
+    v = ScalingView("test", (GATEWAY, ASR, LLM, TTS))
+    now = time.time()
+    v.records = {name: {"t": now, "running": 1, "target": 1, "desired": 1, "max": 3, "signals": {}, **r}
+                 for name, r in records.items()}
+    return v
+
+
+def test_scaling_view_can_grow_and_growing() -> None:
+    v = view(Gateway={}, ASR={"running": 3}, LLM={"running": 1, "desired": 2}, TTS={"running": 2, "target": 3})
+    assert v.can_grow(GATEWAY) and not v.growing(GATEWAY)
+    assert not v.can_grow(ASR)
+    assert v.growing(LLM) and v.growing(TTS) and v.can_grow(TTS)
+    v.records[GATEWAY]["t"] = time.time() - autoscaling.STALE_S - 1
+    assert not v.can_grow(GATEWAY) and v.fresh(GATEWAY) is None  # stale: as if nothing could grow
+    assert set(v.summary()) == {ASR, LLM, TTS}
+
+
+def test_replica_trackers() -> None:
+    now = [0.0]
+    values = RecentValues(window_s=10, clock=lambda: now[0])
+    assert values.p95() == 0.0 and values.mean() == 0.0
+    for v in range(1, 21):
+        values.add(float(v))
+    assert values.p95() == 19.0 and values.mean() == pytest.approx(10.5)
+    now[0] = 11.0
+    assert values.p95() == 0.0
+    calls = InFlight()
+    with calls, calls:
+        assert calls.now == 2
+    assert calls.now == 0
+
+
+# --- admission while the deployments can grow -------------------------------------------------------
+
+
+async def test_a_full_replica_admits_a_burst_while_the_gateway_can_grow() -> None:
+    h = hub(max_sessions=2, burst_sessions=1)
+    h.scaling = view(Gateway={"running": 1, "max": 2})
+    s = SessionSettings()
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(h.session(s))
+        with pytest.raises(ResourceExhausted, match="3 sessions already active"):
+            h.admit()  # the burst is bounded
+    assert h.active == 0
+
+
+async def test_a_full_replica_refuses_when_the_gateway_is_at_max_replicas() -> None:
+    h = hub(max_sessions=2, burst_sessions=4)
+    h.scaling = view(Gateway={"running": 2, "max": 2})
+    s = SessionSettings()
+    async with h.session(s), h.session(s):
+        with pytest.raises(ResourceExhausted, match="at its max replicas") as info:
+            h.admit()
+        assert info.value.retry_after_s == h.args.gateway.retry_after_s
+
+
+async def test_without_a_scaling_view_the_limit_is_hard() -> None:
+    h = hub(max_sessions=1, burst_sessions=4)
+    async with h.session(SessionSettings()):
+        with pytest.raises(ResourceExhausted, match="max 1"):
+            h.admit()
+
+
+async def test_slow_answers_shed_only_when_every_model_stage_is_at_max() -> None:
+    h = hub(admission_first_audio_ms=1000)
+    h.scaling = view(Gateway={}, ASR={"running": 3}, LLM={"running": 1, "max": 2}, TTS={"running": 3})
+    async with h.session(SessionSettings()):
+        for _ in range(5):
+            h.observer.answered(TurnLatency(first_audio_ms=2500))
+        h.admit()  # the LLM can still add a replica (its policy sees the same latency)
+        h.scaling.records[LLM]["running"] = 2
+        with pytest.raises(ResourceExhausted, match="ASR, LLM, TTS are at their max replicas"):
+            h.admit()
+
+
+# --- profiles -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_profiles_scale_each_stage_on_its_own_signals(name: str) -> None:
+    profile = get_profile(name)
+    signals = {GATEWAY: {"sessions"}, ASR: {"utterances", "wait_ms"}, LLM: {"requests", "ttft_ms"},
+               TTS: {"syntheses", "rtf"}}
+    for dep, expected in signals.items():
+        scaling = profile.deployments[dep].autoscaling_config
+        assert scaling.policy is not None and scaling.policy.policy_function == VOICE_POLICY
+        kwargs = scaling.policy.policy_kwargs
+        assert expected <= set(kwargs.counts) | set(kwargs.ratios), dep
+        assert scaling.max_replicas > scaling.min_replicas, dep
+        # fast up, patient down
+        assert scaling.upscale_delay_s <= 5 and scaling.downscale_delay_s >= 30, dep
+        if dep != GATEWAY:
+            assert kwargs.budget["first_audio_ms"] < profile.args.gateway.admission_first_audio_ms
+    # the policy Serve loads is the one named, and takes the kwargs as written in the config
+    deps = {d["name"]: d for d in serve_config(name)["applications"][0]["deployments"]}
+    kwargs = deps[LLM]["autoscaling_config"]["policy"]["policy_kwargs"]
+    VoicePolicy(**kwargs)
+
+
+def test_cpu_profile_max_replicas_fit_the_logical_cpus_of_voxserve_serve() -> None:
+    """`voxserve serve` declares max(8, cores) logical CPUs: every stage at max replicas must fit."""
+    profile = get_profile("cpu")
+    total = sum(d.autoscaling_config.max_replicas * d.ray_actor_options.num_cpus
+                for d in profile.deployments.values())
+    assert total <= 8, total

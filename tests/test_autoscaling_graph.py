@@ -1,0 +1,95 @@
+"""Autoscaling on the real app (a local Ray Serve, the real models, the real VoicePolicy in Serve's
+controller): a full Gateway replica lets callers in while the deployment grows, the next caller
+lands on the new replica, and the scale-down that follows moves calls instead of cutting them.
+The Gateway is made small (2 sessions a replica, a burst of 1, 2 replicas at most) and quick to
+scale, so that four calls show what forty would."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from clients.resume import Backoff, converse_resuming
+from clients.voice_client import UserTurn, VoiceClient
+from protos.voxserve.v1 import voice_pb2 as pb
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]
+
+CONFIG = pb.SessionConfig(input_encoding=pb.PCM16, input_sample_rate=16000, language="en", max_response_tokens=16)
+QUESTIONS = ["Name a color.", "Name a fruit.", "Name an animal.", "Name a country.", "Name a city.",
+             "Name a tree.", "Name a flower.", "Name a planet.", "Name a river.", "Name a sport.",
+             "Name a bird.", "Name a fish."]
+
+
+@pytest.fixture(scope="module")
+def server():  # type: ignore[no-untyped-def]
+    from deployments.profiles import load_serve_config
+    from deployments.server import free_port
+    from tests.graph_app import start_observed
+
+    config = load_serve_config("cpu")
+    for dep in config["applications"][0]["deployments"]:
+        if dep["name"] == "Gateway":
+            dep["autoscaling_config"].update(
+                min_replicas=1, max_replicas=2, upscale_delay_s=0.5, downscale_delay_s=4.0,
+                metrics_interval_s=0.5, look_back_period_s=2.0)
+            dep["autoscaling_config"]["policy"]["policy_kwargs"]["counts"] = {"sessions": 2.0}
+    srv = start_observed(config, grpc_port=free_port(), app_overrides={
+        "gateway": {"max_sessions": 2, "burst_sessions": 1}, "sessions": {"drain_timeout_s": 5}})
+    yield srv
+    srv.stop()
+
+
+def gateway_replicas() -> int:
+    from ray import serve
+    from ray.serve._private.common import ReplicaState
+
+    app = serve.status().applications["voxserve"]
+    return int(app.deployments["Gateway"].replica_states.get(ReplicaState.RUNNING, 0))
+
+
+async def wait_for(check: Any, within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not await asyncio.to_thread(check):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.25)
+
+
+async def call(address: str, questions: list[str], events: list[str]) -> tuple[Any, Any]:
+    client = VoiceClient(address)
+    turns = [UserTurn(text=q, label=q) for q in questions]
+    try:
+        return await converse_resuming(client, turns, CONFIG, backoff=Backoff(give_up_s=60),
+                                       on_event=lambda e: events.append(e.WhichOneof("event") or ""),
+                                       pause_ms=1500, wait_playback=False)
+    finally:
+        await client.close()
+
+
+async def test_a_full_gateway_grows_instead_of_refusing_and_shrinks_without_cutting_a_call(server) -> None:  # type: ignore[no-untyped-def]
+    await wait_for(lambda: gateway_replicas() == 1, 30, "one Gateway replica")
+    events: list[list[str]] = [[] for _ in range(4)]
+    # three calls at once on one replica admitting 2: the third gets in on the burst allowance
+    # (the Gateway can still grow), and the policy asks for a second replica
+    first = [asyncio.create_task(call(server.grpc_address, QUESTIONS[i:i + 6], events[i])) for i in range(3)]
+    await wait_for(lambda: gateway_replicas() == 2, 120, "a second Gateway replica")
+    # the old replica is at 3 = max_sessions + burst: this call is only admitted on the new one
+    last = asyncio.create_task(call(server.grpc_address, QUESTIONS, events[3]))
+    results = list(await asyncio.gather(*first))
+    # with the three short calls over and one call left, the Gateway shrinks back to one replica
+    # while that call runs: the replica that stops moves it (SessionMoved), if it holds it
+    await wait_for(lambda: gateway_replicas() == 1, 120, "scale-down to one Gateway replica")
+    scaled_down_during_the_call = not last.done()
+    results.append(await last)
+    # a refused call, a lost session or a lost turn would each show here (converse_resuming
+    # gives up on a refusal: no resume token)
+    for (result, report), planned in zip(results, (6, 6, 6, 12), strict=True):
+        assert result.status == "OK" and not report.lost and report.turns_lost == 0, (result.details, report)
+        assert len(result.turns) == planned and all(t.response_text.strip() for t in result.turns)
+        assert result.extra_answers == 0
+    moved = sum(evs.count("session_moved") for evs in events)
+    print(f"scale-down during the long call: {scaled_down_during_the_call}; sessions moved: {moved}")
+    assert scaled_down_during_the_call
