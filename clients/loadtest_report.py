@@ -498,19 +498,21 @@ def plot(report: LoadTestReport, path: str | Path, target_ms: float | None = 150
                  transform=ax4.transAxes, fontsize=8, wrap=True)
     ax4.set_ylabel("load / target\n(replicas asked / running)", fontsize=9)
     ax4.set_xlabel("time since start (s)")
-    # phases: a faint line at each boundary, named along the top
+    # phases: a faint line at each boundary, named along the top where there is room for the name
+    span = max((row["end_s"] for row in s["phases"]), default=0.0) or 1.0
     for row in s["phases"]:
         for ax in (ax1, ax2, ax3, ax4):
             if row["start_s"] > 0:
                 ax.axvline(row["start_s"], color="gray", lw=0.6, alpha=0.5)
-        ax1.text(row["start_s"], 1.0, f" {row['phase']} ({row['wanted']})", transform=ax1.get_xaxis_transform(),
-                 fontsize=7, va="bottom", ha="left", color="dimgray", clip_on=False)
+        if row["end_s"] - row["start_s"] >= 0.08 * span:
+            ax1.text(row["start_s"], 1.0, f" {row['phase']} ({row['wanted']})", transform=ax1.get_xaxis_transform(),
+                     fontsize=7, va="bottom", ha="left", color="dimgray", clip_on=False)
     for ax in (ax1, ax2, ax3, ax4):
         ax.grid(alpha=0.3)
     v2v = s["metrics"]["voice_to_voice_ms"]
     p50, p95 = v2v["p50"], v2v["p95"]
     schedule = report.config.get("schedule")
-    what = (f"schedule {','.join(f'{t:g}:{n}' for t, n in schedule)}" if schedule
+    what = (f"{len(schedule)}-step schedule up to {max(n for _, n in schedule)} callers" if schedule
             else f"{report.config.get('callers')} callers")
     title = (f"voxserve load test: {what}, {s['turns']} turns, p50 {p50 or 0:.0f} ms, p95 {p95 or 0:.0f} ms, "
              f"errors {sum(s['errors'].values())}, refused {s['refusals']['n']}")

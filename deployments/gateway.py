@@ -120,7 +120,7 @@ class Gateway:
         the p95 time to first audio of its answers, in ms (0: too few to judge), which the model
         stages' policies hold against the app's latency budget."""
         return {"sessions": 0.0 if self.hub.draining else float(self.hub.active),
-                "first_audio_ms": self.hub.first_audio.p95(within_s=SIGNAL_WINDOW_S) or 0.0}
+                "first_audio_ms": self.hub.first_audio.p95(min_samples=1, within_s=SIGNAL_WINDOW_S) or 0.0}
 
     # --- gRPC health (grpc.health.v1.Health, registered beside our servicer) ----------------------
 

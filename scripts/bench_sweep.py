@@ -35,7 +35,7 @@ from scripts.bench_common import local_app, local_env
 local_env()
 
 from clients.loadtest import run_loadtest  # noqa: E402
-from clients.loadtest_config import LoadTestConfig  # noqa: E402
+from clients.loadtest_config import LoadTestConfig, parse_schedule  # noqa: E402
 from clients.loadtest_report import LoadTestReport, summarize, summary_dict, write_outputs  # noqa: E402
 from clients.speech_cache import load_questions  # noqa: E402
 from services.cpu import machine_record  # noqa: E402
@@ -134,13 +134,21 @@ def sweep_plot(res: dict[str, Any], path: Path) -> None:
 
 
 def autoscale(a: argparse.Namespace, out: Path) -> tuple[LoadTestReport, dict[str, Any]]:
-    delays = {"upscale_delay_s": a.upscale_delay, "downscale_delay_s": a.downscale_delay}
-    deployments = {name: {"autoscaling_config": dict(delays)} for name in ("ASR", "LLM", "TTS", "Gateway")}
-    with local_app({"deployments": deployments}) as server:
-        cfg = LoadTestConfig(address=server.grpc_address, callers=a.callers, ramp_up_s=a.ramp_up, hold_s=a.hold,
-                             ramp_down_s=a.ramp_down, turns_per_call=a.turns, pause_s=a.pause,
-                             barge_in_rate=a.barge_in_rate, cooldown_s=a.cooldown,
-                             max_duration_s=a.ramp_up + a.hold + a.ramp_down + 300, progress=not a.quiet)
+    """The CPU profile as ``voxserve serve`` runs it (its own autoscaling delays and policy unless
+    --upscale-delay/--downscale-delay override them), under a ramp or a --schedule."""
+    delays = {k: v for k, v in (("upscale_delay_s", a.upscale_delay), ("downscale_delay_s", a.downscale_delay))
+              if v is not None}
+    deployments = ({name: {"autoscaling_config": dict(delays)} for name in ("ASR", "LLM", "TTS", "Gateway")}
+                   if delays else {})
+    with local_app({"deployments": deployments} if deployments else None) as server:
+        if a.schedule:
+            steps = parse_schedule(a.schedule)
+            shape: dict[str, Any] = {"schedule": steps, "max_duration_s": steps[-1][0] + 300}
+        else:
+            shape = {"callers": a.callers, "ramp_up_s": a.ramp_up, "hold_s": a.hold, "ramp_down_s": a.ramp_down,
+                     "max_duration_s": a.ramp_up + a.hold + a.ramp_down + 300}
+        cfg = LoadTestConfig(address=server.grpc_address, turns_per_call=a.turns, pause_s=a.pause,
+                             barge_in_rate=a.barge_in_rate, cooldown_s=a.cooldown, progress=not a.quiet, **shape)
         report = asyncio.run(run_loadtest(cfg))
     paths = write_outputs(report, out / "autoscale")
     return report, {"paths": {k: str(v) for k, v in paths.items()}, "autoscaling_overrides": delays}
@@ -166,8 +174,11 @@ def main() -> int:
     s.add_argument("--ramp-down", type=float, default=60.0, help="seconds from N to 0 callers (default: 60)")
     s.add_argument("--cooldown", type=float, default=90.0, help="idle seconds recorded after the load (default: 90)")
     s.add_argument("--barge-in-rate", type=float, default=0.0, help="share of interrupting turns (default: 0)")
-    s.add_argument("--upscale-delay", type=float, default=5.0, help="Serve upscale_delay_s (default: 5)")
-    s.add_argument("--downscale-delay", type=float, default=30.0, help="Serve downscale_delay_s (default: 30)")
+    s.add_argument("--schedule", default="", help="loadtest step schedule T:N,... (replaces the ramp options)")
+    s.add_argument("--upscale-delay", type=float, default=None,
+                   help="override Serve upscale_delay_s of ASR, LLM, TTS and Gateway (default: the profile's)")
+    s.add_argument("--downscale-delay", type=float, default=None,
+                   help="override Serve downscale_delay_s of ASR, LLM, TTS and Gateway (default: the profile's)")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,9 +193,11 @@ def main() -> int:
     if a.mode in ("autoscale", "both"):
         report, info = autoscale(a, out)
         result["autoscale"] = {"summary": summary_dict(report), **info}
+        shape = (f"schedule {a.schedule}" if a.schedule else
+                 f"{a.callers} callers: ramp-up {a.ramp_up:.0f} s, hold {a.hold:.0f} s, ramp-down {a.ramp_down:.0f} s")
         md += ["### Autoscaling run", "",
-               f"{a.callers} callers: ramp-up {a.ramp_up:.0f} s, hold {a.hold:.0f} s, ramp-down {a.ramp_down:.0f} s, "
-               f"cool-down {a.cooldown:.0f} s; Serve delays: {info['autoscaling_overrides']}.", "",
+               f"{shape}, cool-down {a.cooldown:.0f} s; Serve delay overrides: "
+               f"{info['autoscaling_overrides'] or 'none (the profile)'}.", "",
                summarize(report, markdown=True), "", "![autoscale](autoscale/loadtest.png)", ""]
     result["wall_s"] = time.perf_counter() - t0
     (out / "sweep_results.json").write_text(json.dumps(result, indent=1))
