@@ -34,15 +34,29 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from deployments import scaling_state
+
 log = logging.getLogger("ray.serve")
 
 #: GCS key-value namespace and key prefix of the published decisions.
-KV_NAMESPACE = "voxserve"
+KV_NAMESPACE = scaling_state.KV_NAMESPACE
 KV_PREFIX = "scaling/"
 #: A published decision older than this is not trusted (the controller stopped publishing).
 STALE_S = 15.0
 #: Each deployment's decision is published at most this often.
 PUBLISH_PERIOD_S = 1.0
+#: Replicas Serve has been starting for longer than this are taken as not placeable (no room in
+#: the cluster): the deployment then cannot grow, as far as admission is concerned.
+PENDING_LIMIT_S = 120.0
+
+
+#: The signals each deployment's replicas report (``record_autoscaling_stats``).
+SIGNALS: dict[str, set[str]] = {
+    "Gateway": {"sessions", "first_audio_ms"},
+    "ASR": {"utterances", "wait_ms", "batch_fill"},
+    "LLM": {"requests", "ttft_ms"},
+    "TTS": {"syntheses", "rtf"},
+}
 
 
 def kv_key(app: str, deployment: str) -> bytes:
@@ -103,12 +117,17 @@ def _mean(values: Iterable[float]) -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
-#: The newest signal levels of every deployment, by "app/deployment": Serve runs every
-#: deployment's policy in its one controller process, so a stage's policy can read the app-wide
-#: latency the Gateway's replicas report (``budget``) without a round trip.
-_LEVELS: dict[str, tuple[float, dict[str, float]]] = {}
+def _finite(per_replica: dict[Any, float]) -> dict[Any, float]:
+    """A replica's NaN or infinity is no measurement (and would make Serve's ceil raise)."""
+    return {r: float(v) for r, v in per_replica.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
 #: The deployment whose replicas report the app-wide latency a budget is checked against.
 BUDGET_SOURCE = "Gateway"
+#: After a scale-up, latency demands wait this long before asking again: the windows they are
+#: measured over still hold the answers from before the new replica (else a stage would climb
+#: to its max on one slow minute).
+SETTLE_S = 15.0
 
 
 class VoicePolicy:
@@ -118,59 +137,82 @@ class VoicePolicy:
     ``ratios``: signal name -> target of its mean over replicas (latency-like signals; a replica
     that reports 0 has no samples and does not pull the mean down);
     ``budget``: signal name -> limit of an app-wide latency the Gateway's replicas report (time
-    to first audio): over it, this stage wants one replica more, so that every model stage is at
-    its max before the gateway sheds callers for slow answers.
-    Serve instantiates it once per deployment with the profile's ``policy_kwargs``."""
+    to first audio): over it, this stage wants one replica more, so that the model stages grow
+    before the gateway sheds callers for slow answers.
+    Serve instantiates it once per deployment with the profile's ``policy_kwargs``. A policy
+    that raised would stop Serve's control loop for every app: any error keeps the current
+    target instead (logged)."""
 
     def __init__(self, counts: dict[str, float] | None = None, ratios: dict[str, float] | None = None,
-                 budget: dict[str, float] | None = None, publish: bool = True) -> None:
+                 budget: dict[str, float] | None = None, publish: bool = True,
+                 settle_s: float = SETTLE_S) -> None:
         self.counts = {k: float(v) for k, v in (counts or {}).items()}
         self.ratios = {k: float(v) for k, v in (ratios or {}).items()}
         self.budget = {k: float(v) for k, v in (budget or {}).items()}
         self.publish = publish
+        self.settle_s = settle_s
         for name, target in {**self.counts, **self.ratios, **self.budget}.items():
-            if not target > 0:
-                raise ValueError(f"autoscaling target of {name} must be > 0, got {target}")
+            if not (math.isfinite(target) and target > 0):
+                raise ValueError(f"autoscaling target of {name} must be a number > 0, got {target}")
         self._published_at = 0.0
+        self._pending_since: float | None = None  # since when Serve has been starting replicas
 
-    def demands(self, ctx: Any) -> dict[str, float]:
+    def demands(self, ctx: Any, now: float | None = None) -> dict[str, float]:
         """Replicas each signal asks for (Serve's ongoing requests included, as ``ongoing``)."""
+        now = time.time() if now is None else now
         running = max(1, ctx.current_num_replicas)
         out: dict[str, float] = {}
         target_ongoing = ctx.config.get_target_ongoing_requests() if ctx.config is not None else None
-        if target_ongoing:
+        if target_ongoing and math.isfinite(ctx.total_num_requests):
             out["ongoing"] = ctx.total_num_requests / target_ongoing
-        metrics: dict[str, dict[Any, float]] = ctx.aggregated_metrics or {}
+        metrics = {k: _finite(v) for k, v in (ctx.aggregated_metrics or {}).items()}
         for name, target in self.counts.items():
             if name in metrics:
                 out[name] = sum(metrics[name].values()) / target
+        # a latency measured before the last scale-up took effect asks for nothing more
+        last_up = getattr(ctx, "last_scale_up_time", None)
+        settling = last_up is not None and now - last_up < self.settle_s
+        step = running if settling else running + 1
         for name, target in self.ratios.items():
             if name in metrics:
                 level = self._level(name, metrics[name])
                 # over target: one more than running; under it: what running * level / target needs
-                out[name] = running + 1 if level > target else running * level / target
-        app_levels = self.app_levels(ctx.app_name or "")
+                out[name] = step if level > target else running * level / target
+        app_levels = self.app_levels(ctx.app_name or "", now)
         for name, limit in self.budget.items():
             if app_levels.get(name, 0.0) > limit:
-                out[f"app_{name}"] = running + 1
+                out[f"app_{name}"] = step
         return out
 
     @staticmethod
     def app_levels(app: str, now: float | None = None) -> dict[str, float]:
         """The Gateway's newest signal levels (empty when none is fresh)."""
-        at, levels = _LEVELS.get(f"{app}/{BUDGET_SOURCE}", (0.0, {}))
+        at, levels = scaling_state.LEVELS.get(f"{app}/{BUDGET_SOURCE}", (0.0, {}))
         return levels if (now or time.time()) - at < STALE_S else {}
 
     def __call__(self, ctx: Any) -> tuple[float, dict[str, Any]]:
+        try:
+            return self._decide(ctx)
+        except Exception:
+            log.exception("VoicePolicy failed for %s; keeping %s replicas", ctx.deployment_name,
+                          ctx.target_num_replicas)
+            return ctx.target_num_replicas, ctx.policy_state
+
+    def _decide(self, ctx: Any) -> tuple[float, dict[str, Any]]:
         if ctx.current_num_replicas == 0:
             return ctx.target_num_replicas, ctx.policy_state
-        metrics: dict[str, dict[Any, float]] = ctx.aggregated_metrics or {}
-        _LEVELS[f"{ctx.app_name or ''}/{ctx.deployment_name}"] = (
-            time.time(), {name: self._level(name, v) for name, v in metrics.items()})
-        demands = self.demands(ctx)
+        now = time.time()
+        metrics = {k: _finite(v) for k, v in (ctx.aggregated_metrics or {}).items()}
+        scaling_state.LEVELS[f"{ctx.app_name or ''}/{ctx.deployment_name}"] = (
+            now, {name: self._level(name, v) for name, v in metrics.items()})
+        demands = self.demands(ctx, now)
         desired = max(demands.values(), default=float(ctx.current_num_replicas))
+        if ctx.target_num_replicas > ctx.current_num_replicas:
+            self._pending_since = self._pending_since or now
+        else:
+            self._pending_since = None
         if self.publish:
-            self._publish(ctx, desired, demands)
+            self._publish(ctx, desired, demands, metrics, now)
         return desired, ctx.policy_state
 
     def _level(self, name: str, per_replica: dict[Any, float]) -> float:
@@ -180,28 +222,24 @@ class VoicePolicy:
             return sum(per_replica.values())
         return _mean(v for v in per_replica.values() if v > 0)
 
-    def _publish(self, ctx: Any, desired: float, demands: dict[str, float]) -> None:
-        now = time.time()
+    def _publish(self, ctx: Any, desired: float, demands: dict[str, float],
+                 metrics: dict[str, dict[Any, float]], now: float) -> None:
         if now - self._published_at < PUBLISH_PERIOD_S:
             return
         self._published_at = now
-        metrics: dict[str, dict[Any, float]] = ctx.aggregated_metrics or {}
+        top = ctx.capacity_adjusted_max_replicas
         record = {
             "t": now, "deployment": ctx.deployment_name,
             "running": ctx.current_num_replicas, "target": ctx.target_num_replicas,
-            "desired": math.ceil(desired - 1e-9),
-            "min": ctx.capacity_adjusted_min_replicas, "max": ctx.capacity_adjusted_max_replicas,
+            "desired": min(top, math.ceil(desired - 1e-9)),
+            "min": ctx.capacity_adjusted_min_replicas, "max": top,
+            "pending_since": self._pending_since,
             "ongoing": ctx.total_num_requests,
+            "targets": {**self.counts, **self.ratios},
             "signals": {name: round(self._level(name, v), 3) for name, v in metrics.items()},
             "demands": {k: round(v, 3) for k, v in demands.items()},
         }
-        try:
-            from ray.experimental import internal_kv
-
-            internal_kv._internal_kv_put(kv_key(ctx.app_name or "", ctx.deployment_name),
-                                         json.dumps(record).encode(), overwrite=True, namespace=KV_NAMESPACE)
-        except Exception:  # the view is advisory: a GCS hiccup must never break scaling itself
-            log.debug("could not publish the scaling decision of %s", ctx.deployment_name, exc_info=True)
+        scaling_state.PUBLISHER.put(kv_key(ctx.app_name or "", ctx.deployment_name), json.dumps(record).encode())
 
 
 # --- what others read -----------------------------------------------------------------------------
@@ -229,22 +267,47 @@ class ScalingView:
         return records
 
     def fresh(self, deployment: str) -> dict[str, Any] | None:
+        """The deployment's record if it is recent and well-formed (a record of another version,
+        or a broken one, counts as none)."""
         record = self.records.get(deployment)
-        if record is None or self.clock() - record.get("t", 0) > STALE_S:
+        if not isinstance(record, dict):
+            return None
+        try:
+            if self.clock() - float(record["t"]) > STALE_S:
+                return None
+            if not all(isinstance(record[k], int | float) for k in ("running", "target", "desired", "max")):
+                return None
+        except (KeyError, TypeError, ValueError):
             return None
         return record
 
     def can_grow(self, deployment: str) -> bool:
-        """The deployment is below its (capacity-adjusted) max replicas, or still starting the
-        replicas it decided on. Unknown (no fresh record) counts as no: admission then behaves as
-        if there were no autoscaling."""
+        """The deployment is below its max replicas, and not stuck starting the ones it decided
+        on (a replica that cannot be placed for ``PENDING_LIMIT_S``, e.g. no GPU left, is no
+        room). Unknown (no fresh record) counts as no: admission then behaves as if there were
+        no autoscaling."""
         r = self.fresh(deployment)
-        return r is not None and (r["running"] < r["max"] or r["target"] > r["running"])
+        if r is None or r["running"] >= r["max"]:
+            return False
+        pending = r.get("pending_since")
+        return not (isinstance(pending, int | float) and self.clock() - pending > PENDING_LIMIT_S)
 
     def growing(self, deployment: str) -> bool:
-        """The policy wants, or is starting, more replicas than run now (and may add them)."""
+        """It can grow, and the policy wants (or Serve is starting) more replicas than run now."""
         r = self.fresh(deployment)
-        return r is not None and r["running"] < r["max"] and max(r["target"], r["desired"]) > r["running"]
+        return r is not None and self.can_grow(deployment) and max(r["target"], r["desired"]) > r["running"]
+
+    def at_target(self, deployment: str, signal: str) -> bool:
+        """The deployment's total ``signal`` is at or over its target for the replicas running:
+        one replica being full is then the deployment's load, not an uneven spread of it."""
+        r = self.fresh(deployment)
+        if r is None:
+            return False
+        target = (r.get("targets") or {}).get(signal)
+        level = (r.get("signals") or {}).get(signal)
+        if not isinstance(target, int | float) or not isinstance(level, int | float):
+            return False
+        return level >= r["running"] * target
 
     def summary(self) -> dict[str, Any]:
         """Replicas and signals per deployment, for stats() and the load tester."""

@@ -43,8 +43,8 @@ class GatewayConfig(BaseModel):
     admission_window_s: float = Field(30.0, gt=0,
         description="Window of the first-audio latencies admission control looks at.")
     burst_sessions: int = Field(4, ge=0,
-        description="Sessions a full replica still admits beyond max_sessions while its deployment can add "
-                    "replicas (callers are never turned away while the autoscaler can still make room).")
+        description="Sessions a full replica still admits beyond max_sessions while the Gateway deployment is "
+                    "adding a replica (the router then sends later calls to the new one).")
     retry_after_s: float = Field(2.0, gt=0,
         description="Retry hint sent with RESOURCE_EXHAUSTED (gRPC trailer retry-after-ms).")
     max_message_bytes: int = Field(256 * 1024, ge=1024,

@@ -43,9 +43,6 @@ from services.vad import SileroModel, VADState
 
 log = logging.getLogger("ray.serve")
 HEALTH_SERVICES = ("", "voxserve.v1.VoiceAssistant")
-#: The latency the stages scale on looks back this far (admission's own window is longer: it
-#: judges whether to refuse, this one whether to add replicas, and must not lag a ramp).
-SIGNAL_WINDOW_S = 10.0
 
 
 async def _drain(stream: AsyncIterator[Any]) -> None:
@@ -114,13 +111,14 @@ class Gateway:
         which paths were warmed up before the first session."""
         return {**self.hub.stats(), "warm_up_s": dict(self.warm_up_s)}
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metric of this replica (deployments.autoscaling.VoicePolicy):
         its sessions, burst included (a draining replica reports none: they are moving away), and
-        the p95 time to first audio of its answers, in ms (0: too few to judge), which the model
-        stages' policies hold against the app's latency budget."""
+        the p95 time to first audio of its answers over admission's own window, in ms (0: no
+        answer in it), which the model stages' policies hold against the app's latency budget.
+        Async: it runs on the replica's loop, beside the sessions that change what it reads."""
         return {"sessions": 0.0 if self.hub.draining else float(self.hub.active),
-                "first_audio_ms": self.hub.first_audio.p95(min_samples=1, within_s=SIGNAL_WINDOW_S) or 0.0}
+                "first_audio_ms": self.hub.first_audio.p95(min_samples=1) or 0.0}
 
     # --- gRPC health (grpc.health.v1.Health, registered beside our servicer) ----------------------
 

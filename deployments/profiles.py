@@ -20,11 +20,12 @@ import copy
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deployments.autoscaling import SIGNALS
 from deployments.config import (
     ASR,
     DEPLOYMENTS,
@@ -54,16 +55,20 @@ PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 VOICE_POLICY = "deployments.autoscaling:VoicePolicy"
 
 
+PositiveTarget = Annotated[float, Field(gt=0)]
+
+
 class SignalTargets(BaseModel):
-    """policy_kwargs of ``VoicePolicy``: the signals a deployment's replicas report, and targets."""
+    """policy_kwargs of ``VoicePolicy``: the signals a deployment's replicas report, and targets
+    (signal names per deployment: ``deployments.autoscaling.SIGNALS``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    counts: dict[str, float] = Field(default_factory=dict,
+    counts: dict[str, PositiveTarget] = Field(default_factory=dict,
         description="Additive signal -> target per replica (replicas needed = sum / target).")
-    ratios: dict[str, float] = Field(default_factory=dict,
+    ratios: dict[str, PositiveTarget] = Field(default_factory=dict,
         description="Latency-like signal -> target of its mean (over target: one replica more).")
-    budget: dict[str, float] = Field(default_factory=dict,
+    budget: dict[str, PositiveTarget] = Field(default_factory=dict,
         description="App-wide latency the Gateway reports (first_audio_ms) -> limit; over it, one replica more.")
 
 
@@ -160,10 +165,10 @@ class Pace(BaseModel):
     """How fast a profile's deployments scale: voice wants fast up (a caller waiting now) and
     patient down (a replica stopped too early is a cold start for the next burst)."""
 
-    upscale_delay_s: float
-    downscale_delay_s: float
-    metrics_interval_s: float
-    look_back_period_s: float
+    upscale_delay_s: float = Field(..., ge=0, description="Load must stay high this long before scaling up.")
+    downscale_delay_s: float = Field(..., ge=0, description="Load must stay low this long before scaling down.")
+    metrics_interval_s: float = Field(..., gt=0, description="How often replicas report their metrics.")
+    look_back_period_s: float = Field(..., gt=0, description="Window the reported metrics are averaged over.")
 
 
 #: CPU: replicas start in seconds; a short look-back so that a ramp is seen within seconds.
@@ -177,7 +182,7 @@ def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, g
          counts: dict[str, float] | None = None, ratios: dict[str, float] | None = None,
          budget: dict[str, float] | None = None) -> DeploymentOptions:
     policy = (Policy(policy_kwargs=SignalTargets(counts=counts or {}, ratios=ratios or {}, budget=budget or {}))
-              if counts or ratios else None)
+              if counts or ratios or budget else None)
     return DeploymentOptions(
         max_ongoing_requests=max_ongoing,
         max_queued_requests=max_queued,
@@ -386,6 +391,15 @@ def max_shutdown_s(serve: dict[str, Any]) -> float:
                for o in serve["deployments"].values())
 
 
+#: Margin of the Ray autoscaler's idle timeout over the slowest deployment downscale delay.
+IDLE_MARGIN_S = 60
+
+
+def _idle_timeout_s(p: Profile) -> int:
+    slowest = max(d.autoscaling_config.downscale_delay_s for d in p.deployments.values())
+    return int(max(120, slowest + IDLE_MARGIN_S))
+
+
 def helm_values(profile: str | Profile) -> dict[str, Any]:
     """Helm values of a profile (``values-<profile>.yaml``): the serve section and cluster size."""
     p = get_profile(profile)
@@ -403,6 +417,9 @@ def helm_values(profile: str | Profile) -> dict[str, Any]:
     return {
         "profile": p.name,
         "workerGroups": {"cpu": group(cpu), "gpu": group(gpu)},
+        # The Ray autoscaler removes an idle pod only after Serve had time to scale its replicas
+        # down: else a pod would go and come back in a loop (docs/autoscaling.md, tuning).
+        "autoscaler": {"idleTimeoutSeconds": _idle_timeout_s(p)},
         # The images carry what each profile needs: docker/Dockerfile.cpu prepares the embedded
         # models at build time; GPU models are hub ids downloaded into the cache at first start.
         # So no prepare-models init container (it is for images built without the models).
@@ -593,7 +610,44 @@ def check_app(app: dict[str, Any]) -> list[str]:
                         f"after sessions.drain_timeout_s {args.sessions.drain_timeout_s:g}: Serve would cut "
                         "sessions before they are moved")
     gw = by_name.get(GATEWAY, {}).get("max_ongoing_requests")
-    if isinstance(gw, int) and gw < args.gateway.max_sessions:
-        problems.append(f"Gateway max_ongoing_requests {gw} is below gateway.max_sessions "
-                        f"{args.gateway.max_sessions}: streams would queue instead of starting")
+    admitted = args.gateway.max_sessions + args.gateway.burst_sessions
+    if isinstance(gw, int) and gw < admitted:
+        problems.append(f"Gateway max_ongoing_requests {gw} is below gateway.max_sessions + burst_sessions "
+                        f"{admitted}: streams would queue instead of starting")
+    problems.extend(_check_policies(by_name, args))
+    return problems
+
+
+def _check_policies(by_name: dict[str, dict[str, Any]], args: AppArgs) -> list[str]:
+    """VoicePolicy kwargs: signals the deployment's replicas report, and targets that agree with
+    the gateway's own limits (they are numbers in the config, not derived at run time)."""
+    problems: list[str] = []
+    for name, d in by_name.items():
+        policy = ((d.get("autoscaling_config") or {}).get("policy") or {})
+        if policy.get("policy_function", VOICE_POLICY) != VOICE_POLICY or not policy:
+            continue
+        kwargs = policy.get("policy_kwargs") or {}
+        try:
+            SignalTargets.model_validate(kwargs)
+        except ValidationError as exc:
+            problems.extend(f"deployment '{name}': autoscaling policy_kwargs.{'.'.join(map(str, e['loc']))}: "
+                            f"{e['msg']}" for e in exc.errors())
+            continue
+        known = SIGNALS.get(name, set())
+        for kind in ("counts", "ratios"):
+            for signal in kwargs.get(kind) or {}:
+                if signal not in known:
+                    problems.append(f"deployment '{name}': autoscaling signal {kind}.{signal} is not reported by "
+                                    f"its replicas (they report: {', '.join(sorted(known)) or 'none'})")
+        for signal, limit in (kwargs.get("budget") or {}).items():
+            if signal not in SIGNALS[GATEWAY]:
+                problems.append(f"deployment '{name}': budget.{signal} is not a Gateway signal")
+            elif isinstance(limit, int | float) and limit > args.gateway.admission_first_audio_ms:
+                problems.append(f"deployment '{name}': budget.{signal} {limit:g} is over gateway."
+                                f"admission_first_audio_ms {args.gateway.admission_first_audio_ms:g}: the gateway "
+                                "would shed callers before this stage grows")
+        sessions = (kwargs.get("counts") or {}).get("sessions")
+        if name == GATEWAY and isinstance(sessions, int | float) and sessions > args.gateway.max_sessions:
+            problems.append(f"Gateway autoscaling target sessions {sessions:g} is over gateway.max_sessions "
+                            f"{args.gateway.max_sessions}: replicas would be full before another is added")
     return problems

@@ -97,15 +97,12 @@ class LatencyWindow:
     def add(self, ms: float) -> None:
         self._samples.append((self.clock(), ms))
 
-    def p95(self, min_samples: int = 5, within_s: float | None = None) -> float | None:
-        """p95 of the window (or of its last ``within_s`` seconds); None with fewer than
-        ``min_samples`` (too few to judge)."""
-        now = self.clock()
-        cutoff = now - self.window_s
+    def p95(self, min_samples: int = 5) -> float | None:
+        """p95 of the window; None with fewer than ``min_samples`` (too few to judge)."""
+        cutoff = self.clock() - self.window_s
         while self._samples and self._samples[0][0] < cutoff:
             self._samples.popleft()
-        recent = now - (within_s if within_s is not None else self.window_s)
-        values = [ms for at, ms in self._samples if at >= recent]
+        values = [ms for _, ms in self._samples]
         if len(values) < min_samples:
             return None
         # numpy's linear interpolation: the load tester and the bench scripts use the same definition
@@ -273,10 +270,19 @@ class SessionHub:
 
     def admit(self, *, record: bool = False) -> None:
         """RESOURCE_EXHAUSTED at once (with a retry hint) when this replica cannot take one more
-        session without slowing the ones it has: at ``max_sessions``, while its answers' p95
-        time to first audio is over ``admission_first_audio_ms``, and, after such a refusal, to
-        more than one new session per ``retry_after_s`` until the window can judge again.
-        A pure check unless ``record`` (``slot`` records the session it lets in)."""
+        session without slowing the ones it has. With the autoscaler's view (``scaling``):
+
+        - at ``max_sessions`` it still lets ``burst_sessions`` more in while the Gateway is
+          growing (or its sessions are at target over every replica, so it is about to): the
+          router sends later calls to the new replica; else it refuses, and the retry lands on a
+          replica with room;
+        - while its answers' p95 time to first audio is over ``admission_first_audio_ms``, it
+          lets callers in one per ``retry_after_s`` as long as a model stage can still add
+          replicas (their policies see the same latency), and sheds only when none can.
+
+        Without the view, both limits are hard. After a refusal for slow answers, it also lets
+        new sessions in one per ``retry_after_s`` until the window can judge again. A pure check
+        unless ``record`` (``slot`` records the session it lets in)."""
         g = self.args.gateway
         if self.draining:
             raise Unavailable("this gateway replica is shutting down; retry and another replica takes the session")
@@ -286,29 +292,34 @@ class SessionHub:
                               f"{g.retry_after_s:g} s")
         scaling = self.scaling
         if self.active >= g.max_sessions:
-            # While the Gateway deployment can still add a replica (the policy counts this
-            # replica's sessions, so a full one already asks for more), a bounded burst gets in
-            # here instead of being refused; the router sends later calls to the new replica.
-            if scaling is None or not scaling.can_grow(GATEWAY) or self.active >= g.max_sessions + g.burst_sessions:
-                where = ("and the Gateway deployment is at its max replicas" if scaling is not None
-                         and scaling.fresh(GATEWAY) is not None and not scaling.can_grow(GATEWAY) else "")
+            burst = (scaling is not None and self.active < g.max_sessions + g.burst_sessions
+                     and (scaling.growing(GATEWAY) or (scaling.can_grow(GATEWAY)
+                                                       and scaling.at_target(GATEWAY, "sessions"))))
+            if not burst:
+                at_max = scaling is not None and scaling.fresh(GATEWAY) is not None and not scaling.can_grow(GATEWAY)
+                where = " and the Gateway deployment is at its max replicas" if at_max else ""
                 raise ResourceExhausted(f"server busy: {self.active} sessions already active on this replica "
-                                        f"(max {g.max_sessions}){' ' + where if where else ''}; "
-                                        f"retry in {g.retry_after_s:g} s", retry_after_s=g.retry_after_s)
+                                        f"(max {g.max_sessions}){where}; retry in {g.retry_after_s:g} s",
+                                        retry_after_s=g.retry_after_s)
         now = self.first_audio.clock()
         p95 = self.first_audio.p95()
         if self.active and p95 is not None and p95 > g.admission_first_audio_ms:
-            if scaling is not None and any(scaling.can_grow(s) for s in MODEL_STAGES):
-                # Slow answers while a model stage can still add replicas: let the caller in.
-                # The stages' policies hold this same latency against its budget and add them
-                # (deployments.autoscaling); only an app at its max replicas sheds load.
-                self._shed_at = None
-            else:
+            growing = [s for s in MODEL_STAGES if scaling is not None and scaling.can_grow(s)]
+            if not growing:
                 self._shed_at = now
                 why = f" and {', '.join(MODEL_STAGES)} are at their max replicas" if scaling is not None else ""
                 raise ResourceExhausted(f"server at capacity: answers take {p95:.0f} ms to start (p95, target "
                                         f"{g.admission_first_audio_ms} ms){why}; retry in {g.retry_after_s:g} s",
                                         retry_after_s=g.retry_after_s)
+            # Slow answers while a model stage can still add replicas: callers come in, but one
+            # per retry interval, so that the sessions already running are not swamped before
+            # the new replicas take load.
+            if now - self._last_admit < g.retry_after_s:
+                raise ResourceExhausted(f"server scaling up: answers take {p95:.0f} ms to start (p95) while "
+                                        f"{', '.join(growing)} can add replicas; new sessions are let in one every "
+                                        f"{g.retry_after_s:g} s; retry in {g.retry_after_s:g} s",
+                                        retry_after_s=g.retry_after_s)
+            self._shed_at = None
         recovering = self._shed_at is not None and now - self._shed_at < g.admission_window_s
         if self.active and p95 is None and recovering and now - self._last_admit < g.retry_after_s:
             # After shedding, the slow answers age out of the window before new ones come in: the

@@ -89,7 +89,7 @@ class ASRDeployment:
         with its languages and warm-up time."""
         return self.asr.describe()
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Utterances in this replica now (decoding or waiting), p95 wait for a decoder (ms) and
         mean batch fill of the last 10 s (deployments.autoscaling)."""
         return {"utterances": float(self.utterances.now), "wait_ms": self.wait_ms.p95(),
@@ -170,7 +170,7 @@ class LLMDeployment:
         or queued (0 once every stream ended or was aborted: a hang-up leaves none behind)."""
         return {"unfinished_requests": sum(e.num_unfinished_requests() for e in self._engines())}
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Requests the engines hold (running and waiting) and p95 time to first piece of the
         last 10 s, in ms (deployments.autoscaling)."""
         return {"requests": float(sum(e.num_unfinished_requests() for e in self._engines())),
@@ -228,7 +228,7 @@ class TTSDeployment:
     async def sample_rate(self) -> int:
         return self.tts.sample_rate
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """Syntheses in this replica now (running or waiting for a slot) and p95 real-time factor
         of the last 10 s (deployments.autoscaling)."""
         return {"syntheses": float(self.syntheses.now), "rtf": self.rtf.p95()}

@@ -6,16 +6,18 @@ placement in test_resume_cluster.py)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from deployments import autoscaling
+from deployments import autoscaling, scaling_state
 from deployments.autoscaling import InFlight, RecentValues, ScalingView, VoicePolicy
 from deployments.config import ASR, GATEWAY, LLM, TTS
 from deployments.profiles import VOICE_POLICY, get_profile, serve_config
+from deployments.sessions import LatencyWindow
 from services.conversation import SessionSettings
 from services.conversation.events import TurnLatency
 from services.errors import ResourceExhausted
@@ -35,9 +37,9 @@ def ctx(name: str = "LLM", running: int = 1, metrics: dict[str, list[float]] | N
 
 @pytest.fixture(autouse=True)
 def _fresh_levels() -> Any:
-    autoscaling._LEVELS.clear()
+    scaling_state.LEVELS.clear()
     yield
-    autoscaling._LEVELS.clear()
+    scaling_state.LEVELS.clear()
 
 
 def test_counts_add_up_over_replicas() -> None:
@@ -88,11 +90,46 @@ def test_no_replicas_keeps_serves_own_start_decision() -> None:
     assert VoicePolicy(counts={"requests": 3}, publish=False)(c)[0] == 1
 
 
-def test_publishing_without_ray_never_breaks_scaling() -> None:
-    """Outside a Ray worker the GCS put fails: the decision is still returned."""
-    policy = VoicePolicy(counts={"requests": 3})
-    desired, _ = policy(ctx(metrics={"requests": [6]}))
-    assert desired == 2
+def test_decisions_are_published_off_the_controller_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record goes to the publisher's queue (its thread writes the GCS), desired clamped to max."""
+    puts: list[tuple[bytes, dict[str, Any]]] = []
+    monkeypatch.setattr(scaling_state.PUBLISHER, "put", lambda key, value: puts.append((key, json.loads(value))))
+    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700})
+    desired, _ = policy(ctx(metrics={"requests": [30], "ttft_ms": [100]}))
+    assert desired == 10
+    (key, record), = puts
+    assert key == b"scaling/test/LLM"
+    assert record["desired"] == 3 and record["max"] == 3 and record["targets"] == {"requests": 3, "ttft_ms": 700}
+    assert record["signals"] == {"requests": 30, "ttft_ms": 100} and record["pending_since"] is None
+    policy(ctx(metrics={"requests": [30]}))
+    assert len(puts) == 1  # at most once a second
+
+
+def test_a_failing_policy_keeps_the_current_target() -> None:
+    """An exception inside Serve's controller would stop its control loop for every app."""
+    class Broken(SimpleNamespace):
+        @property
+        def aggregated_metrics(self) -> Any:
+            raise RuntimeError("boom")
+
+    c = Broken(**{k: v for k, v in vars(ctx(running=2)).items() if k != "aggregated_metrics"})
+    assert VoicePolicy(counts={"requests": 3}, publish=False)(c)[0] == 2
+
+
+def test_nan_and_inf_are_no_measurement() -> None:
+    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, publish=False)
+    desired, _ = policy(ctx(running=2, metrics={"requests": [float("nan"), 3], "ttft_ms": [float("inf"), 300]}))
+    assert desired == pytest.approx(1.0)
+
+
+def test_latency_demands_settle_after_a_scale_up() -> None:
+    """Right after a scale-up the latency windows still hold the old answers: no second step."""
+    policy = VoicePolicy(ratios={"ttft_ms": 700}, budget={"first_audio_ms": 1200}, publish=False, settle_s=15)
+    c = ctx(running=2, metrics={"ttft_ms": [900]})
+    c.last_scale_up_time = time.time() - 5
+    assert policy(c)[0] == 2
+    c.last_scale_up_time = time.time() - 20
+    assert policy(c)[0] == 3
 
 
 def view(**records: dict[str, Any]) -> ScalingView:
@@ -113,6 +150,28 @@ def test_scaling_view_can_grow_and_growing() -> None:
     assert set(v.summary()) == {ASR, LLM, TTS}
 
 
+def test_a_replica_that_cannot_be_placed_is_no_room() -> None:
+    v = view(TTS={"running": 1, "target": 2, "pending_since": time.time() - 30})
+    assert v.growing(TTS)
+    v.records[TTS]["pending_since"] = time.time() - autoscaling.PENDING_LIMIT_S - 1
+    assert not v.can_grow(TTS) and not v.growing(TTS)
+
+
+def test_a_malformed_record_counts_as_none() -> None:
+    v = view(Gateway={}, LLM={})
+    del v.records[GATEWAY]["max"]
+    v.records[LLM]["running"] = "two"
+    assert v.fresh(GATEWAY) is None and not v.can_grow(GATEWAY) and v.fresh(LLM) is None
+    assert v.summary() == {}
+
+
+def test_at_target_compares_the_deployment_total() -> None:
+    v = view(Gateway={"running": 2, "targets": {"sessions": 6}, "signals": {"sessions": 11}})
+    assert not v.at_target(GATEWAY, "sessions")  # 8 + 3: one replica full, the other has room
+    v.records[GATEWAY]["signals"]["sessions"] = 12
+    assert v.at_target(GATEWAY, "sessions")
+
+
 def test_replica_trackers() -> None:
     now = [0.0]
     values = RecentValues(window_s=10, clock=lambda: now[0])
@@ -131,21 +190,32 @@ def test_replica_trackers() -> None:
 # --- admission while the deployments can grow -------------------------------------------------------
 
 
-async def test_a_full_replica_admits_a_burst_while_the_gateway_can_grow() -> None:
+async def test_a_full_replica_admits_a_burst_while_the_gateway_grows() -> None:
     h = hub(max_sessions=2, burst_sessions=1)
-    h.scaling = view(Gateway={"running": 1, "max": 2})
+    h.scaling = view(Gateway={"running": 1, "max": 2, "desired": 2})
     s = SessionSettings()
     async with contextlib.AsyncExitStack() as stack:
         for _ in range(3):
             await stack.enter_async_context(h.session(s))
         with pytest.raises(ResourceExhausted, match="3 sessions already active"):
             h.admit()  # the burst is bounded
-    assert h.active == 0
+
+
+async def test_a_full_replica_beside_one_with_room_refuses() -> None:
+    """The Gateway is not growing (8 + 3 sessions need 2 replicas): the retry lands on the other."""
+    h = hub(max_sessions=2, burst_sessions=4)
+    h.scaling = view(Gateway={"running": 2, "max": 3, "targets": {"sessions": 6}, "signals": {"sessions": 11}})
+    s = SessionSettings()
+    async with h.session(s), h.session(s):
+        with pytest.raises(ResourceExhausted, match="max 2\\)"):
+            h.admit()
+        h.scaling.records[GATEWAY]["signals"]["sessions"] = 12  # every replica at target: it will grow
+        h.admit()
 
 
 async def test_a_full_replica_refuses_when_the_gateway_is_at_max_replicas() -> None:
     h = hub(max_sessions=2, burst_sessions=4)
-    h.scaling = view(Gateway={"running": 2, "max": 2})
+    h.scaling = view(Gateway={"running": 2, "max": 2, "desired": 3})
     s = SessionSettings()
     async with h.session(s), h.session(s):
         with pytest.raises(ResourceExhausted, match="at its max replicas") as info:
@@ -160,13 +230,22 @@ async def test_without_a_scaling_view_the_limit_is_hard() -> None:
             h.admit()
 
 
-async def test_slow_answers_shed_only_when_every_model_stage_is_at_max() -> None:
-    h = hub(admission_first_audio_ms=1000)
+async def test_slow_answers_pace_callers_while_stages_can_grow_and_shed_at_max() -> None:
+    now = [100.0]
+    h = hub(admission_first_audio_ms=1000, retry_after_s=2)
+    h.first_audio = LatencyWindow(30, clock=lambda: now[0])
     h.scaling = view(Gateway={}, ASR={"running": 3}, LLM={"running": 1, "max": 2}, TTS={"running": 3})
-    async with h.session(SessionSettings()):
+    s = SessionSettings()
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(h.session(s))
         for _ in range(5):
             h.observer.answered(TurnLatency(first_audio_ms=2500))
-        h.admit()  # the LLM can still add a replica (its policy sees the same latency)
+        now[0] += 3
+        await stack.enter_async_context(h.session(s))  # the LLM can still add a replica: let in...
+        with pytest.raises(ResourceExhausted, match=r"scaling up.*LLM can add replicas"):
+            h.admit()  # ...but one per retry interval
+        now[0] += 2.5
+        await stack.enter_async_context(h.session(s))
         h.scaling.records[LLM]["running"] = 2
         with pytest.raises(ResourceExhausted, match="ASR, LLM, TTS are at their max replicas"):
             h.admit()
@@ -202,3 +281,19 @@ def test_cpu_profile_max_replicas_fit_the_logical_cpus_of_voxserve_serve() -> No
     total = sum(d.autoscaling_config.max_replicas * d.ray_actor_options.num_cpus
                 for d in profile.deployments.values())
     assert total <= 8, total
+
+
+def test_config_checks_catch_policy_targets_that_disagree_with_the_gateway() -> None:
+    from deployments.profiles import check_serve_config
+
+    config = serve_config("cpu")
+    deps = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    deps[LLM]["autoscaling_config"]["policy"]["policy_kwargs"]["counts"]["request"] = 3  # a typo
+    deps[TTS]["autoscaling_config"]["policy"]["policy_kwargs"]["budget"]["first_audio_ms"] = 5000
+    deps[GATEWAY]["autoscaling_config"]["policy"]["policy_kwargs"]["counts"]["sessions"] = 99
+    problems = "\n".join(check_serve_config(config))
+    assert "counts.request is not reported" in problems
+    assert "budget.first_audio_ms 5000 is over gateway.admission_first_audio_ms" in problems
+    assert "target sessions 99 is over gateway.max_sessions" in problems
+    deps[ASR]["autoscaling_config"]["policy"]["policy_kwargs"]["ratios"]["wait_ms"] = 0
+    assert any("wait_ms" in p for p in check_serve_config(config))
