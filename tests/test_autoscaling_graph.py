@@ -51,6 +51,15 @@ def gateway_replicas() -> int:
     return int(app.deployments["Gateway"].replica_states.get(ReplicaState.RUNNING, 0))
 
 
+def gateway_sessions() -> float | None:
+    """Sessions over every Gateway replica, as the autoscaler last published them (None: none)."""
+    from ray import serve
+
+    scaling = serve.get_deployment_handle("Gateway", "voxserve").stats.remote().result(timeout_s=30)["scaling"]
+    record = (scaling or {}).get("Gateway")
+    return None if record is None else float(record["signals"].get("sessions", 0.0))
+
+
 async def wait_for(check: Any, within_s: float, what: str) -> None:
     deadline = time.monotonic() + within_s
     while not await asyncio.to_thread(check):
@@ -71,10 +80,14 @@ async def call(address: str, questions: list[str], events: list[str]) -> tuple[A
 
 async def test_a_full_gateway_grows_instead_of_refusing_and_shrinks_without_cutting_a_call(server) -> None:  # type: ignore[no-untyped-def]
     await wait_for(lambda: gateway_replicas() == 1, 30, "one Gateway replica")
+    await wait_for(lambda: gateway_sessions() is not None, 60, "the Gateway's published scaling decision")
     events: list[list[str]] = [[] for _ in range(4)]
-    # three calls at once on one replica admitting 2: the third gets in on the burst allowance
-    # (the Gateway can still grow), and the policy asks for a second replica
-    first = [asyncio.create_task(call(server.grpc_address, QUESTIONS[i:i + 6], events[i])) for i in range(3)]
+    # two calls fill the one replica (2 sessions, its target); once the autoscaler has seen them,
+    # a third gets in on the burst allowance instead of being refused (the Gateway is at target
+    # on every replica, so it is about to grow), and the policy asks for a second replica
+    first = [asyncio.create_task(call(server.grpc_address, QUESTIONS[i:i + 6], events[i])) for i in range(2)]
+    await wait_for(lambda: (gateway_sessions() or 0) >= 2, 60, "the autoscaler to see two sessions")
+    first.append(asyncio.create_task(call(server.grpc_address, QUESTIONS[2:8], events[2])))
     await wait_for(lambda: gateway_replicas() == 2, 120, "a second Gateway replica")
     # the old replica is at 3 = max_sessions + burst: this call is only admitted on the new one
     last = asyncio.create_task(call(server.grpc_address, QUESTIONS, events[3]))

@@ -36,7 +36,11 @@ def server():  # type: ignore[no-untyped-def]
     from deployments.server import free_port
     from tests.graph_app import start_observed
 
-    srv = start_observed(load_serve_config("cpu"), grpc_port=free_port(), app_overrides={
+    config = load_serve_config("cpu")
+    for dep in config["applications"][0]["deployments"]:
+        if dep["name"] == "Gateway":  # one replica at its max: a full gateway refuses (the growing
+            dep["autoscaling_config"]["max_replicas"] = 1  # case is test_autoscaling_graph.py's)
+    srv = start_observed(config, grpc_port=free_port(), app_overrides={
         "gateway": {"max_sessions": MAX_SESSIONS, "max_stream_s": MAX_STREAM_S, "first_message_timeout_s": 5,
                     "client_audio_timeout_s": AUDIO_TIMEOUT_S}})
     yield srv
