@@ -256,7 +256,10 @@ def cpu_profile() -> Profile:
                       budget=_budget(args)),
             LLM: _dep(8, 1, 2, 4, cpus=0.5, surge=100, counts={"requests": 3}, ratios={"ttft_ms": 700},
                       budget=_budget(args)),
-            TTS: _dep(4, 1, 3, 2, cpus=0.5, surge=100, counts={"syntheses": 2}, ratios={"rtf": 0.5},
+            # TTS takes up to 16 syntheses in: its slots go to the caller whose audio runs out
+            # first (deadline order) only among requests inside the replica, not those waiting
+            # in Serve's router in arrival order; the autoscaler counts them (syntheses)
+            TTS: _dep(16, 1, 3, 2, cpus=0.5, surge=100, counts={"syntheses": 2}, ratios={"rtf": 0.5},
                       budget=_budget(args)),
             GATEWAY: _gateway(args, 3, CPU_PACE),
         },
