@@ -20,8 +20,8 @@ from clients.stats import percentile
 
 __all__ = [
     "CLIENT_METRICS", "PERCENTILES", "REFUSALS", "SERVER_METRICS", "CallRecord", "LoadTestReport", "Sample",
-    "TurnRecord", "call_cut", "call_refused", "phase_summary", "plot", "rolling_p95", "summarize", "summary_dict",
-    "write_outputs",
+    "TurnRecord", "call_cut", "call_refused", "phase_summary", "plot", "refused_and_cut", "rolling_p95", "summarize",
+    "summary_dict", "write_outputs",
 ]
 
 #: Percentiles reported in the summary.
@@ -213,6 +213,14 @@ def _refusal_spans(times: list[float]) -> list[list[float]]:
     return [[round(a, 1), round(b, 1), int(n)] for a, b, n in spans]
 
 
+def refused_and_cut(report: LoadTestReport) -> tuple[list[CallRecord], list[CallRecord]]:
+    """The calls refused at session start, and the calls cut (``call_refused``, ``call_cut``)."""
+    answered_calls = {(t.caller, t.call) for t in report.turns if t.answered}
+    refused = [c for c in report.calls if call_refused(c, (c.caller, c.call) in answered_calls)]
+    refused_ids = {id(c) for c in refused}
+    return refused, [c for c in report.calls if call_cut(c, id(c) in refused_ids)]
+
+
 def phase_summary(report: LoadTestReport) -> dict[str, Any]:
     """Per phase of the schedule (each step, or ramp-up/hold/ramp-down, then the cooldown): callers
     wanted, calls started (dialled, refusals included; by start time), calls refused at session
@@ -224,10 +232,8 @@ def phase_summary(report: LoadTestReport) -> dict[str, Any]:
     def index(t: float) -> int:
         return max(0, bisect.bisect_right(starts, t) - 1)
 
-    answered_calls = {(t.caller, t.call) for t in report.turns if t.answered}
-    refused = {id(c) for c in report.calls if call_refused(c, (c.caller, c.call) in answered_calls)}
-    refused_calls = [c for c in report.calls if id(c) in refused]
-    cut = [c for c in report.calls if call_cut(c, id(c) in refused)]
+    refused_calls, cut = refused_and_cut(report)
+    refused = {id(c) for c in refused_calls}
     refused_keys = {(c.caller, c.call) for c in refused_calls}
     rows: list[dict[str, Any]] = [
         {"phase": name, "start_s": start, "end_s": end, "wanted": wanted, "calls_started": 0, "calls_refused": 0,
@@ -242,11 +248,8 @@ def phase_summary(report: LoadTestReport) -> dict[str, Any]:
         if t.voice_to_voice_ms is not None and (t.caller, t.call) not in refused_keys:
             rows[index(t.t_s)]["v2v"].append(t.voice_to_voice_ms)
     for s in report.timeline:
-        running = dict(s.replicas or {})
-        for dep, d in (s.scaling or {}).items():
-            running.setdefault(dep, int(d.get("running", 0)))
         top = rows[index(s.t_s)]["max_replicas"]
-        for dep, n in running.items():
+        for dep, n in _running(s).items():
             top[dep] = max(top.get(dep, 0), n)
     for row in rows:
         v2v = row.pop("v2v")
@@ -439,10 +442,8 @@ def plot(report: LoadTestReport, path: str | Path, target_ms: float | None = 150
     ax2.step(ts, [x.active_calls for x in report.timeline], where="post", color="C0", label="active calls")
     ax2.step(ts, [x.target_callers for x in report.timeline], where="post", ls="--", color="k", lw=1,
              label="callers wanted")
-    answered_calls = {(t.caller, t.call) for t in report.turns if t.answered}
-    refused = [c for c in report.calls if call_refused(c, (c.caller, c.call) in answered_calls)]
-    refused_ids = {id(c) for c in refused}
-    cut = [c.t_end_s for c in report.calls if call_cut(c, id(c) in refused_ids)]
+    refused, cut_calls = refused_and_cut(report)
+    cut = [c.t_end_s for c in cut_calls]
     edge = ax2.get_xaxis_transform()  # x in seconds, y in axes fractions: marks along the bottom
     if refused:
         ax2.plot([c.t_start_s for c in refused], [0.06] * len(refused), ls="none", marker="|", ms=12, mew=1.5,

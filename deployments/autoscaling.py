@@ -67,7 +67,7 @@ def kv_key(app: str, deployment: str) -> bytes:
 
 
 class InFlight:
-    """Calls running (or waiting) in this replica now: ``with tracker.track(): ...``."""
+    """Calls running (or waiting) in this replica now: ``with tracker: ...``."""
 
     def __init__(self) -> None:
         self.now = 0
@@ -157,25 +157,27 @@ class VoicePolicy:
         self._published_at = 0.0
         self._pending_since: float | None = None  # since when Serve has been starting replicas
 
-    def demands(self, ctx: Any, now: float | None = None) -> dict[str, float]:
-        """Replicas each signal asks for (Serve's ongoing requests included, as ``ongoing``)."""
+    def demands(self, ctx: Any, now: float | None = None,
+                levels: dict[str, float] | None = None) -> dict[str, float]:
+        """Replicas each signal asks for (Serve's ongoing requests included, as ``ongoing``);
+        ``levels``: the deployment's signal levels when the caller already has them."""
         now = time.time() if now is None else now
+        levels = self.levels(ctx) if levels is None else levels
         running = max(1, ctx.current_num_replicas)
         out: dict[str, float] = {}
         target_ongoing = ctx.config.get_target_ongoing_requests() if ctx.config is not None else None
         if target_ongoing and math.isfinite(ctx.total_num_requests):
             out["ongoing"] = ctx.total_num_requests / target_ongoing
-        metrics = {k: _finite(v) for k, v in (ctx.aggregated_metrics or {}).items()}
         for name, target in self.counts.items():
-            if name in metrics:
-                out[name] = sum(metrics[name].values()) / target
+            if name in levels:
+                out[name] = levels[name] / target
         # a latency measured before the last scale-up took effect asks for nothing more
         last_up = getattr(ctx, "last_scale_up_time", None)
         settling = last_up is not None and now - last_up < self.settle_s
         step = running if settling else running + 1
         for name, target in self.ratios.items():
-            if name in metrics:
-                level = self._level(name, metrics[name])
+            if name in levels:
+                level = levels[name]
                 # over target: one more than running; under it: what running * level / target needs
                 out[name] = step if level > target else running * level / target
         app_levels = self.app_levels(ctx.app_name or "", now)
@@ -202,28 +204,29 @@ class VoicePolicy:
         if ctx.current_num_replicas == 0:
             return ctx.target_num_replicas, ctx.policy_state
         now = time.time()
-        metrics = {k: _finite(v) for k, v in (ctx.aggregated_metrics or {}).items()}
-        scaling_state.LEVELS[f"{ctx.app_name or ''}/{ctx.deployment_name}"] = (
-            now, {name: self._level(name, v) for name, v in metrics.items()})
-        demands = self.demands(ctx, now)
+        levels = self.levels(ctx)
+        scaling_state.LEVELS[f"{ctx.app_name or ''}/{ctx.deployment_name}"] = (now, levels)
+        demands = self.demands(ctx, now, levels)
         desired = max(demands.values(), default=float(ctx.current_num_replicas))
         if ctx.target_num_replicas > ctx.current_num_replicas:
             self._pending_since = self._pending_since or now
         else:
             self._pending_since = None
         if self.publish:
-            self._publish(ctx, desired, demands, metrics, now)
+            self._publish(ctx, desired, demands, levels, now)
         return desired, ctx.policy_state
 
-    def _level(self, name: str, per_replica: dict[Any, float]) -> float:
-        """A signal for the whole deployment: the sum of a count, else the mean of the replicas
-        that have samples (a latency)."""
-        if name in self.counts:
-            return sum(per_replica.values())
-        return _mean(v for v in per_replica.values() if v > 0)
+    def levels(self, ctx: Any) -> dict[str, float]:
+        """Each signal for the whole deployment: the sum of a count, else the mean of the
+        replicas that have samples (a latency); NaN and infinity are no samples."""
+        out: dict[str, float] = {}
+        for name, per_replica in (ctx.aggregated_metrics or {}).items():
+            values = _finite(per_replica).values()
+            out[name] = sum(values) if name in self.counts else _mean(v for v in values if v > 0)
+        return out
 
     def _publish(self, ctx: Any, desired: float, demands: dict[str, float],
-                 metrics: dict[str, dict[Any, float]], now: float) -> None:
+                 levels: dict[str, float], now: float) -> None:
         if now - self._published_at < PUBLISH_PERIOD_S:
             return
         self._published_at = now
@@ -236,7 +239,7 @@ class VoicePolicy:
             "pending_since": self._pending_since,
             "ongoing": ctx.total_num_requests,
             "targets": {**self.counts, **self.ratios},
-            "signals": {name: round(self._level(name, v), 3) for name, v in metrics.items()},
+            "signals": {name: round(v, 3) for name, v in levels.items()},
             "demands": {k: round(v, 3) for k, v in demands.items()},
         }
         scaling_state.PUBLISHER.put(kv_key(ctx.app_name or "", ctx.deployment_name), json.dumps(record).encode())

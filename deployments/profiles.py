@@ -161,24 +161,19 @@ class Profile(BaseModel):
     needs_downloads: bool = Field(default=False, description="Models are hub ids fetched inside the cluster.")
 
 
-class Pace(BaseModel):
-    """How fast a profile's deployments scale: voice wants fast up (a caller waiting now) and
-    patient down (a replica stopped too early is a cold start for the next burst)."""
-
-    upscale_delay_s: float = Field(..., ge=0, description="Load must stay high this long before scaling up.")
-    downscale_delay_s: float = Field(..., ge=0, description="Load must stay low this long before scaling down.")
-    metrics_interval_s: float = Field(..., gt=0, description="How often replicas report their metrics.")
-    look_back_period_s: float = Field(..., gt=0, description="Window the reported metrics are averaged over.")
-
-
+# How fast a profile's deployments scale (``Autoscaling`` fields, checked there): voice wants fast
+# up (a caller waiting now) and patient down (a replica stopped too early is a cold start for the
+# next burst).
 #: CPU: replicas start in seconds; a short look-back so that a ramp is seen within seconds.
-CPU_PACE = Pace(upscale_delay_s=2.0, downscale_delay_s=45.0, metrics_interval_s=1.0, look_back_period_s=5.0)
+CPU_PACE: dict[str, float] = {"upscale_delay_s": 2.0, "downscale_delay_s": 45.0, "metrics_interval_s": 1.0,
+                              "look_back_period_s": 5.0}
 #: GPU: a replica takes a minute or more (weights, CUDA graphs): scale down only after 5 quiet minutes.
-GPU_PACE = Pace(upscale_delay_s=5.0, downscale_delay_s=300.0, metrics_interval_s=2.0, look_back_period_s=10.0)
+GPU_PACE: dict[str, float] = {"upscale_delay_s": 5.0, "downscale_delay_s": 300.0, "metrics_interval_s": 2.0,
+                              "look_back_period_s": 10.0}
 
 
 def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, gpus: float = 0.0,
-         shutdown_s: float = 20.0, max_queued: int = -1, surge: int = 0, pace: Pace = CPU_PACE,
+         shutdown_s: float = 20.0, max_queued: int = -1, surge: int = 0, pace: dict[str, float] = CPU_PACE,
          counts: dict[str, float] | None = None, ratios: dict[str, float] | None = None,
          budget: dict[str, float] | None = None) -> DeploymentOptions:
     policy = (Policy(policy_kwargs=SignalTargets(counts=counts or {}, ratios=ratios or {}, budget=budget or {}))
@@ -188,7 +183,7 @@ def _dep(max_ongoing: int, min_r: int, max_r: int, target: float, cpus: float, g
         max_queued_requests=max_queued,
         autoscaling_config=Autoscaling(min_replicas=min_r, max_replicas=max_r,
                                        target_ongoing_requests=target, policy=policy,
-                                       **pace.model_dump()),
+                                       **pace),
         ray_actor_options=ActorOptions(num_cpus=cpus, num_gpus=gpus),
         graceful_shutdown_timeout_s=shutdown_s,
         max_surge_percent=surge,
@@ -229,7 +224,7 @@ def _budget(args: AppArgs) -> dict[str, float]:
     return {"first_audio_ms": SCALE_AT_BUDGET * args.gateway.admission_first_audio_ms}
 
 
-def _gateway(args: AppArgs, max_r: int, pace: Pace) -> DeploymentOptions:
+def _gateway(args: AppArgs, max_r: int, pace: dict[str, float]) -> DeploymentOptions:
     sessions = max(1.0, GATEWAY_FILL * args.gateway.max_sessions)
     return _dep(args.gateway.max_sessions + args.gateway.burst_sessions + GATEWAY_HEADROOM, 1, max_r, sessions,
                 cpus=0.25, shutdown_s=GATEWAY_SHUTDOWN_S, max_queued=GATEWAY_QUEUE, surge=GATEWAY_SURGE,

@@ -165,16 +165,18 @@ class LLMDeployment:
         """Tokens of ``text`` for the text LLM (the gateway checks system prompts with it)."""
         return self.engine.count_tokens(text)
 
+    def _unfinished(self) -> int:
+        return sum(e.num_unfinished_requests() for e in self._engines())
+
     async def stats(self) -> dict[str, Any]:
         """What the engines hold now (operators, autoscaling): requests the engines still track, running
         or queued (0 once every stream ended or was aborted: a hang-up leaves none behind)."""
-        return {"unfinished_requests": sum(e.num_unfinished_requests() for e in self._engines())}
+        return {"unfinished_requests": self._unfinished()}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Requests the engines hold (running and waiting) and p95 time to first piece of the
         last 10 s, in ms (deployments.autoscaling)."""
-        return {"requests": float(sum(e.num_unfinished_requests() for e in self._engines())),
-                "ttft_ms": self.ttft_ms.p95()}
+        return {"requests": float(self._unfinished()), "ttft_ms": self.ttft_ms.p95()}
 
     async def info(self) -> dict[str, Any]:
         return {"model": self.config.model or "SmolLM2-135M-Instruct (embedded)", "engine": self.engine.name,
