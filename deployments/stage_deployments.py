@@ -170,8 +170,11 @@ class LLMDeployment:
 
     async def stats(self) -> dict[str, Any]:
         """What the engines hold now (operators, autoscaling): requests the engines still track, running
-        or queued (0 once every stream ended or was aborted: a hang-up leaves none behind)."""
-        return {"unfinished_requests": self._unfinished()}
+        or queued (0 once every stream ended or was aborted: a hang-up leaves none behind), and
+        answers that waited for one behind them (CTranslate2 pacing): how many, and how long."""
+        paced = [e.pacing() for e in self._engines()]
+        return {"unfinished_requests": self._unfinished(), "yields": sum(p.get("yields", 0) for p in paced),
+                "yielded_s": round(sum(p.get("yielded_s", 0) for p in paced), 3)}
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Requests the engines hold (running and waiting) and p95 time to first piece of the

@@ -13,9 +13,11 @@ simulated player hears them), the p50/p95/max of underrun time within stalled tu
 voice-to-voice p50/p95. ``--compare`` runs the schedulers the TTS stage offers side by side in
 one invocation (``fifo``: the order before deadline scheduling, fixed chunk sizes; ``deadline``:
 earliest deadline first with chunk sizes that follow the buffer), for a before/after table from
-one run on one machine.
+one run on one machine. ``--config unpaced --config paced`` compares the CPU LLM without and with
+pacing (an answer seconds ahead of its playback waits for one behind).
 
     .venv/bin/python scripts/bench_playout.py --compare --out docs/bench/issue20
+    .venv/bin/python scripts/bench_playout.py --config unpaced --config paced --out docs/bench/issue20/pacing
 
 Writes playout.json (machine record, every configuration's summary) into ``--out``.
 """
@@ -45,6 +47,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # the parts one at a time (not in --compare): deadline order with the fixed chunk schedule
     "deadline-fixed-chunks": {"tts": {"scheduling": "deadline", "chunker": {"adaptive": False}},
                               "gateway": {"playout": {"tts_lookahead": 2}}},
+    # the CPU LLM's pacing (an answer far ahead waits for one behind) off, and as shipped
+    "unpaced": {"llm": {"yield_lead_s": 0.0}},
+    "paced": {"llm": {"yield_lead_s": 3.0, "urgent_lead_s": 1.0}},
 }
 
 

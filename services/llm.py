@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.errors import (
     FailedPrecondition,
@@ -85,6 +85,17 @@ class LLMConfig(BaseModel):
         description="CTranslate2 only: answers generated at once (each on cpu_threads cores; more than the cores "
         "share them, so none waits for another's whole answer); more wait their turn.",
     )
+    yield_lead_s: float = Field(
+        default=3.0, ge=0, le=60,
+        description="CTranslate2 only: an answer with more speech than this (s) written ahead of its playback "
+        "waits between tokens while another answer is behind (0 = never waits).")
+    urgent_lead_s: float = Field(
+        default=1.0, ge=0, le=60,
+        description="CTranslate2 only: an answer with less speech than this (s) ahead of its playback, or none "
+        "written yet, is behind: answers over yield_lead_s wait for it.")
+    speech_chars_per_s: float = Field(
+        default=15.0, gt=0, le=100,
+        description="Characters of answer text spoken per second (pacing's measure of how far text is ahead).")
     max_model_len: int = Field(
         default=2048, ge=128, description="Context length (prompt + answer) in tokens."
     )
@@ -186,6 +197,14 @@ class LLMConfig(BaseModel):
         description="Audio LLMs only: longest user utterance taken as audio (speech-native mode).",
     )
 
+    @model_validator(mode="after")
+    def _pacing_marks(self) -> LLMConfig:
+        if self.yield_lead_s > 0 and self.urgent_lead_s >= self.yield_lead_s:
+            raise ValueError(f"llm.urgent_lead_s ({self.urgent_lead_s}) must be below llm.yield_lead_s "
+                             f"({self.yield_lead_s}): an answer that waits must have more speech in hand than "
+                             "one it waits for")
+        return self
+
 
 @dataclass
 class GenerationStats:
@@ -204,6 +223,7 @@ class GenerationStats:
     finish_reason: str | None = None  # "stop", "length", "abort" (cancelled), "error"
     audio_samples: int = 0  # speech-native: 16 kHz samples of the user's audio in the prompt
     finished_at: float = 0.0  # wall clock (time.time) when the stream ended
+    yielded_s: float = 0.0  # time it waited for answers behind it (CTranslate2 pacing)
 
     @property
     def tokens_per_s(self) -> float:
@@ -365,6 +385,10 @@ class ChatEngine:
         raise FailedPrecondition(
             f"the {self.name} engine's model {self.model} takes no audio input; speech-native mode needs "
             "an audio LLM (Ultravox or Qwen2-Audio architecture) on vLLM")
+
+    def pacing(self) -> dict[str, float]:
+        """Answers that waited for one behind them, and for how long (engines that pace them)."""
+        return {}
 
     def shutdown(self) -> None:
         """Stop the engine and free its model; it cannot be used afterwards."""

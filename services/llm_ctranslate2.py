@@ -11,6 +11,10 @@ event loop through a bounded handoff; the generator runs ``parallel`` requests a
 one another. Cancelling the stream sets a stop flag that the thread checks at every token and
 then closes CTranslate2's iterator, which stops the generation: ``num_unfinished_requests()``
 falls back to 0 (tests check it by that state, as for vLLM).
+
+CTranslate2 has no request priority, but it calls back between tokens from the thread that runs
+a generation: there an answer with seconds of speech in hand waits while another is behind
+(``services.llm_pacing``), so the cores go to the caller about to hear silence.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, to_vox_error
 from services.llm import ChatEngine, ChatStream, GenerationStats, LLMConfig, _Result
+from services.llm_pacing import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +107,7 @@ class CT2Engine(ChatEngine):
         self._active: dict[str, _Request] = {}
         self._cached: set[int] = set()  # first messages whose KV cache CTranslate2 keeps (for good)
         super().__init__(cfg, model, tokenizer, max_model_len)
+        self.pacer = Pacer(cfg.yield_lead_s, cfg.urgent_lead_s, cfg.speech_chars_per_s, cfg.max_parallel)
         self._end_ids = _end_ids(tokenizer, model)
         from services.llm_guided import GuidedDecoder
 
@@ -186,13 +192,23 @@ class CT2Engine(ChatEngine):
             kwargs["static_prompt"] = static
         return kwargs
 
-    def _run(self, prompt: list[str], static: list[str] | None, max_tokens: int, temperature: float,
-             stop: threading.Event, guide: dict[str, Any] | None = None,
+    def pacing(self) -> dict[str, float]:
+        """Answers that waited for one behind them, and how long in all (operators: stats())."""
+        return {"yields": float(self.pacer.yields), "yielded_s": round(self.pacer.yielded_s, 3)}
+
+    def _run(self, request_id: str, prompt: list[str], static: list[str] | None, max_tokens: int,
+             temperature: float, stop: threading.Event, guide: dict[str, Any] | None = None,
              suppress: list[list[str]] | None = None) -> Iterator[int]:
-        if guide is not None:
+        if guide is not None:  # a tool call: a few dozen tokens nobody hears, never paced
             yield from self._guides.run(self, prompt, static, max_tokens, temperature, stop, guide)
             return
-        steps = self._gen.generate_tokens(prompt, max_length=max_tokens,
+
+        def between_tokens(_step: Any) -> bool:
+            # CTranslate2's own generation thread: waiting here pauses this answer only
+            self.pacer.wait(request_id, stop)
+            return stop.is_set()  # True ends the generation
+
+        steps = self._gen.generate_tokens(prompt, max_length=max_tokens, callback=between_tokens,
                                           **self._sampling(temperature, static, suppress))
         try:
             for step in steps:
@@ -227,7 +243,7 @@ class CT2Engine(ChatEngine):
 
         def work() -> None:
             try:
-                for token in self._run(prompt, static, max_tokens, temperature, stop, guide, suppress):
+                for token in self._run(request_id, prompt, static, max_tokens, temperature, stop, guide, suppress):
                     while not room.acquire(timeout=0.1):
                         if stop.is_set():
                             break
@@ -240,9 +256,12 @@ class CT2Engine(ChatEngine):
             finally:
                 # the request counts until CTranslate2's job is closed, not when its consumer leaves
                 self._active.pop(request_id, None)
+                stats.yielded_s = lead.yielded_s
+                self.pacer.remove(request_id)
 
         thread = threading.Thread(target=work, name=f"ct2-{request_id[:8]}", daemon=True)
         self._active[request_id] = _Request(stop, thread)
+        lead = self.pacer.add(request_id)
         thread.start()
         ids_out: list[int] = []
         sent = ""
@@ -270,6 +289,7 @@ class CT2Engine(ChatEngine):
                     if stats.ttft_s is None:
                         stats.ttft_s = time.monotonic() - t0
                     result.text += delta
+                    self.pacer.delivered(request_id, len(result.text))
                     yield delta
         except (asyncio.CancelledError, GeneratorExit):
             stats.finish_reason = "abort"
