@@ -38,12 +38,14 @@ local_env()
 
 #: What --compare runs: name -> app overrides (merged into the CPU profile's app args).
 CONFIGS: dict[str, dict[str, Any]] = {
-    # the scheduling before issue 20: arrival order, the fixed chunk schedule, one chunk at a time
+    # the scheduling before issue 20: arrival order, the fixed chunk schedule, one chunk at a time,
+    # the LLM unpaced
     "fifo": {"tts": {"scheduling": "fifo", "chunker": {"adaptive": False}},
-             "gateway": {"playout": {"tts_lookahead": 1}}},
-    # as shipped: earliest deadline first, chunks sized by the buffer, the next chunk queued early
+             "gateway": {"playout": {"tts_lookahead": 1}}, "llm": {"yield_lead_s": 0.0}},
+    # as shipped: earliest deadline first, chunks sized by the buffer, the next chunk queued early,
+    # the LLM paced
     "deadline": {"tts": {"scheduling": "deadline", "chunker": {"adaptive": True}},
-                 "gateway": {"playout": {"tts_lookahead": 2}}},
+                 "gateway": {"playout": {"tts_lookahead": 2}}, "llm": {"yield_lead_s": 3.0, "urgent_lead_s": 1.0}},
     # the parts one at a time (not in --compare): deadline order with the fixed chunk schedule
     "deadline-fixed-chunks": {"tts": {"scheduling": "deadline", "chunker": {"adaptive": False}},
                               "gateway": {"playout": {"tts_lookahead": 2}}},
@@ -88,14 +90,27 @@ async def one_load(address: str, callers: int, ramp_s: float, hold_s: float, out
     return turn_figures(report)
 
 
+def llm_pacing() -> dict[str, Any]:
+    """The LLM stage's pacing counters so far (one replica's, where Serve runs several)."""
+    from ray import serve
+
+    try:
+        stats = serve.get_deployment_handle("LLM", app_name="voxserve").stats.remote().result(timeout_s=10)
+    except Exception as exc:  # a figure missing from the record, not a failed benchmark
+        return {"error": repr(exc)}
+    return {k: stats[k] for k in ("yields", "yielded_s") if k in stats}
+
+
 def run_config(name: str, overrides: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"overrides": overrides}
     with local_app(app_overrides=overrides) as server:
-        for label, callers, ramp, hold in (("1 caller", 1, 0.0, args.hold1), ("6 callers", 6, args.ramp6, args.hold6)):
+        many = (f"{args.callers} callers", args.callers, args.ramp6, args.hold6)
+        for label, callers, ramp, hold in (("1 caller", 1, 0.0, args.hold1), many):
             if callers > args.max_callers or callers < args.min_callers:
                 continue
             out = Path(args.out) / name / label.replace(" ", "_") if args.out else None
             figures = asyncio.run(one_load(server.grpc_address, callers, ramp, hold, out))
+            figures["llm_pacing_so_far"] = llm_pacing()
             result[label] = figures
             summary = {k: v for k, v in figures.items() if k != "stalled"}
             print(f"[{name}] {label}: {json.dumps(summary)}", flush=True)
@@ -109,8 +124,8 @@ def table(results: dict[str, Any]) -> str:
             "| v2v p50 / p95 ms |\n|---|---|---|---|---|---|---|")
     rows = []
     for name, res in results.items():
-        for label in ("1 caller", "6 callers"):
-            f = res.get(label)
+        for label in [k for k in res if k.endswith(("caller", "callers"))]:
+            f = res[label]
             if f:
                 rows.append(f"| {name} | {label} | {f['answered']} | {f['stalled_turns']} ({f['stalled_pct']}%) | "
                             f"{f['stalled_over_200ms']} | {f['underrun_ms_p50']} / {f['underrun_ms_p95']} / "
@@ -124,8 +139,9 @@ def main() -> None:
     p.add_argument("--config", choices=sorted(CONFIGS), default=None, action="append",
                    help="run this configuration (repeatable; default: the profile as it ships)")
     p.add_argument("--hold1", type=float, default=120.0, help="seconds of the 1-caller run (default 120)")
-    p.add_argument("--ramp6", type=float, default=20.0, help="ramp-up of the 6-caller run (default 20)")
-    p.add_argument("--hold6", type=float, default=90.0, help="hold of the 6-caller run (default 90)")
+    p.add_argument("--ramp6", type=float, default=20.0, help="ramp-up of the second load (default 20)")
+    p.add_argument("--hold6", type=float, default=90.0, help="hold of the second load (default 90)")
+    p.add_argument("--callers", type=int, default=6, help="callers of the second load (default 6, the issue's)")
     p.add_argument("--max-callers", type=int, default=6, help="skip loads above this many callers")
     p.add_argument("--min-callers", type=int, default=1, help="skip loads below this many callers")
     p.add_argument("--out", default="out/bench/playout", help="results folder ('' = none)")
