@@ -254,14 +254,14 @@ class CT2Engine(ChatEngine):
             except Exception as exc:  # reported to the consumer, raised there
                 post(exc)
             finally:
-                # the request counts until CTranslate2's job is closed, not when its consumer leaves
-                self._active.pop(request_id, None)
                 stats.yielded_s = lead.yielded_s
                 self.pacer.remove(request_id)
+                # the request counts until CTranslate2's job is closed, not when its consumer leaves
+                self._active.pop(request_id, None)
 
+        lead = self.pacer.add(request_id)
         thread = threading.Thread(target=work, name=f"ct2-{request_id[:8]}", daemon=True)
         self._active[request_id] = _Request(stop, thread)
-        lead = self.pacer.add(request_id)
         thread.start()
         ids_out: list[int] = []
         sent = ""
