@@ -103,9 +103,11 @@ async def test_a_full_gateway_grows_instead_of_refusing_and_shrinks_without_cutt
         assert result.status == "OK" and not report.lost and report.turns_lost == 0, (result.details, report)
         assert len(result.turns) == planned and all(t.response_text.strip() for t in result.turns)
         assert result.extra_answers == 0
-    moved = sum(evs.count("session_moved") for evs in events)
-    print(f"scale-down during the long call: {scaled_down_during_the_call}; sessions moved: {moved}")
-    assert scaled_down_during_the_call
+    moved = [evs.count("session_moved") for evs in events]
+    print(f"scale-down seen during the long call: {scaled_down_during_the_call}; sessions moved per call: {moved}")
     # The long call started on the new replica (the old one was at its limit), and on one node
-    # Serve stops the newest replica: the drain moved the call, and it went on elsewhere
-    assert "session_moved" in events[3] and moved >= 1, events[3]
+    # Serve stops the newest replica: the drain moved the call, and it went on elsewhere. Nothing
+    # else stops a replica here, so the move is the proof that the scale-down came during the
+    # call. (A fresh clone on a slow Zen 3 CPU saw one session moved while serve.status() still
+    # counted 2 running replicas until the call had ended, so that count is only printed.)
+    assert "session_moved" in events[3], moved
