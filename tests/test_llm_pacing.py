@@ -18,6 +18,7 @@ from services.llm import LLMConfig
 from services.llm_ctranslate2 import CT2Engine
 from services.llm_engines import create_llm_engine
 from services.llm_pacing import Pacer
+from tests.conftest import until
 
 STORY = [{"role": "user", "content": "Tell me a long story about a dragon and a knight."}]
 
@@ -150,11 +151,8 @@ async def test_the_engine_pauses_an_answer_far_ahead_while_another_is_behind(eng
         engine.pacer.remove("behind")
     assert len(reader.text) > len(paused)
     assert stream.stats is not None and stream.stats.finish_reason in ("stop", "length")
-    for _ in range(50):  # the worker closes CTranslate2's job just after the last token
-        if engine.num_unfinished_requests() == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert engine.num_unfinished_requests() == 0
+    # the worker closes CTranslate2's job just after the last token
+    await until(lambda: engine.num_unfinished_requests() == 0, within_s=1.0)
     assert stream.stats.yielded_s > 0.8
     assert engine.pacing()["yields"] >= 1
 
@@ -170,10 +168,6 @@ async def test_a_cancelled_answer_stops_while_it_waits(engine: CT2Engine) -> Non
             reader.task.cancel()  # as a barge-in cancels the task that reads the answer
             await asyncio.gather(reader.task, return_exceptions=True)
         # the waiting generation stops within a poll or two
-        for _ in range(50):
-            if engine.num_unfinished_requests() == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert engine.num_unfinished_requests() == 0
+        await until(lambda: engine.num_unfinished_requests() == 0, within_s=1.0)
     finally:
         engine.pacer.remove("behind")
