@@ -14,6 +14,12 @@ is how far synthesis runs behind real time. So each replica reports its own sign
   over target the deployment wants one replica more than it has (one step at a time, because on
   one machine a replica adds concurrency, not compute, and the latency may not fall).
 
+Latency demands (ratios, and the app's budget) only count where another replica can add compute:
+with ``latency_scaling="auto"`` (the default), on a Ray cluster of more than one node. On a
+single machine a new replica brings no core, and loading its model takes the cores the live calls
+need: on 2 cores, two callers whose answers were just over the budget pulled three model stages
+up at once, and answers then took 10 s. There, counts still scale (concurrency).
+
 The policy takes the largest demand (Serve's own ongoing-requests count is one of them, so
 requests queued in front of the replicas count too); Serve then applies min/max replicas and the
 upscale/downscale delays (fast up, patient down: set per profile). Each decision is also
@@ -48,6 +54,19 @@ PUBLISH_PERIOD_S = 1.0
 #: Replicas Serve has been starting for longer than this are taken as not placeable (no room in
 #: the cluster): the deployment then cannot grow, as far as admission is concerned.
 PENDING_LIMIT_S = 120.0
+#: How long the number of alive Ray nodes (``latency_scaling="auto"``) is trusted.
+NODES_TTL_S = 30.0
+LATENCY_SCALING = ("auto", "on", "off")
+
+
+def alive_nodes() -> int:
+    """Alive nodes of the Ray cluster this process is connected to (1 when it cannot tell)."""
+    try:
+        import ray
+
+        return max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    except Exception:  # no Ray here, or the GCS did not answer: assume the smaller cluster
+        return 1
 
 
 #: The signals each deployment's replicas report (``record_autoscaling_stats``).
@@ -139,13 +158,17 @@ class VoicePolicy:
     ``budget``: signal name -> limit of an app-wide latency the Gateway's replicas report (time
     to first audio): over it, this stage wants one replica more, so that the model stages grow
     before the gateway sheds callers for slow answers.
+    ``latency_scaling``: when ratios and the budget may ask for replicas: "on", "off", or "auto"
+    (only on a cluster of more than one node: see the module's docstring); ``nodes`` counts the
+    cluster's alive nodes (a test passes its own).
     Serve instantiates it once per deployment with the profile's ``policy_kwargs``. A policy
     that raised would stop Serve's control loop for every app: any error keeps the current
     target instead (logged)."""
 
     def __init__(self, counts: dict[str, float] | None = None, ratios: dict[str, float] | None = None,
                  budget: dict[str, float] | None = None, publish: bool = True,
-                 settle_s: float = SETTLE_S) -> None:
+                 settle_s: float = SETTLE_S, latency_scaling: str = "auto",
+                 nodes: Callable[[], int] = alive_nodes) -> None:
         self.counts = {k: float(v) for k, v in (counts or {}).items()}
         self.ratios = {k: float(v) for k, v in (ratios or {}).items()}
         self.budget = {k: float(v) for k, v in (budget or {}).items()}
@@ -154,6 +177,11 @@ class VoicePolicy:
         for name, target in {**self.counts, **self.ratios, **self.budget}.items():
             if not (math.isfinite(target) and target > 0):
                 raise ValueError(f"autoscaling target of {name} must be a number > 0, got {target}")
+        if latency_scaling not in LATENCY_SCALING:
+            raise ValueError(f"latency_scaling must be one of {', '.join(LATENCY_SCALING)}, got {latency_scaling!r}")
+        self.latency_scaling = latency_scaling
+        self._nodes = nodes
+        self._nodes_seen: tuple[float, int] = (-math.inf, 1)  # (when, how many)
         self._published_at = 0.0
         self._pending_since: float | None = None  # since when Serve has been starting replicas
 
@@ -171,6 +199,8 @@ class VoicePolicy:
         for name, target in self.counts.items():
             if name in levels:
                 out[name] = levels[name] / target
+        if not self.latency_counts(now):
+            return out
         # a latency measured before the last scale-up took effect asks for nothing more
         last_up = getattr(ctx, "last_scale_up_time", None)
         settling = last_up is not None and now - last_up < self.settle_s
@@ -185,6 +215,17 @@ class VoicePolicy:
             if app_levels.get(name, 0.0) > limit:
                 out[f"app_{name}"] = step
         return out
+
+    def latency_counts(self, now: float | None = None) -> bool:
+        """Whether latency (ratios, budget) may ask for replicas now: see ``latency_scaling``."""
+        if self.latency_scaling != "auto":
+            return self.latency_scaling == "on"
+        now = time.time() if now is None else now
+        at, count = self._nodes_seen
+        if now - at > NODES_TTL_S:
+            count = self._nodes()
+            self._nodes_seen = (now, count)
+        return count > 1
 
     @staticmethod
     def app_levels(app: str, now: float | None = None) -> dict[str, float]:
@@ -239,6 +280,7 @@ class VoicePolicy:
             "pending_since": self._pending_since,
             "ongoing": ctx.total_num_requests,
             "targets": {**self.counts, **self.ratios},
+            "latency": bool((self.ratios or self.budget) and self.latency_counts(now)),
             "signals": {name: round(v, 3) for name, v in levels.items()},
             "demands": {k: round(v, 3) for k, v in demands.items()},
         }
@@ -294,6 +336,12 @@ class ScalingView:
             return False
         pending = r.get("pending_since")
         return not (isinstance(pending, int | float) and self.clock() - pending > PENDING_LIMIT_S)
+
+    def grows_for_latency(self, deployment: str) -> bool:
+        """It can grow, and its policy adds replicas for slow answers (on a single machine it
+        does not: ``VoicePolicy.latency_scaling``). A record without the flag counts as yes."""
+        r = self.fresh(deployment)
+        return r is not None and self.can_grow(deployment) and bool(r.get("latency", True))
 
     def growing(self, deployment: str) -> bool:
         """It can grow, and the policy wants (or Serve is starting) more replicas than run now."""

@@ -304,10 +304,14 @@ class SessionHub:
         now = self.first_audio.clock()
         p95 = self.first_audio.p95()
         if self.active and p95 is not None and p95 > g.admission_first_audio_ms:
-            growing = [s for s in MODEL_STAGES if scaling is not None and scaling.can_grow(s)]
+            growing = [s for s in MODEL_STAGES if scaling is not None and scaling.grows_for_latency(s)]
             if not growing:
                 self._shed_at = now
-                why = f" and {', '.join(MODEL_STAGES)} are at their max replicas" if scaling is not None else ""
+                why = ""
+                if scaling is not None and any(scaling.can_grow(s) for s in MODEL_STAGES):
+                    why = f" and on this one machine more {', '.join(MODEL_STAGES)} replicas would add no compute"
+                elif scaling is not None:
+                    why = f" and {', '.join(MODEL_STAGES)} are at their max replicas"
                 raise ResourceExhausted(f"server at capacity: answers take {p95:.0f} ms to start (p95, target "
                                         f"{g.admission_first_audio_ms} ms){why}; retry in {g.retry_after_s:g} s",
                                         retry_after_s=g.retry_after_s)

@@ -51,7 +51,7 @@ def test_counts_add_up_over_replicas() -> None:
 
 
 def test_a_ratio_over_target_asks_for_one_more_replica_at_a_time() -> None:
-    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, publish=False)
+    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, publish=False, latency_scaling="on")
     over, _ = policy(ctx(running=2, metrics={"requests": [1, 1], "ttft_ms": [900, 1100]}))
     assert over == 3  # not 2 * 1000/700: on one machine a replica adds concurrency, not compute
     # a replica with no samples (0) does not pull the mean down
@@ -68,7 +68,7 @@ def test_serve_queue_counts_too() -> None:
 
 def test_the_app_latency_budget_grows_every_model_stage() -> None:
     gateway = VoicePolicy(counts={"sessions": 6}, publish=False)
-    stage = VoicePolicy(counts={"syntheses": 2}, budget={"first_audio_ms": 1200}, publish=False)
+    stage = VoicePolicy(counts={"syntheses": 2}, budget={"first_audio_ms": 1200}, publish=False, latency_scaling="on")
     calm, _ = stage(ctx(TTS, metrics={"syntheses": [0.5]}))
     assert calm == pytest.approx(0.25)
     gateway(ctx(GATEWAY, metrics={"sessions": [5], "first_audio_ms": [1800]}, target_ongoing=6))
@@ -77,6 +77,33 @@ def test_the_app_latency_budget_grows_every_model_stage() -> None:
     # another app's gateway is not ours, and an old level is not trusted
     assert stage(ctx(TTS, metrics={"syntheses": [0.5]}, app="other"))[0] == pytest.approx(0.25)
     assert VoicePolicy.app_levels("test", now=time.time() + autoscaling.STALE_S + 1) == {}
+
+
+def test_latency_adds_replicas_only_where_they_add_compute() -> None:
+    """On one machine a new replica brings no core (and loading it takes the live calls' cores):
+    "auto" lets latency ask for replicas only on a cluster of several nodes; counts always ask."""
+    nodes = [1]
+    calls = []
+
+    def count() -> int:
+        calls.append(1)
+        return nodes[0]
+
+    VoicePolicy(counts={"sessions": 6}, publish=False)(
+        ctx(GATEWAY, metrics={"sessions": [5], "first_audio_ms": [1800]}, target_ongoing=6))
+    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, budget={"first_audio_ms": 1200},
+                         publish=False, nodes=count)
+    slow = ctx(metrics={"requests": [1], "ttft_ms": [1500]})
+    assert policy(slow)[0] == pytest.approx(1 / 3)
+    assert set(policy.demands(slow)) == {"ongoing", "requests"}
+    assert policy(ctx(metrics={"requests": [9], "ttft_ms": [1500]}))[0] == 3  # concurrency still scales
+    assert len(calls) == 1  # the node count is asked once per NODES_TTL_S, not on every decision
+    nodes[0] = 2
+    policy._nodes_seen = (0.0, 1)  # that long ago
+    assert policy(slow)[0] == 2 and {"ttft_ms", "app_first_audio_ms"} <= set(policy.demands(slow))
+    assert VoicePolicy(ratios={"ttft_ms": 700}, publish=False, latency_scaling="off", nodes=count)(slow)[0] < 1
+    with pytest.raises(ValueError, match="latency_scaling"):
+        VoicePolicy(ratios={"ttft_ms": 700}, latency_scaling="sometimes")
 
 
 def test_bad_targets_are_refused() -> None:
@@ -117,14 +144,15 @@ def test_a_failing_policy_keeps_the_current_target() -> None:
 
 
 def test_nan_and_inf_are_no_measurement() -> None:
-    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, publish=False)
+    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, publish=False, latency_scaling="on")
     desired, _ = policy(ctx(running=2, metrics={"requests": [float("nan"), 3], "ttft_ms": [float("inf"), 300]}))
     assert desired == pytest.approx(1.0)
 
 
 def test_latency_demands_settle_after_a_scale_up() -> None:
     """Right after a scale-up the latency windows still hold the old answers: no second step."""
-    policy = VoicePolicy(ratios={"ttft_ms": 700}, budget={"first_audio_ms": 1200}, publish=False, settle_s=15)
+    policy = VoicePolicy(ratios={"ttft_ms": 700}, budget={"first_audio_ms": 1200}, publish=False, settle_s=15,
+                         latency_scaling="on")
     c = ctx(running=2, metrics={"ttft_ms": [900]})
     c.last_scale_up_time = time.time() - 5
     assert policy(c)[0] == 2
@@ -248,6 +276,20 @@ async def test_slow_answers_pace_callers_while_stages_can_grow_and_shed_at_max()
         await stack.enter_async_context(h.session(s))
         h.scaling.records[LLM]["running"] = 2
         with pytest.raises(ResourceExhausted, match="ASR, LLM, TTS are at their max replicas"):
+            h.admit()
+
+
+async def test_on_one_machine_slow_answers_shed_at_once() -> None:
+    """Stages whose policy adds no replica for latency (one node) are no reason to let callers in."""
+    now = [100.0]
+    h = hub(admission_first_audio_ms=1000, retry_after_s=2)
+    h.first_audio = LatencyWindow(30, clock=lambda: now[0])
+    h.scaling = view(Gateway={}, **{s: {"running": 1, "latency": False} for s in (ASR, LLM, TTS)})
+    async with h.session(SessionSettings()):
+        for _ in range(5):
+            h.observer.answered(TurnLatency(first_audio_ms=2500))
+        now[0] += 3
+        with pytest.raises(ResourceExhausted, match="on this one machine more ASR, LLM, TTS replicas would add no"):
             h.admit()
 
 
