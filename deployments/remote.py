@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
@@ -39,6 +40,8 @@ DOWN_POLL_S = 0.25
 #: measured here): the turn ends with an error event after this instead of leaving the caller in
 #: silence, and the next turn finds the stage back.
 RETRY_WAIT_S = 2.0
+#: Serve's status (which stages have a running replica) is asked at most this often.
+STATUS_PERIOD_S = 2.0
 
 
 def _gone(stage: str, exc: BaseException) -> Unavailable:
@@ -183,6 +186,7 @@ class RemoteStages:
         # answer: their calls wait at most RETRY_WAIT_S for one
         self._status_down: set[str] = set()
         self._probe_down: set[str] = set()
+        self._status_at = -math.inf  # when Serve's status was last asked (replicas_running)
         # local VAD: one model call per tick for every session (batch_tick_ms 0 = inline calls)
         self.vad_batcher = (VADBatcher(local_vad) if local_vad is not None and local_vad.cfg.batch_tick_ms > 0
                             else None)
@@ -270,9 +274,18 @@ class RemoteStages:
     async def replicas_running(self) -> None:
         """UNAVAILABLE when a stage has no running replica. A call alone does not tell: Serve holds
         it until a replica is back (2 s after a kill, here), and health must say NOT_SERVING
-        while the stage is down, not only when the outage outlasts the call's timeout."""
+        while the stage is down, not only when the outage outlasts the call's timeout.
+
+        Serve's status is asked at most every ``STATUS_PERIOD_S`` (between, the last verdict
+        stands): ``serve.status()`` rebuilds every deployment's config, which took a quarter of a
+        gateway replica's CPU at the health monitor's pace (2 a second) on a 2-core Zen 3."""
         from ray import serve
 
+        if time.monotonic() - self._status_at < STATUS_PERIOD_S:
+            if self._status_down:
+                raise Unavailable(f"the {', '.join(sorted(self._status_down))} stage has no running replica")
+            return
+        self._status_at = time.monotonic()
         status = await asyncio.to_thread(serve.status)  # a controller call: off the event loop
         handles = [self.asr, self.llm, self.tts] + ([self.vad] if self.local_vad is None else [])
         down: set[str] = set()
