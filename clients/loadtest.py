@@ -275,13 +275,15 @@ async def _one_call(cfg: LoadTestConfig, caller: int, call: int, questions: list
     try:
         if cfg.resume:
             result, resumed = await converse_resuming(client, turns, session_cfg, pause_ms=1000 * cfg.pause_s,
-                                                      turn_timeout_s=cfg.turn_timeout_s, on_event=on_event)
+                                                      turn_timeout_s=cfg.turn_timeout_s, on_event=on_event,
+                                                      chunk_ms=cfg.chunk_ms)
             rec.resumes, rec.resume_ms, rec.turns_lost, rec.lost = (
                 resumed.resumes, resumed.resume_ms, resumed.turns_lost, resumed.lost)
             rec.answered_twice = result.extra_answers
         else:
             result = await client.converse(turns, session_cfg, pause_ms=1000 * cfg.pause_s,
-                                           turn_timeout_s=cfg.turn_timeout_s, on_event=on_event)
+                                           turn_timeout_s=cfg.turn_timeout_s, on_event=on_event,
+                                           chunk_ms=cfg.chunk_ms)
     except asyncio.CancelledError:
         rec.t_end_s = time.monotonic() - t0
         rec.details = "cut by max_duration_s"

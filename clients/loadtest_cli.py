@@ -59,6 +59,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cooldown", type=float, default=d.cooldown_s,
                    help="seconds to keep recording replicas after the last call (shows scale-down; default: 0)")
     p.add_argument("--turn-timeout", type=float, default=d.turn_timeout_s, help="seconds to wait for an answer")
+    p.add_argument("--chunk-ms", type=int, default=d.chunk_ms,
+                   help=f"audio per message in ms (default: {d.chunk_ms}, a WebRTC frame; larger messages cost the "
+                        "server less behind Ray Serve's gRPC proxy)")
     p.add_argument("--no-resume", action="store_true",
                    help="do not resume a call whose stream breaks or moves (default: resume with its token)")
     p.add_argument("--language", default=d.language,
@@ -91,7 +94,8 @@ def config_from_args(args: argparse.Namespace) -> LoadTestConfig:
         hold_s=args.hold, ramp_down_s=args.ramp_down, schedule=schedule, turns_per_call=args.turns,
         calls_per_caller=args.calls,
         pause_s=args.pause, barge_in_rate=args.barge_in_rate, max_duration_s=args.max_duration,
-        turn_timeout_s=args.turn_timeout, resume=not args.no_resume, cooldown_s=args.cooldown, language=args.language,
+        turn_timeout_s=args.turn_timeout, chunk_ms=args.chunk_ms, resume=not args.no_resume,
+        cooldown_s=args.cooldown, language=args.language,
         questions=args.question, seed=args.seed,
         out_dir=args.out, app_name=args.app_name, progress=not args.quiet,
         replicas="off" if args.no_replicas else (args.ray_address or "auto"))

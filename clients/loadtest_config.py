@@ -131,6 +131,9 @@ class LoadTestConfig:
     """Hard bound on the whole test, (0, 3600]: calls still running then are cancelled (reported as cut)."""
     turn_timeout_s: float = 60.0
     """A turn without an answer after this long is unanswered, > 0."""
+    chunk_ms: int = 20
+    """Audio per AudioInput message, [10, 1000] ms (20: a WebRTC frame; behind Ray Serve's gRPC
+    proxy each message is one actor round trip, so larger messages load a small machine less)."""
     resume: bool = True
     """A call whose stream breaks or is moved (SessionMoved) reconnects with its resume token and goes
     on; off: it ends there (reported with its status)."""
@@ -177,6 +180,7 @@ class LoadTestConfig:
         self.barge_in_after_ms = (lo, hi)
         self.max_duration_s = _num("max_duration_s", self.max_duration_s, gt=0, le=3600)
         self.turn_timeout_s = _num("turn_timeout_s", self.turn_timeout_s, gt=0)
+        self.chunk_ms = _num("chunk_ms", self.chunk_ms, integer=True, ge=10, le=1000)
         if self.questions is not None:
             if isinstance(self.questions, str) or not all(isinstance(q, str) for q in self.questions):
                 raise InvalidLoadTestConfig(f"questions must be a list of texts (or None); got {self.questions!r}")

@@ -19,8 +19,9 @@ from clients.voice_client import SessionResult, TurnResult, UserTurn, VoiceClien
 from protos.voxserve.v1 import voice_pb2 as pb
 
 #: Statuses after which a session may be resumed: the server went away or moved it, or the
-#: connection broke. Anything else (a refused token, a bad config) is final.
-RESUMABLE = frozenset({"UNAVAILABLE", "INTERNAL", "UNKNOWN", "CANCELLED"})
+#: connection broke, or the stream went silent and the client gave it up (DEADLINE_EXCEEDED, see
+#: ``VoiceClient.converse``). Anything else (a refused token, a bad config) is final.
+RESUMABLE = frozenset({"UNAVAILABLE", "INTERNAL", "UNKNOWN", "CANCELLED", "DEADLINE_EXCEEDED"})
 
 
 @dataclass

@@ -233,7 +233,7 @@ class VoiceClient:
                        chunk_ms: int = 20, realtime: bool = True, pause_ms: float = 300,
                        trailing_silence_ms: float = 1200, wait_playback: bool = True,
                        turn_timeout_s: float = 120, on_event: Callable[[pb.ServerEvent], None] | None = None,
-                       tools: LocalTools | None = None) -> SessionResult:
+                       tools: LocalTools | None = None, idle_timeout_s: float | None = None) -> SessionResult:
         """Speak each turn, wait for its answer (and its playback), then the next one.
 
         A turn with ``barge_in_after_ms`` is spoken while the previous answer is still playing,
@@ -242,7 +242,12 @@ class VoiceClient:
 
         With ``tools`` (declared in ``config.tools``), each call the model makes is run here and its
         result sent back; the turn then waits for the answer that uses it.
+
+        A stream on which the server says nothing for ``idle_timeout_s`` (default: ``turn_timeout_s``)
+        is given up with status DEADLINE_EXCEEDED: a proxy that lost the replica behind it can keep
+        a stream open without events or an end, and a caller must not wait on it forever.
         """
+        idle_s = turn_timeout_s if idle_timeout_s is None else idle_timeout_s
         cfg = config or pb.SessionConfig()
         rate = cfg.input_sample_rate or 16000
         manual = cfg.turn_detection.mode == pb.MANUAL
@@ -449,8 +454,18 @@ class VoiceClient:
             results.append(TurnResult(label=said.label or f"turn{len(results) + 1}", restored=True))
             states.append(_TurnState(audio_turn=False))
         call = self.stub.Converse(_merged(requests(), results_out), metadata=self.metadata)
+        events = aiter(call)
         try:
-            async for event in call:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_s):
+                        event = await anext(events)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    session.status = "DEADLINE_EXCEEDED"
+                    session.details = f"no event from the server for {idle_s:.0f} s: stream given up"
+                    break
                 now = time.monotonic()
                 if on_event is not None:
                     on_event(event)

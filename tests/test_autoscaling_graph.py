@@ -60,7 +60,16 @@ def gateway_sessions() -> float | None:
     return None if record is None else float(record["signals"].get("sessions", 0.0))
 
 
+T0 = time.monotonic()
+
+
+def step(what: str) -> None:
+    """Progress, so that a run that hangs shows how far it got (pytest prints it on failure)."""
+    print(f"[{time.monotonic() - T0:6.1f} s] {what}", flush=True)
+
+
 async def wait_for(check: Any, within_s: float, what: str) -> None:
+    step(f"waiting for {what}")
     deadline = time.monotonic() + within_s
     while not await asyncio.to_thread(check):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -68,12 +77,18 @@ async def wait_for(check: Any, within_s: float, what: str) -> None:
 
 
 async def call(address: str, questions: list[str], events: list[str]) -> tuple[Any, Any]:
+    """A call of typed questions. Between them the client keeps the stream live with silence in
+    100 ms messages: Serve's proxy hands a replica each message in one actor round trip, which
+    took ~30 ms on a busy 2-core Zen 3, so four streams of 20 ms messages fell further behind
+    with every turn (answers 15 s late after six turns) and the test measured that, not scaling."""
     client = VoiceClient(address)
     turns = [UserTurn(text=q, label=q) for q in questions]
     try:
-        return await converse_resuming(client, turns, CONFIG, backoff=Backoff(give_up_s=60),
-                                       on_event=lambda e: events.append(e.WhichOneof("event") or ""),
-                                       pause_ms=1500, wait_playback=False)
+        result = await converse_resuming(client, turns, CONFIG, backoff=Backoff(give_up_s=60),
+                                         on_event=lambda e: events.append(e.WhichOneof("event") or ""),
+                                         pause_ms=1500, wait_playback=False, turn_timeout_s=90, chunk_ms=100)
+        step(f"call {questions[0]!r}... ended: {result[0].status}, {result[1]}")
+        return result
     finally:
         await client.close()
 
@@ -91,11 +106,13 @@ async def test_a_full_gateway_grows_instead_of_refusing_and_shrinks_without_cutt
     await wait_for(lambda: gateway_replicas() == 2, 120, "a second Gateway replica")
     # the old replica is at 3 = max_sessions + burst: this call is only admitted on the new one
     last = asyncio.create_task(call(server.grpc_address, QUESTIONS, events[3]))
+    step("the long call started")
     results = list(await asyncio.gather(*first))
     # with the three short calls over and one call left, the Gateway shrinks back to one replica
     # while that call runs: the replica that stops moves it (SessionMoved), if it holds it
     await wait_for(lambda: gateway_replicas() == 1, 120, "scale-down to one Gateway replica")
     scaled_down_during_the_call = not last.done()
+    step(f"one Gateway replica again; the long call still running: {scaled_down_during_the_call}")
     results.append(await last)
     # a refused call, a lost session or a lost turn would each show here (converse_resuming
     # gives up on a refusal: no resume token)

@@ -430,3 +430,20 @@ def test_local_tools_describe_plain_functions_and_run_them() -> None:
     assert "error" in json.loads(asyncio.run(tools.run("convert_units", '{"value": "x"}')))
     assert "error" in json.loads(asyncio.run(tools.run("nope", "{}")))
     assert json.loads(asyncio.run(tools.run("get_time", '{"timezone": "Europe/Paris"}')))["timezone"] == "Europe/Paris"
+
+
+async def test_a_stream_that_goes_silent_is_given_up_not_waited_on_forever() -> None:
+    """A proxy that lost the replica behind it can keep a stream open with no event and no end:
+    the client gives it up after ``idle_timeout_s`` with DEADLINE_EXCEEDED, a status
+    ``converse_resuming`` resumes from."""
+    from clients.resume import RESUMABLE
+
+    async def script(inbox: Inbox) -> AsyncIterator[pb.ServerEvent]:
+        await asyncio.Event().wait()  # says nothing more, ever
+        yield pb.ServerEvent()
+
+    t0 = time.monotonic()
+    result, _ = await _converse(script, [UserTurn(text="hello", label="q")], idle_timeout_s=1.0)
+    assert result.status == "DEADLINE_EXCEEDED" and "no event from the server for 1 s" in result.details
+    assert time.monotonic() - t0 < 10
+    assert result.status in RESUMABLE
