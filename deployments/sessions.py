@@ -309,7 +309,8 @@ class SessionHub:
                 self._shed_at = now
                 why = ""
                 if scaling is not None and any(scaling.can_grow(s) for s in MODEL_STAGES):
-                    why = f" and on this one machine more {', '.join(MODEL_STAGES)} replicas would add no compute"
+                    why = (f" and {', '.join(MODEL_STAGES)} add no replicas for slow answers here (on one machine "
+                           "more replicas add no compute)")
                 elif scaling is not None:
                     why = f" and {', '.join(MODEL_STAGES)} are at their max replicas"
                 raise ResourceExhausted(f"server at capacity: answers take {p95:.0f} ms to start (p95, target "
