@@ -243,11 +243,14 @@ class VoiceClient:
         With ``tools`` (declared in ``config.tools``), each call the model makes is run here and its
         result sent back; the turn then waits for the answer that uses it.
 
-        A stream on which the server says nothing for ``idle_timeout_s`` (default: ``turn_timeout_s``)
-        is given up with status DEADLINE_EXCEEDED: a proxy that lost the replica behind it can keep
-        a stream open without events or an end, and a caller must not wait on it forever.
+        A stream that makes no progress for ``idle_timeout_s`` (default: ``turn_timeout_s``) is
+        given up with status DEADLINE_EXCEEDED: no event from the server, while the client is not
+        busy with a wait of its own (sending, playback, a pause) either, because the server stopped
+        taking its messages or it has nothing left to send. A proxy that lost the replica behind
+        it can keep a stream open like that, and a caller must not wait on it forever.
         """
         idle_s = turn_timeout_s if idle_timeout_s is None else idle_timeout_s
+        progress = [time.monotonic()]  # the client's own last step: a message taken, a wait's tick
         cfg = config or pb.SessionConfig()
         rate = cfg.input_sample_rate or 16000
         manual = cfg.turn_detection.mode == pb.MANUAL
@@ -307,6 +310,7 @@ class VoiceClient:
                 nonlocal t_next
                 deadline = time.monotonic() + max_s
                 while not cond() and time.monotonic() < deadline:
+                    progress[0] = time.monotonic()  # waiting by choice, not stuck on the server
                     if manual:
                         await asyncio.sleep(chunk_ms / 1000)
                         t_next = time.monotonic()
@@ -453,20 +457,32 @@ class VoiceClient:
                 break
             results.append(TurnResult(label=said.label or f"turn{len(results) + 1}", restored=True))
             states.append(_TurnState(audio_turn=False))
-        call = self.stub.Converse(_merged(requests(), results_out), metadata=self.metadata)
+        async def taken(source: AsyncIterator[pb.ClientMessage]) -> AsyncIterator[pb.ClientMessage]:
+            async for msg in source:
+                yield msg
+                progress[0] = time.monotonic()  # gRPC took it and asks for the next one
+
+        call = self.stub.Converse(taken(_merged(requests(), results_out)), metadata=self.metadata)
         events = aiter(call)
+        reading: asyncio.Future[pb.ServerEvent] | None = None
         try:
             while True:
+                # a read is never cancelled (that would cancel the call): it is waited on in slices
+                reading = reading or asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait({reading}, timeout=min(1.0, idle_s))
+                if not done:
+                    if time.monotonic() - progress[0] > idle_s:
+                        session.status = "DEADLINE_EXCEEDED"
+                        session.details = f"no progress on the stream for {idle_s:.0f} s: given up"
+                        break
+                    continue
                 try:
-                    async with asyncio.timeout(idle_s):
-                        event = await anext(events)
+                    event = reading.result()
                 except StopAsyncIteration:
                     break
-                except TimeoutError:
-                    session.status = "DEADLINE_EXCEEDED"
-                    session.details = f"no event from the server for {idle_s:.0f} s: stream given up"
-                    break
-                now = time.monotonic()
+                finally:
+                    reading = None
+                now = progress[0] = time.monotonic()
                 if on_event is not None:
                     on_event(event)
                 kind = event.WhichOneof("event") or ""
@@ -603,6 +619,8 @@ class VoiceClient:
             session.status = exc.code().name
             session.details = exc.details() or ""
         finally:
+            if reading is not None:
+                reading.cancel()
             started.set()
             for task in list(runs):
                 task.cancel()

@@ -434,8 +434,8 @@ def test_local_tools_describe_plain_functions_and_run_them() -> None:
 
 async def test_a_stream_that_goes_silent_is_given_up_not_waited_on_forever() -> None:
     """A proxy that lost the replica behind it can keep a stream open with no event and no end:
-    the client gives it up after ``idle_timeout_s`` with DEADLINE_EXCEEDED, a status
-    ``converse_resuming`` resumes from."""
+    the client gives it up once it has waited ``idle_timeout_s`` with nothing of its own to do,
+    with DEADLINE_EXCEEDED, a status ``converse_resuming`` resumes from."""
     from clients.resume import RESUMABLE
 
     async def script(inbox: Inbox) -> AsyncIterator[pb.ServerEvent]:
@@ -443,7 +443,10 @@ async def test_a_stream_that_goes_silent_is_given_up_not_waited_on_forever() -> 
         yield pb.ServerEvent()
 
     t0 = time.monotonic()
-    result, _ = await _converse(script, [UserTurn(text="hello", label="q")], idle_timeout_s=1.0)
-    assert result.status == "DEADLINE_EXCEEDED" and "no event from the server for 1 s" in result.details
+    # the turn goes unanswered for turn_timeout_s (2 s), the client ends its input, and then
+    # nothing comes: neither an event nor the end of the stream
+    result, _ = await _converse(script, [UserTurn(text="hello", label="q")], turn_timeout_s=2,
+                                trailing_silence_ms=100, idle_timeout_s=1.0)
+    assert result.status == "DEADLINE_EXCEEDED" and "no progress on the stream for 1 s" in result.details
     assert time.monotonic() - t0 < 10
     assert result.status in RESUMABLE
