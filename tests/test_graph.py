@@ -177,9 +177,10 @@ async def test_eight_typed_questions_get_eight_different_answers_on_topic(server
                 answers.append(e.response_done.text.strip())
                 done.put_nowait(e.response_done.text)
             assert kind not in ("response_interrupted", "error"), e
-    # The defect made every answer from the third on the same marker; a small sampled model may
-    # still repeat one earlier answer word for word now and then (seen once in CI), which is not it.
-    assert len(answers) == 8 and all(answers) and len(set(answers)) >= 7, answers
+    # The defect made every answer from the third on the same marker (2 distinct answers); a small
+    # sampled model may still repeat an earlier answer word for word now and then (one repeat in
+    # CI, two in a fresh clone on a Zen 3), which is not it: the on-topic check below is the proof.
+    assert len(answers) == 8 and all(answers) and len(set(answers)) >= 5, answers
     assert not [a for a in answers if "…" in a], answers
     on_topic = [any(re.search(rf"\b{w}", a.lower()) for w in words) for a, words in zip(answers, TOPICS.values(),
                                                                                         strict=True)]
