@@ -56,7 +56,8 @@ PUBLISH_PERIOD_S = 1.0
 PENDING_LIMIT_S = 120.0
 #: How long the number of alive Ray nodes (``latency_scaling="auto"``) is trusted.
 NODES_TTL_S = 30.0
-LATENCY_SCALING = ("auto", "on", "off")
+#: ``latency_scaling`` values (not on/off: YAML 1.1, as PyYAML and Helm read it, makes those booleans).
+LATENCY_SCALING = ("auto", "always", "never")
 
 
 def alive_nodes() -> int:
@@ -158,7 +159,7 @@ class VoicePolicy:
     ``budget``: signal name -> limit of an app-wide latency the Gateway's replicas report (time
     to first audio): over it, this stage wants one replica more, so that the model stages grow
     before the gateway sheds callers for slow answers.
-    ``latency_scaling``: when ratios and the budget may ask for replicas: "on", "off", or "auto"
+    ``latency_scaling``: when ratios and the budget may ask for replicas: "always", "never", or "auto"
     (only on a cluster of more than one node: see the module's docstring); ``nodes`` counts the
     cluster's alive nodes (a test passes its own).
     Serve instantiates it once per deployment with the profile's ``policy_kwargs``. A policy
@@ -219,7 +220,7 @@ class VoicePolicy:
     def latency_counts(self, now: float | None = None) -> bool:
         """Whether latency (ratios, budget) may ask for replicas now: see ``latency_scaling``."""
         if self.latency_scaling != "auto":
-            return self.latency_scaling == "on"
+            return self.latency_scaling == "always"
         now = time.time() if now is None else now
         at, count = self._nodes_seen
         if now - at > NODES_TTL_S:

@@ -70,7 +70,7 @@ class SignalTargets(BaseModel):
         description="Latency-like signal -> target of its mean (over target: one replica more).")
     budget: dict[str, PositiveTarget] = Field(default_factory=dict,
         description="App-wide latency the Gateway reports (first_audio_ms) -> limit; over it, one replica more.")
-    latency_scaling: Literal["auto", "on", "off"] = Field(default="auto",
+    latency_scaling: Literal["auto", "always", "never"] = Field(default="auto",
         description="When ratios and budget add replicas: auto = only on a Ray cluster of more than one node.")
 
 

@@ -51,7 +51,7 @@ def test_counts_add_up_over_replicas() -> None:
 
 
 def test_a_ratio_over_target_asks_for_one_more_replica_at_a_time() -> None:
-    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, publish=False, latency_scaling="on")
+    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, publish=False, latency_scaling="always")
     over, _ = policy(ctx(running=2, metrics={"requests": [1, 1], "ttft_ms": [900, 1100]}))
     assert over == 3  # not 2 * 1000/700: on one machine a replica adds concurrency, not compute
     # a replica with no samples (0) does not pull the mean down
@@ -68,7 +68,8 @@ def test_serve_queue_counts_too() -> None:
 
 def test_the_app_latency_budget_grows_every_model_stage() -> None:
     gateway = VoicePolicy(counts={"sessions": 6}, publish=False)
-    stage = VoicePolicy(counts={"syntheses": 2}, budget={"first_audio_ms": 1200}, publish=False, latency_scaling="on")
+    stage = VoicePolicy(counts={"syntheses": 2}, budget={"first_audio_ms": 1200}, publish=False,
+                        latency_scaling="always")
     calm, _ = stage(ctx(TTS, metrics={"syntheses": [0.5]}))
     assert calm == pytest.approx(0.25)
     gateway(ctx(GATEWAY, metrics={"sessions": [5], "first_audio_ms": [1800]}, target_ongoing=6))
@@ -101,7 +102,7 @@ def test_latency_adds_replicas_only_where_they_add_compute() -> None:
     nodes[0] = 2
     policy._nodes_seen = (0.0, 1)  # that long ago
     assert policy(slow)[0] == 2 and {"ttft_ms", "app_first_audio_ms"} <= set(policy.demands(slow))
-    assert VoicePolicy(ratios={"ttft_ms": 700}, publish=False, latency_scaling="off", nodes=count)(slow)[0] < 1
+    assert VoicePolicy(ratios={"ttft_ms": 700}, publish=False, latency_scaling="never", nodes=count)(slow)[0] < 1
     with pytest.raises(ValueError, match="latency_scaling"):
         VoicePolicy(ratios={"ttft_ms": 700}, latency_scaling="sometimes")
 
@@ -144,7 +145,7 @@ def test_a_failing_policy_keeps_the_current_target() -> None:
 
 
 def test_nan_and_inf_are_no_measurement() -> None:
-    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, publish=False, latency_scaling="on")
+    policy = VoicePolicy(counts={"requests": 3}, ratios={"ttft_ms": 700}, publish=False, latency_scaling="always")
     desired, _ = policy(ctx(running=2, metrics={"requests": [float("nan"), 3], "ttft_ms": [float("inf"), 300]}))
     assert desired == pytest.approx(1.0)
 
@@ -152,7 +153,7 @@ def test_nan_and_inf_are_no_measurement() -> None:
 def test_latency_demands_settle_after_a_scale_up() -> None:
     """Right after a scale-up the latency windows still hold the old answers: no second step."""
     policy = VoicePolicy(ratios={"ttft_ms": 700}, budget={"first_audio_ms": 1200}, publish=False, settle_s=15,
-                         latency_scaling="on")
+                         latency_scaling="always")
     c = ctx(running=2, metrics={"ttft_ms": [900]})
     c.last_scale_up_time = time.time() - 5
     assert policy(c)[0] == 2
