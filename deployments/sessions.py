@@ -268,7 +268,7 @@ class SessionHub:
 
     # --- sessions --------------------------------------------------------------------------------
 
-    def admit(self, *, record: bool = False) -> None:
+    def admit(self, *, record: bool = False, resuming: bool = False) -> None:
         """RESOURCE_EXHAUSTED at once (with a retry hint) when this replica cannot take one more
         session without slowing the ones it has. With the autoscaler's view (``scaling``):
 
@@ -282,7 +282,11 @@ class SessionHub:
 
         Without the view, both limits are hard. After a refusal for slow answers, it also lets
         new sessions in one per ``retry_after_s`` until the window can judge again. A pure check
-        unless ``record`` (``slot`` records the session it lets in)."""
+        unless ``record`` (``slot`` records the session it lets in).
+
+        ``resuming``: a call moved here (drain, scale-down) or back after its replica died. It is
+        load the app already carries, not a new caller, and refusing it would cut a live call: it
+        is let in up to ``max_sessions + burst_sessions`` whatever the latency."""
         g = self.args.gateway
         if self.draining:
             raise Unavailable("this gateway replica is shutting down; retry and another replica takes the session")
@@ -291,6 +295,12 @@ class SessionHub:
             raise Unavailable(f"the {down} stage of the voice pipeline is down (restarting); retry in "
                               f"{g.retry_after_s:g} s")
         scaling = self.scaling
+        if resuming:
+            if self.active >= g.max_sessions + g.burst_sessions:
+                raise ResourceExhausted(f"server busy: {self.active} sessions already active on this replica "
+                                        f"(max {g.max_sessions} + {g.burst_sessions} for resumed calls); retry in "
+                                        f"{g.retry_after_s:g} s", retry_after_s=g.retry_after_s)
+            return
         if self.active >= g.max_sessions:
             burst = (scaling is not None and self.active < g.max_sessions + g.burst_sessions
                      and (scaling.growing(GATEWAY) or (scaling.can_grow(GATEWAY)
@@ -360,12 +370,12 @@ class SessionHub:
             raise OutOfRange(f"system_prompt is {tokens} tokens; at most {limit} are accepted (shorten it)")
 
     @contextlib.asynccontextmanager
-    async def slot(self, *, opens_later: bool = False) -> AsyncIterator[_Admission]:
+    async def slot(self, *, opens_later: bool = False, resuming: bool = False) -> AsyncIterator[_Admission]:
         """One admitted stream (RESOURCE_EXHAUSTED at once when the replica is full). With
         ``opens_later`` the caller marks the admission ``opened`` once its session really
         started; one that never did gives its recovery slot back (see ``admit``)."""
         previous = self._last_admit
-        self.admit(record=True)
+        self.admit(record=True, resuming=resuming)
         admission = _Admission(previous=previous, at=self._last_admit, opened=not opens_later)
         self.active += 1
         try:
@@ -397,7 +407,7 @@ class SessionHub:
         """A started conversation, registered while it lives, closed (everything stopped) after.
         ``owner``: who opened it (resume tokens are bound to it); ``restored``: the journal entry
         it continues (``resume``)."""
-        async with self.slot(opens_later=True) as admission, \
+        async with self.slot(opens_later=True, resuming=restored is not None) as admission, \
                 self._conversation(settings, owner, restored) as conv:
             admission.opened = True
             yield conv

@@ -292,6 +292,19 @@ async def test_on_one_machine_slow_answers_shed_at_once() -> None:
         now[0] += 3
         with pytest.raises(ResourceExhausted, match="ASR, LLM, TTS add no replicas for slow answers here"):
             h.admit()
+        # a call moved here by a scale-down is load the app already carries: refusing it would cut it
+        h.admit(resuming=True)
+
+
+async def test_a_resumed_call_gets_the_burst_allowance_and_no_more() -> None:
+    h = hub(max_sessions=1, burst_sessions=1)
+    s = SessionSettings()
+    async with h.session(s):
+        with pytest.raises(ResourceExhausted, match="max 1"):
+            h.admit()
+        async with h.slot(resuming=True):
+            with pytest.raises(ResourceExhausted, match="max 1 \\+ 1 for resumed calls"):
+                h.admit(resuming=True)
 
 
 # --- profiles -----------------------------------------------------------------------------------------

@@ -104,11 +104,14 @@ class GrpcAdapter:
         supervisor: asyncio.Task[None] | None = None
         try:
             owner = self._authorize(grpc_context)
-            self.hub.admit()
+            self.hub.admit(resuming=True)  # draining or a stage down: refused before anything is read
             first = await self._first(request_stream, "SessionConfig")
             if first.WhichOneof("message") != "config":
                 raise FailedPrecondition("the first message must be a SessionConfig (got "
                                          f"{first.WhichOneof('message') or 'an empty message'})")
+            # a refused new call ends before the client streams audio (it waits for SessionStarted);
+            # a resumed one is a live call moving in (see SessionHub.admit)
+            self.hub.admit(resuming=bool(first.config.resume_token))
             info = await self.hub.stage_info()
             restored: dict[str, Any] | None = None
             if first.config.resume_token:
