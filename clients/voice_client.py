@@ -274,7 +274,8 @@ class VoiceClient:
             if not state["playing"]:
                 return None
             return pb.ClientMessage(playback=pb.PlaybackPosition(
-                response_id=state["playing"], played_ms=int(player.played_ms(time.monotonic()))))
+                response_id=state["playing"], played_ms=int(player.played_ms(time.monotonic())),
+                underruns=player.underruns, underrun_ms=player.stall_ms))
 
         started = asyncio.Event()  # SessionStarted came, or the call ended
 

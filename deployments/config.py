@@ -41,7 +41,16 @@ class GatewayConfig(BaseModel):
         description="New sessions are refused while this replica's answers take longer than this to start "
                     "(p95 over admission_window_s): sessions already running keep their latency.")
     admission_window_s: float = Field(30.0, gt=0,
-        description="Window of the first-audio latencies admission control looks at.")
+        description="Window of the answers (first-audio latencies, stalls) admission control looks at.")
+    admission_stalled_share: float = Field(0.2, gt=0, le=1,
+        description="New sessions are also refused while more than this share of the window's answers "
+                    "stalled at the caller (1: stalls never refuse).")
+    admission_input_lag_s: float = Field(1.0, gt=0,
+        description="New sessions are refused while the sessions' audio reaches this replica more than this "
+                    "many seconds behind real time (median): a backlog in Serve's proxy or the network.")
+    admission_stall_ms: float = Field(200.0, ge=0,
+        description="An answer counts as stalled (admission) when the caller heard more than this much silence "
+                    "inside it: the server's estimate, or the client's PlaybackPosition reports where larger.")
     burst_sessions: int = Field(4, ge=0,
         description="Sessions a full replica still admits beyond max_sessions while the Gateway deployment is "
                     "adding a replica (the router then sends later calls to the new one).")

@@ -65,11 +65,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "voxserve_turn_total_ms": ("histogram", (), "Turn declared over -> answer fully sent."),
     "voxserve_llm_tokens_per_s": ("histogram", (), "LLM decode speed per answer."),
     "voxserve_stalled_turns_total": ("counter", (),
-                                     "Answers whose audio ran dry at the caller at least once (estimated "
-                                     "server-side: real-time playback from the first audio sent)."),
+                                     "Answers whose audio ran dry at the caller at least once (counted when "
+                                     "the answer ends: the server's estimate, or the client's PlaybackPosition "
+                                     "reports where larger)."),
     "voxserve_underrun_ms": ("histogram", (),
                              "Silence inside one stalled answer: the caller's buffer ran dry this long "
-                             "(server-side estimate)."),
+                             "(the server's estimate, or the client's reports where larger)."),
     "voxserve_min_buffer_ms": ("histogram", (),
                                "Least audio the caller had in hand while an answer was sent (per answer)."),
     "voxserve_tool_calls_total": ("counter", ("outcome",),
@@ -158,6 +159,11 @@ class GatewayMetrics:
     def answered(self, latency: ev.TurnLatency) -> None:
         pass  # recorded from the ResponseDone event in observe()
 
+    def played(self, underruns: int, underrun_ms: float) -> None:
+        if underruns > 0:
+            self._m["voxserve_stalled_turns_total"].inc(1)
+            self._m["voxserve_underrun_ms"].observe(float(underrun_ms))
+
     def tool_call(self, outcome: str, seconds: float | None = None) -> None:
         if outcome == "result_to_audio":
             self._m["voxserve_tool_latency_ms"].observe(1000 * (seconds or 0.0), tags={"span": "result_to_audio"})
@@ -191,9 +197,6 @@ class GatewayMetrics:
             self._m["voxserve_turn_total_ms"].observe(float(lat.total_ms))
         if lat.llm_tokens_per_s > 0:
             self._m["voxserve_llm_tokens_per_s"].observe(float(lat.llm_tokens_per_s))
-        if lat.underruns > 0:
-            self._m["voxserve_stalled_turns_total"].inc(1)
-            self._m["voxserve_underrun_ms"].observe(float(lat.underrun_ms))
         if lat.first_audio_ms > 0:
             self._m["voxserve_min_buffer_ms"].observe(float(lat.min_buffer_ms))
 

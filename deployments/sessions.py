@@ -87,7 +87,8 @@ MODEL_STAGES = (ASR, LLM, TTS)
 
 
 class LatencyWindow:
-    """First-audio latencies of the answers of the last ``window_s`` seconds (admission control)."""
+    """Figures (ms) of the answers of the last ``window_s`` seconds (admission control): their first
+    audio latencies, or the silence inside them."""
 
     def __init__(self, window_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
@@ -97,16 +98,26 @@ class LatencyWindow:
     def add(self, ms: float) -> None:
         self._samples.append((self.clock(), ms))
 
-    def p95(self, min_samples: int = 5) -> float | None:
-        """p95 of the window; None with fewer than ``min_samples`` (too few to judge)."""
+    def _values(self) -> list[float]:
         cutoff = self.clock() - self.window_s
         while self._samples and self._samples[0][0] < cutoff:
             self._samples.popleft()
-        values = [ms for _, ms in self._samples]
+        return [ms for _, ms in self._samples]
+
+    def p95(self, min_samples: int = 5) -> float | None:
+        """p95 of the window; None with fewer than ``min_samples`` (too few to judge)."""
+        values = self._values()
         if len(values) < min_samples:
             return None
         # numpy's linear interpolation: the load tester and the bench scripts use the same definition
         return float(np.percentile(values, 95))
+
+    def share_over(self, limit: float, min_samples: int = 5) -> float | None:
+        """Share of the window's values over ``limit``; None with fewer than ``min_samples``."""
+        values = self._values()
+        if len(values) < min_samples:
+            return None
+        return sum(v > limit for v in values) / len(values)
 
 
 class _HubObserver:
@@ -135,6 +146,12 @@ class _HubObserver:
         if self.inner is not None:
             self.inner.answered(latency)
 
+    def played(self, underruns: int, underrun_ms: float) -> None:
+        if not self.hub.outage_within(10.0):  # (a gap from a stage restart is no sign of load either)
+            self.hub.stall_ms.add(underrun_ms if underruns else 0.0)
+        if self.inner is not None:
+            self.inner.played(underruns, underrun_ms)
+
     def tool_call(self, outcome: str, seconds: float | None = None) -> None:
         if self.inner is not None:
             self.inner.tool_call(outcome, seconds)
@@ -148,6 +165,7 @@ class SessionHub:
         self.stages = stages
         self.observer: Observer = _HubObserver(self, observer)
         self.first_audio = LatencyWindow(args.gateway.admission_window_s)
+        self.stall_ms = LatencyWindow(args.gateway.admission_window_s)  # silence inside each ended answer
         self.active = 0
         self._shed_at: float | None = None  # when admission last refused for slow answers
         self._last_admit = float("-inf")  # when the last session was let in
@@ -276,11 +294,16 @@ class SessionHub:
           growing (or its sessions are at target over every replica, so it is about to): the
           router sends later calls to the new replica; else it refuses, and the retry lands on a
           replica with room;
-        - while its answers' p95 time to first audio is over ``admission_first_audio_ms``, it
-          lets callers in one per ``retry_after_s`` as long as a model stage can still add
-          replicas (their policies see the same latency), and sheds only when none can.
+        - while its answers' p95 time to first audio is over ``admission_first_audio_ms``, or
+          over ``admission_stalled_share`` of them stalled at the caller for more than
+          ``admission_stall_ms``, it lets callers in one per ``retry_after_s`` as long as a model
+          stage can still add replicas (their policies see the same latency), and sheds only when
+          none can.
 
-        Without the view, both limits are hard. After a refusal for slow answers, it also lets
+        - while its sessions' audio arrives over ``admission_input_lag_s`` behind real time
+          (median), it refuses: that backlog is before the gateway, where no replica helps.
+
+        Without the view, the first two limits are hard. After a refusal for slow answers, it also lets
         new sessions in one per ``retry_after_s`` until the window can judge again. A pure check
         unless ``record`` (``slot`` records the session it lets in).
 
@@ -312,8 +335,25 @@ class SessionHub:
                                         f"(max {g.max_sessions}){where}; retry in {g.retry_after_s:g} s",
                                         retry_after_s=g.retry_after_s)
         now = self.first_audio.clock()
+        lag = self.input_lag_s()
+        if self.active and lag is not None and lag > g.admission_input_lag_s:
+            # the callers' audio queues before this replica (Serve's proxy relays each message
+            # with a round trip): more replicas of the model stages would not shorten that queue
+            self._shed_at = now
+            raise ResourceExhausted(f"server at capacity: callers' audio reaches this replica {lag:.1f} s behind "
+                                    f"real time (median of its sessions, limit {g.admission_input_lag_s:g} s); "
+                                    f"retry in {g.retry_after_s:g} s", retry_after_s=g.retry_after_s)
         p95 = self.first_audio.p95()
-        if self.active and p95 is not None and p95 > g.admission_first_audio_ms:
+        stalled = self.stall_ms.share_over(g.admission_stall_ms)
+        trouble = ""
+        if p95 is not None and p95 > g.admission_first_audio_ms:
+            trouble = f"answers take {p95:.0f} ms to start (p95, target {g.admission_first_audio_ms:g} ms)"
+        elif stalled is not None and stalled > g.admission_stalled_share:
+            # first audio can be fast while the rest of each answer comes too slowly to play
+            # smoothly: the callers already in hear it, and one more would make it worse
+            trouble = (f"{stalled:.0%} of recent answers stalled over {g.admission_stall_ms:g} ms at the caller "
+                       f"(limit {g.admission_stalled_share:.0%})")
+        if self.active and trouble:
             growing = [s for s in MODEL_STAGES if scaling is not None and scaling.grows_for_latency(s)]
             if not growing:
                 self._shed_at = now
@@ -323,20 +363,18 @@ class SessionHub:
                            "more replicas add no compute)")
                 elif scaling is not None:
                     why = f" and {', '.join(MODEL_STAGES)} are at their max replicas"
-                raise ResourceExhausted(f"server at capacity: answers take {p95:.0f} ms to start (p95, target "
-                                        f"{g.admission_first_audio_ms} ms){why}; retry in {g.retry_after_s:g} s",
+                raise ResourceExhausted(f"server at capacity: {trouble}{why}; retry in {g.retry_after_s:g} s",
                                         retry_after_s=g.retry_after_s)
             # Slow answers while a model stage can still add replicas: callers come in, but one
             # per retry interval, so that the sessions already running are not swamped before
             # the new replicas take load.
             if now - self._last_admit < g.retry_after_s:
-                raise ResourceExhausted(f"server scaling up: answers take {p95:.0f} ms to start (p95) while "
-                                        f"{', '.join(growing)} can add replicas; new sessions are let in one every "
-                                        f"{g.retry_after_s:g} s; retry in {g.retry_after_s:g} s",
-                                        retry_after_s=g.retry_after_s)
+                raise ResourceExhausted(f"server scaling up: {trouble} while {', '.join(growing)} can add "
+                                        f"replicas; new sessions are let in one every {g.retry_after_s:g} s; "
+                                        f"retry in {g.retry_after_s:g} s", retry_after_s=g.retry_after_s)
             self._shed_at = None
         recovering = self._shed_at is not None and now - self._shed_at < g.admission_window_s
-        if self.active and p95 is None and recovering and now - self._last_admit < g.retry_after_s:
+        if self.active and p95 is None and stalled is None and recovering and now - self._last_admit < g.retry_after_s:
             # After shedding, the slow answers age out of the window before new ones come in: the
             # window is then too thin to judge, and every caller redialling at once would get in
             # together and overload the replica again (seen in the autoscaling run). Let them in
@@ -347,6 +385,12 @@ class SessionHub:
         if record:
             self._last_admit = now
 
+    def input_lag_s(self) -> float | None:
+        """Median backlog of the live sessions' audio input (None without any): the lower median,
+        so that with two sessions one caller's own slow network is not the replica's."""
+        lags = sorted(conv.input_lag.lag_s for conv in self.live.values())
+        return lags[(len(lags) - 1) // 2] if lags else None
+
     def stats(self) -> dict[str, Any]:
         """What an operator or an autoscaler wants to know about this replica now."""
         writes = list(self.journal_write_ms)
@@ -356,7 +400,10 @@ class SessionHub:
                    "write_p95_ms": float(np.percentile(writes, 95)) if writes else None}
         return {"active_sessions": self.active, "max_sessions": self.args.gateway.max_sessions,
                 "scaling": self.scaling.summary() if self.scaling is not None else None,
-                "first_audio_p95_ms": self.first_audio.p95(min_samples=1), "draining": self.draining,
+                "first_audio_p95_ms": self.first_audio.p95(min_samples=1),
+                "stalled_share": self.stall_ms.share_over(self.args.gateway.admission_stall_ms, min_samples=1),
+                "input_lag_s": self.input_lag_s(),
+                "draining": self.draining,
                 "journal": journal}
 
     async def check_system_prompt(self, prompt: str) -> None:

@@ -20,6 +20,7 @@ from deployments.profiles import VOICE_POLICY, get_profile, serve_config
 from deployments.sessions import LatencyWindow
 from services.conversation import SessionSettings
 from services.conversation.events import TurnLatency
+from services.conversation.input_lag import InputLag
 from services.errors import ResourceExhausted
 from tests.test_sessions import hub
 
@@ -293,6 +294,69 @@ async def test_on_one_machine_slow_answers_shed_at_once() -> None:
         with pytest.raises(ResourceExhausted, match="ASR, LLM, TTS add no replicas for slow answers here"):
             h.admit()
         # a call moved here by a scale-down is load the app already carries: refusing it would cut it
+        h.admit(resuming=True)
+
+
+async def test_answers_that_stall_at_the_caller_shed_new_callers() -> None:
+    """Fast first audio, but the rest of the answers comes too slowly to play: the callers already
+    in hear gaps, so one more is refused; short gaps (under admission_stall_ms) do not count."""
+    now = [100.0]
+    h = hub(admission_stalled_share=0.2, admission_stall_ms=200, retry_after_s=2)
+    h.first_audio = LatencyWindow(30, clock=lambda: now[0])
+    h.stall_ms = LatencyWindow(30, clock=lambda: now[0])
+    h.scaling = view(Gateway={}, **{s: {"running": 1, "latency": False} for s in (ASR, LLM, TTS)})
+    async with h.session(SessionSettings()):
+        for _ in range(6):
+            h.observer.answered(TurnLatency(first_audio_ms=400))
+            h.observer.played(1, 150.0)  # audible, but under the limit
+        h.observer.played(0, 0.0)
+        now[0] += 3
+        h.admit()
+        for _ in range(3):
+            h.observer.played(2, 900.0)  # 3 of 10 answers stalled 900 ms
+        with pytest.raises(ResourceExhausted, match=r"30% of recent answers stalled over 200 ms.*add no replicas"):
+            h.admit()
+        assert h.stats()["stalled_share"] == pytest.approx(0.3)
+        h.admit(resuming=True)  # a live call moving in is not a new caller
+        now[0] += 20
+        with pytest.raises(ResourceExhausted, match="stalled"):
+            h.admit()
+        now[0] += 11  # the stalls age out of the window; callers come back one per retry interval
+        h.admit(record=True)
+        with pytest.raises(ResourceExhausted, match="recovering from overload"):
+            h.admit()
+
+
+def test_input_lag_is_the_backlog_of_a_real_time_stream() -> None:
+    now = [0.0]
+    lag = InputLag(16000, pause_s=0.5, clock=lambda: now[0])
+    for _ in range(50):  # 20 ms messages, on time (jitter evens out)
+        now[0] += 0.02
+        lag.push(320)
+    assert lag.lag_s == pytest.approx(0.0, abs=1e-9)
+    for _ in range(100):  # each message takes 30 ms to come through: 1 s of wall time lags 1/3 s
+        now[0] += 0.03
+        lag.push(320)
+    assert lag.lag_s == pytest.approx(1.0)
+    for _ in range(25):  # a burst catches up
+        now[0] += 0.001
+        lag.push(320)
+    assert lag.lag_s == pytest.approx(0.525)
+    now[0] += 5.0  # the client stopped sending (push-to-talk): a pause, not a backlog
+    lag.push(320)
+    assert lag.lag_s == pytest.approx(0.525)
+
+
+async def test_callers_audio_arriving_late_sheds_new_callers() -> None:
+    h = hub(admission_input_lag_s=1.0)
+    async with h.session(SessionSettings()) as a, h.session(SessionSettings()) as b:
+        h.admit()
+        a.input_lag.lag_s, b.input_lag.lag_s = 2.5, 0.1
+        h.admit()  # one caller's own network: the median stays low
+        b.input_lag.lag_s = 1.5
+        with pytest.raises(ResourceExhausted, match=r"1.5 s behind real time"):
+            h.admit()
+        assert h.stats()["input_lag_s"] == pytest.approx(1.5)
         h.admit(resuming=True)
 
 

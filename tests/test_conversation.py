@@ -31,6 +31,7 @@ class Harness:
         settings.setdefault("output_sample_rate", OUT_RATE)
         self.stages = stages
         self.counts: dict[str, int] = {}
+        self.played_stalls: list[tuple[int, float]] = []  # Observer.played, one per answer with audio
         self.conv = Conversation(stages, SessionSettings(**settings), history=ChatHistory("system"),
                                  observer=self)
         self.out: list[ev.Event] = []
@@ -48,6 +49,9 @@ class Harness:
 
     def answered(self, latency: ev.TurnLatency) -> None:
         self._count("answered")
+
+    def played(self, underruns: int, underrun_ms: float) -> None:
+        self.played_stalls.append((underruns, underrun_ms))
 
     def _count(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1

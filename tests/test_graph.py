@@ -369,6 +369,8 @@ async def test_bad_input_gets_status_while_good_session_completes(server) -> Non
         "zero-width text turn": ([ok_config, pb.ClientMessage(text=pb.TextInput(text="\u200b\u200b"))],
                                  grpc.StatusCode.INVALID_ARGUMENT),
         "second config": ([ok_config, ok_config], grpc.StatusCode.FAILED_PRECONDITION),
+        "NaN stall report": ([ok_config, pb.ClientMessage(playback=pb.PlaybackPosition(
+            response_id=1, played_ms=10, underrun_ms=float("nan")))], grpc.StatusCode.INVALID_ARGUMENT),
         "bad vad threshold": ([pb.ClientMessage(config=pb.SessionConfig(vad=pb.VADSettings(threshold=1.5)))],
                               grpc.StatusCode.OUT_OF_RANGE),
         "speech-native without audio model": (

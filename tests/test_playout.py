@@ -114,6 +114,24 @@ def test_playback_clock_counts_underruns_and_restarts_playback_after_one() -> No
     assert clock.buffer_ms() == pytest.approx(1000)
 
 
+def test_stalls_the_client_reports_count_where_the_estimate_saw_none() -> None:
+    """Audio late in transit: the server sent in time, the client's player ran dry. The report
+    re-anchors the estimate (which then sees no gap) and its stalls are kept."""
+    now = [0.0]
+    clock = PlaybackClock("estimate", clock=lambda: now[0])
+    clock.on_sent(1000)
+    now[0] = 0.8
+    clock.on_sent(1000)
+    now[0] = 1.5
+    clock.report(900, underruns=1, underrun_ms=600)  # it got the second piece 600 ms late
+    now[0] = 1.6
+    clock.on_sent(500)
+    assert clock.underruns == 0 and clock.stalls() == (1, pytest.approx(600))
+    clock.report(1000, underruns=0, underrun_ms=0)  # a later report never lowers what was heard
+    assert clock.stalls() == (1, pytest.approx(600))
+    assert PlaybackClock("estimate").stalls() == (0, 0.0)
+
+
 async def test_answer_latency_reports_its_stalls_and_the_gateway_counts_them() -> None:
     stages = FakeStages(answer="one two three four five six seven eight nine ten eleven twelve")
     stages.tts_slots, stages.tts_s = DeadlineSlots(1), 0.9  # slower than the 600 ms a 3-word chunk plays
@@ -134,9 +152,29 @@ async def test_answer_latency_reports_its_stalls_and_the_gateway_counts_them() -
 
         observe = set = inc
 
-    GatewayMetrics({name: Recorder(name) for name in GatewayMetrics._NAMES}).turn_latency(lat)
+    metrics = GatewayMetrics({name: Recorder(name) for name in GatewayMetrics._NAMES})
+    metrics.turn_latency(lat)
+    assert "voxserve_stalled_turns_total" not in seen  # counted when the answer ends (client reports come late)
+    assert h.played_stalls == [(lat.underruns, pytest.approx(lat.underrun_ms))]
+    metrics.played(*h.played_stalls[0])
     assert seen["voxserve_stalled_turns_total"] == [1]
     assert seen["voxserve_underrun_ms"] == [pytest.approx(lat.underrun_ms)]
+
+
+async def test_a_stall_the_client_reports_reaches_the_latency_and_the_end_of_the_answer() -> None:
+    stages = FakeStages(answer="one two three four five six seven eight nine ten eleven twelve")
+    stages.tts_slots, stages.tts_s = DeadlineSlots(1), 0.3
+    chunker = ChunkerConfig(adaptive=False, next_words=3, growth=1.0)
+    async with Harness(stages, chunker=chunker) as h:
+        await h.conv.push_text("count to twelve")
+        await h.until(lambda: h.of(ev.AudioOut))
+        rid = h.of(ev.AudioOut)[0].response_id
+        h.conv.playback(rid, 100, underruns=1, underrun_ms=450.0)  # heard before the last audio went out
+        await h.until(lambda: h.of(ev.ResponseDone), within_s=20)
+        assert h.of(ev.ResponseDone)[0].latency.underrun_ms >= 450
+        h.conv.playback(rid, 1500, underruns=2, underrun_ms=700.0)  # heard while the rest played
+    # the conversation closed: the answer ended with everything the client said it heard
+    assert h.played_stalls and h.played_stalls[0][0] >= 2 and h.played_stalls[0][1] >= 700
 
 
 # --- what the conversation asks of the TTS --------------------------------------------------------

@@ -217,7 +217,11 @@ class GrpcAdapter:
                 elif kind == "text":
                     await conv.push_text(check_text(msg.text.text, g.max_text_chars), interrupt=msg.text.interrupt)
                 elif kind == "playback":
-                    conv.playback(msg.playback.response_id, msg.playback.played_ms)
+                    p = msg.playback
+                    if not math.isfinite(p.underrun_ms) or p.underrun_ms < 0:
+                        raise InvalidArgument(f"PlaybackPosition.underrun_ms must be a finite number >= 0 "
+                                              f"(got {p.underrun_ms})")
+                    conv.playback(p.response_id, p.played_ms, p.underruns, p.underrun_ms)
                 elif kind in ("commit", "clear", "cancel_response", "create_response"):
                     await self._control(conv, kind)
                 elif kind == "tool_result":

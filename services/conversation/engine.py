@@ -37,6 +37,7 @@ from services.conversation import events as ev
 from services.conversation.aio import TaskGroup, cancel_and_wait
 from services.conversation.answering import AnswerProducer, NothingToSay
 from services.conversation.history import ChatHistory
+from services.conversation.input_lag import InputLag
 from services.conversation.listening import Listener
 from services.conversation.observer import NullObserver, Observer
 from services.conversation.outbox import Outbox
@@ -97,6 +98,8 @@ class Conversation:
         self._barge: _BargeIn | None = None
         self._paused_key: tuple[int, int] | None = None  # the pause speculation/EOT signals belong to
         self._listener = Listener(stages, settings, self._tasks, clock)
+        #: how far behind real time the client's audio arrives (admission watches it)
+        self.input_lag = InputLag(settings.input_sample_rate, clock=clock)
         # the answer before this one may be sent but not yet committed: the model sees it too
         self._answers = AnswerProducer(stages, lambda: self.settings, self.history, lambda: self._response, clock)
         self._tools = ToolCalls(lambda: self.settings, self.history, self.emit, self._tasks, self.observer,
@@ -190,6 +193,7 @@ class Conversation:
 
     async def push_audio(self, samples: np.ndarray) -> None:
         """Client audio (float32 at the session's input rate), any chunk size."""
+        self.input_lag.push(samples.size)  # as it arrives, before waiting for the engine
         async with self._lock:
             self._check_open()
             events = await self._listener.push(samples)
@@ -414,11 +418,12 @@ class Conversation:
                 return
             await self._answer(user)
 
-    def playback(self, response_id: int, played_ms: int) -> None:
-        """The client says how much of a response's audio the user has heard."""
+    def playback(self, response_id: int, played_ms: int, underruns: int = 0, underrun_ms: float = 0.0) -> None:
+        """The client says how much of a response's audio the user has heard (and, optionally, the
+        stalls its player heard in it so far)."""
         turn = self._turn_by_id(response_id)
         if turn is not None and not turn.ended:
-            turn.playback.report(played_ms)
+            turn.playback.report(played_ms, underruns, underrun_ms)
 
     async def commit_audio(self) -> None:
         """End the user's turn now (push-to-talk): the audio so far is the utterance."""
@@ -648,8 +653,14 @@ class Conversation:
             if self._carry is not None:  # two discarded in a row: keep both, oldest first
                 end.carry.carried = self._carry.full_text()
             self._carry = end.carry if end.carry.full_text() else None
-        self.observer.turn_ended(turn.state.value, reason)
+        self._ended(turn, reason)
         self._notify()
+
+    def _ended(self, turn: Turn, reason: str) -> None:
+        self.observer.turn_ended(turn.state.value, reason)
+        if turn.playback.first_wall is not None and not turn.filler:
+            # stalls are final only now: the client reports what it heard after the last audio went out
+            self.observer.played(*turn.playback.stalls())
 
     async def _cancel_current(self, reason: str) -> None:
         r = self._response
@@ -707,7 +718,7 @@ class Conversation:
                 if self._carry is not None:
                     end.carry.carried = self._carry.full_text()
                 self._carry = end.carry
-            self.observer.turn_ended(r.state.value, "closed")
+            self._ended(r, "closed")
         await self._tasks.aclose()
         self._notify()
 

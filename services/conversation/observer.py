@@ -22,6 +22,10 @@ class Observer(Protocol):
     def answered(self, latency: ev.TurnLatency) -> None:
         """An answer was sent whole (its latency breakdown is final)."""
 
+    def played(self, underruns: int, underrun_ms: float) -> None:
+        """An answer with audio ended (played out, interrupted or closed): the stalls inside it, the
+        larger of the server's estimate and the client's reports."""
+
     def tool_call(self, outcome: str, seconds: float | None = None) -> None:
         """made | result (``seconds`` from the call) | result_after_cancel | cancelled | timed_out |
         filler | invalid | result_to_audio (``seconds`` from the last result to the answer's audio)"""
@@ -38,6 +42,9 @@ class NullObserver:
         pass
 
     def answered(self, latency: ev.TurnLatency) -> None:
+        pass
+
+    def played(self, underruns: int, underrun_ms: float) -> None:
         pass
 
     def tool_call(self, outcome: str, seconds: float | None = None) -> None:

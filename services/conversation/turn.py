@@ -102,6 +102,8 @@ class PlaybackClock:
         self.underruns = 0  # chunks sent after the buffer had run dry
         self.underrun_ms = 0.0  # total estimated silence inside the answer
         self.min_buffer_ms: float | None = None  # least audio in hand when a chunk was sent
+        self.heard_underruns = 0  # stalls the client's player reported (PlaybackPosition)
+        self.heard_underrun_ms = 0.0  # silence the client's player reported
         self._pauses: list[list[float]] = []  # [start, end]; end is inf while paused
         self._report: tuple[float, float] | None = None  # (played ms, wall time of the report)
         self._anchor: tuple[float, float] | None = None  # (position ms, wall) playback runs from
@@ -123,11 +125,21 @@ class PlaybackClock:
             self.min_buffer_ms = ahead if self.min_buffer_ms is None else min(self.min_buffer_ms, ahead)
         self.sent_ms += ms
 
-    def report(self, played_ms: float) -> None:
+    def report(self, played_ms: float, underruns: int = 0, underrun_ms: float = 0.0) -> None:
+        """The client played ``played_ms`` so far; ``underruns``/``underrun_ms``: the stalls its
+        player heard (0 when it does not say). Audio late in transit stalls the caller while the
+        server's estimate, which re-anchors on each report, never sees the buffer dry."""
         now = self.clock()
         self._report = (float(played_ms), now)
         self._anchor = (min(float(played_ms), self.sent_ms), now)
         self._anchor_stall_ms = 0.0
+        self.heard_underruns = max(self.heard_underruns, int(underruns))
+        self.heard_underrun_ms = max(self.heard_underrun_ms, float(underrun_ms))
+
+    def stalls(self) -> tuple[int, float]:
+        """(stalls, ms of silence) inside the answer: the larger of the server's estimate and the
+        client's reports."""
+        return max(self.underruns, self.heard_underruns), max(self.underrun_ms, self.heard_underrun_ms)
 
     @property
     def paused(self) -> bool:
@@ -353,10 +365,11 @@ class Turn:
             elif isinstance(event, ev.ResponseDone):
                 self.latency.total_ms = 1000 * (self._clock() - self.user.t_end)
                 pb = self.playback  # every audio piece was sent before this event: final figures
-                self.latency.underruns = pb.underruns
-                self.latency.underrun_ms = pb.underrun_ms
+                self.latency.underruns, self.latency.underrun_ms = pb.stalls()
                 # one piece only (or a client that plays nothing): all of it was in hand
                 self.latency.min_buffer_ms = pb.sent_ms if pb.min_buffer_ms is None else pb.min_buffer_ms
+                if self.latency.underruns:
+                    self.latency.min_buffer_ms = 0.0  # the client ran dry, whatever the estimate says
             await self._outbox.put(self._stamp(event))
         if self._producer is not None and not self._producer.cancelled() and self._producer.exception() is None:
             if self.state is TurnState.ACTIVE:

@@ -181,12 +181,16 @@ class TextInput(_message.Message):
     def __init__(self, text: _Optional[str] = ..., interrupt: _Optional[bool] = ...) -> None: ...
 
 class PlaybackPosition(_message.Message):
-    __slots__ = ("response_id", "played_ms")
+    __slots__ = ("response_id", "played_ms", "underruns", "underrun_ms")
     RESPONSE_ID_FIELD_NUMBER: _ClassVar[int]
     PLAYED_MS_FIELD_NUMBER: _ClassVar[int]
+    UNDERRUNS_FIELD_NUMBER: _ClassVar[int]
+    UNDERRUN_MS_FIELD_NUMBER: _ClassVar[int]
     response_id: int
     played_ms: int
-    def __init__(self, response_id: _Optional[int] = ..., played_ms: _Optional[int] = ...) -> None: ...
+    underruns: int
+    underrun_ms: float
+    def __init__(self, response_id: _Optional[int] = ..., played_ms: _Optional[int] = ..., underruns: _Optional[int] = ..., underrun_ms: _Optional[float] = ...) -> None: ...
 
 class EndOfInput(_message.Message):
     __slots__ = ()
