@@ -386,10 +386,11 @@ class SessionHub:
             self._last_admit = now
 
     def input_lag_s(self) -> float | None:
-        """Median backlog of the live sessions' audio input (None without any): the lower median,
-        so that with two sessions one caller's own slow network is not the replica's."""
+        """Median backlog of the live sessions' audio input; None with fewer than two sessions
+        (one caller's own slow network is not the replica's). The lower median: with two, both
+        must lag."""
         lags = sorted(conv.input_lag.lag_s for conv in self.live.values())
-        return lags[(len(lags) - 1) // 2] if lags else None
+        return lags[(len(lags) - 1) // 2] if len(lags) >= 2 else None
 
     def stats(self) -> dict[str, Any]:
         """What an operator or an autoscaler wants to know about this replica now."""
