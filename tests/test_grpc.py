@@ -3,9 +3,14 @@ wire, the event -> protobuf mapping and status codes (no Ray, no models)."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 
 from deployments.config import AppArgs
+from deployments.grpc.adapter import GrpcAdapter, _Liveness
 from deployments.grpc.mapper import event_to_proto
 from deployments.grpc.session_config import settings_from_config
 from deployments.grpc.status import status_code
@@ -13,7 +18,7 @@ from deployments.grpc.wire import AudioWire
 from deployments.session_checks import check_text
 from protos.voxserve.v1 import voice_pb2 as pb
 from services.codecs import AudioEncoding
-from services.conversation import SPEECH_NATIVE
+from services.conversation import SPEECH_NATIVE, SessionSettings
 from services.conversation import events as ev
 from services.errors import FailedPrecondition, InvalidArgument, OutOfRange, ResourceExhausted, VoxError
 
@@ -168,3 +173,66 @@ def test_tools_in_the_session_config() -> None:
                        ({"tool_choice": "required"}, "at least one tool")):
         with pytest.raises(InvalidArgument, match=match):
             settings(**bad)
+
+
+# --- the Converse reader ----------------------------------------------------------------------------
+
+
+class _RoundTripStream:
+    """Serve's gRPC input stream as a replica sees it: each message comes one round trip after
+    it is asked for."""
+
+    def __init__(self, messages: list[pb.ClientMessage], rtt_s: float) -> None:
+        self.messages, self.rtt_s = messages, rtt_s
+
+    def __aiter__(self):  # type: ignore[no-untyped-def]
+        return self._messages()
+
+    async def _messages(self):  # type: ignore[no-untyped-def]
+        for message in self.messages:
+            await asyncio.sleep(self.rtt_s)
+            yield message
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+class _BusyConversation:
+    """Takes 40 ms per push of audio (VAD, turn logic on a busy core) and records the order."""
+
+    settings = SessionSettings()
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, int]] = []
+        self.ended = False
+
+    async def push_audio(self, samples: np.ndarray) -> None:
+        self.log.append(("audio", samples.size))
+        await asyncio.sleep(0.04)
+
+    def playback(self, response_id: int, played_ms: int, underruns: int = 0, underrun_ms: float = 0.0) -> None:
+        self.log.append(("playback", played_ms))
+
+    async def end_input(self) -> None:
+        self.ended = True
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_reader_reads_ahead_of_a_busy_conversation_and_keeps_the_order() -> None:
+    """Messages keep coming (one round trip each) while the conversation works; the audio that
+    queued up meanwhile goes in as one piece, and a PlaybackPosition stays where it was sent."""
+    chunk = pb.ClientMessage(audio=pb.AudioInput(data=b"\x00\x00" * 320))  # 20 ms at 16 kHz
+    messages = [chunk] * 10 + [pb.ClientMessage(playback=pb.PlaybackPosition(response_id=1, played_ms=7))]
+    messages += [chunk] * 10 + [pb.ClientMessage(end_of_input=pb.EndOfInput())]
+    adapter = GrpcAdapter(SimpleNamespace(args=ARGS, stages=None), None, None)  # type: ignore[arg-type]
+    conv = _BusyConversation()
+    wire = AudioWire.for_input(pb.PCM16, 16000, max_bytes=ARGS.gateway.max_message_bytes)
+    await asyncio.wait_for(adapter._read(_RoundTripStream(messages, 0.01), conv, wire, _Liveness()),  # type: ignore[arg-type]
+                           timeout=30)
+    audio = [n for kind, n in conv.log if kind == "audio"]
+    assert sum(audio) == 20 * 320 and len(audio) < 20  # coalesced while the conversation was busy
+    at = conv.log.index(("playback", 7))
+    assert sum(n for kind, n in conv.log[:at] if kind == "audio") == 10 * 320
+    assert conv.ended

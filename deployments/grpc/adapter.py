@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
+import numpy as np
 from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 
 from deployments.auth import ApiKeyAuth
@@ -53,6 +54,11 @@ CUT_STREAM = ("the stream was cut: the client cancelled it, or sent bytes that a
 #: How a moved session's stream ends (after its SessionMoved event).
 MOVED = ("this server is shutting down: the session moved; reconnect with the resume_token of SessionMoved "
          "(SessionConfig.resume_token) to continue it")
+
+
+#: Client messages read ahead of the conversation (a bound: past it, reading waits).
+INBOX_MESSAGES = 64
+_ENDED = object()  # the request stream ended (without EndOfInput)
 
 
 class _Liveness:
@@ -196,18 +202,54 @@ class GrpcAdapter:
                     f"no message for {limit:g} s; closing the idle stream")
             await asyncio.sleep(min(0.25, limit - quiet + 0.01))
 
+    @staticmethod
+    async def _receive(stream: gRPCInputStream, inbox: asyncio.Queue[Any], alive: _Liveness) -> None:
+        """Pulls the client's messages as they come, while the conversation works on earlier ones:
+        behind Serve's gRPC proxy each message is an actor round trip, and waiting for the
+        conversation between round trips made streams of short messages fall behind real time.
+        Ends with ``_ENDED`` (or the stream's error) in the inbox; stops after EndOfInput."""
+        try:
+            async for msg in stream:
+                alive.last_message = time.monotonic()
+                await inbox.put(msg)
+                if msg.WhichOneof("message") == "end_of_input":
+                    return
+            await inbox.put(_ENDED)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await inbox.put(exc)
+
     async def _read(self, stream: gRPCInputStream, conv: Conversation, wire: AudioWire, alive: _Liveness) -> None:
-        """Reader task: validate each client message and feed the conversation."""
+        """Reader: validate each client message, in order, and feed the conversation. Audio
+        messages that queued up while the conversation was busy go in as one piece (one VAD
+        pass), so a backlog drains faster than it built up."""
         g = self.args.gateway
         max_samples = int(g.max_stream_s * conv.settings.input_sample_rate)
         received = 0
         half_closed = False
+        inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=INBOX_MESSAGES)
+        receiver = asyncio.create_task(self._receive(stream, inbox, alive))
         try:
-            async for msg in stream:
-                alive.last_message = time.monotonic()
+            pending: Any = None
+            while True:
+                msg = pending if pending is not None else await inbox.get()
+                pending = None
+                if msg is _ENDED:
+                    break
+                if isinstance(msg, BaseException):
+                    raise msg
                 kind = msg.WhichOneof("message")
                 if kind == "audio":
-                    samples = wire.decode(msg.audio.data)
+                    pieces = [wire.decode(msg.audio.data)]
+                    while not inbox.empty() and len(pieces) < INBOX_MESSAGES:
+                        nxt = inbox.get_nowait()
+                        if isinstance(nxt, pb.ClientMessage) and nxt.WhichOneof("message") == "audio":
+                            pieces.append(wire.decode(nxt.audio.data))
+                        else:
+                            pending = nxt  # handled next, in order
+                            break
+                    samples = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
                     received += samples.size
                     alive.audio = True
                     if received > max_samples:
@@ -252,6 +294,8 @@ class GrpcAdapter:
         except BaseException:
             await conv.aclose()
             raise
+        finally:
+            await cancel_and_wait(receiver)
 
     @staticmethod
     async def _control(conv: Conversation, kind: str) -> None:
