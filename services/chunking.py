@@ -227,6 +227,22 @@ class TextChunker:
         self._buf = buf
         return out
 
+    def cut(self) -> list[str]:
+        """Return the complete words pending now as a chunk, without waiting for a boundary (the
+        listener is about to run out of audio); none before the first chunk, nor right after an
+        abbreviation ("Dr." waits for "Smith"). The segment goes on: the next chunk is not short."""
+        if self._words == 0 or self._index == 0:
+            return []
+        head = self._buf[: self._tok_start]
+        words = head.split()
+        if not words or _is_abbreviation(words[-1]):
+            return []
+        out: list[str] = []
+        self._emit(head, out)
+        self._buf = self._buf[self._tok_start :]
+        self._pos = self._tok_start = self._words = 0
+        return out
+
     def flush(self) -> list[str]:
         """Return the remaining text as a last chunk (if any) and start a new segment."""
         out: list[str] = []

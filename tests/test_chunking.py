@@ -224,3 +224,24 @@ def test_unpunctuated_text_is_cut_at_twice_the_budget() -> None:
     sizes = [len(c.split()) for c in chunks]
     assert sizes[0] == 3 and sizes[1] == 16 and max(sizes) <= 24, sizes
     assert " ".join(chunks).split() == words
+
+
+def test_cut_speaks_the_complete_words_now_and_the_segment_goes_on() -> None:
+    ch = TextChunker(ChunkerConfig(adaptive=False, next_words=8))
+    assert ch.push("Sure, the boiling point ") == ["Sure, the boiling"]
+    assert ch.cut() == []  # "point" is not complete until the next word starts
+    assert ch.push("of water is approx") == []
+    assert ch.cut() == ["point of water is"]
+    assert ch.cut() == []  # nothing complete pending
+    assert ch.push("imately 100°C (212°F). Then") == ["approximately 100°C (212°F)."]
+    assert ch.chunks_emitted == 3  # one segment: the next chunk is not a short first one
+
+
+def test_cut_waits_for_the_first_chunk_and_after_an_abbreviation() -> None:
+    ch = TextChunker(ChunkerConfig(adaptive=False))
+    ch.push("Hello there ")
+    assert ch.cut() == []  # the first chunk has rules of its own
+    assert ch.push("friend. Ask Dr. S") == ["Hello there friend."]
+    assert ch.cut() == []  # "Dr." waits for "Smith"
+    ch.push("mith now ")
+    assert ch.cut() == ["Ask Dr. Smith"]

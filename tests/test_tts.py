@@ -359,3 +359,34 @@ def test_memory_arena_follows_the_config(tts: PiperTTS) -> None:
     assert tts.voice.session.get_session_options().enable_cpu_mem_arena is True
     lean = PiperTTS.load(TTSConfig(memory_arena=False))
     assert lean.voice.session.get_session_options().enable_cpu_mem_arena is False
+
+
+async def test_stream_speaks_pending_words_when_the_listener_runs_dry() -> None:
+    """A slow word (many tokens) after the first chunk: once nothing is being synthesized and the
+    listener has under cut_lead_ms of audio, the complete words so far go to synthesis at once."""
+    started: list[str] = []
+    buffer = [5000.0]
+
+    async def synth(text: str) -> Any:
+        started.append(text)
+        yield np.zeros(160, np.float32)
+
+    async with TTSStream(synth, sample_rate=16000, chunker=ChunkerConfig(adaptive=False, next_words=8),
+                         buffer_ms=lambda: buffer[0], cut_lead_ms=600) as stream:
+        stream.push_text("Sure, the boiling point of water is ")
+        first = await anext(stream)  # the first chunk is synthesized: nothing in flight now
+        assert first.text == "Sure, the boiling"
+        stream.push_text("approx")
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert started == ["Sure, the boiling"]  # plenty in hand: wait for a boundary
+        buffer[0] = 400.0
+        stream.push_text("imately")  # the listener runs dry: what is complete is spoken now
+        for _ in range(5):
+            await asyncio.sleep(0)  # (the synthesis task starts)
+        assert started[-1] == "point of water is"
+        buffer[0] = 1500.0  # that chunk's audio is in hand: boundaries again
+        stream.push_text(" 100°C (212°F).")
+        stream.end_input()
+        texts = [p.text async for p in stream]
+    assert texts == ["point of water is", "approximately 100°C (212°F)."]

@@ -173,7 +173,8 @@ class AnswerProducer:
         s, lat, t = self._settings(), turn.latency, self._timeouts
         messages = self.messages(turn)
         tts = TTSStream(self._synthesizer(turn), sample_rate=s.output_sample_rate, chunker=s.chunker,
-                        buffer_ms=lambda: self._buffer_ms(turn), lookahead=s.playout.tts_lookahead)
+                        buffer_ms=lambda: self._buffer_ms(turn), lookahead=s.playout.tts_lookahead,
+                        cut_lead_ms=s.playout.cut_lead_ms)
         async with tts:
             speaker = asyncio.get_running_loop().create_task(self._speak(turn, tts), name="speak")
             try:

@@ -103,6 +103,10 @@ class Playout(BaseModel):
     tts_lookahead: int = Field(
         2, ge=1, le=8, description="Text chunks of one answer being synthesized at once: the next one "
         "waits in the TTS queue with its deadline while this one is synthesized (1: one after another).")
+    cut_lead_ms: float = Field(
+        600.0, ge=0, le=10000, description="After the first chunk, when no chunk is being synthesized and the "
+        "caller has less than this much audio left, the words the LLM has written so far are spoken at once, "
+        "without waiting for a boundary: a word of many tokens ('100°C') would otherwise leave a gap (0: off).")
 
 
 class ToolCalling(BaseModel):

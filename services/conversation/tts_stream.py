@@ -64,10 +64,12 @@ class TTSStream:
 
     def __init__(self, synthesize: Synthesize, *, sample_rate: int, chunker: ChunkerConfig | None = None,
                  audio_queue: int = 4, max_pending_chunks: int = 64,
-                 buffer_ms: Callable[[], float | None] | None = None, lookahead: int = 2) -> None:
+                 buffer_ms: Callable[[], float | None] | None = None, lookahead: int = 2,
+                 cut_lead_ms: float = 0.0) -> None:
         """``buffer_ms``: the listener's audio in hand now (None: unknown); it sizes the chunks
         (``ChunkerConfig.adaptive``). ``lookahead``: chunks being synthesized at once (1 = one
-        after the other)."""
+        after the other). ``cut_lead_ms``: with nothing being synthesized and less audio than this
+        in hand, the complete words pushed so far are spoken at once (``TextChunker.cut``; 0: off)."""
         if lookahead < 1:
             raise ValueError("lookahead must be >= 1")
         self._lookahead = lookahead
@@ -75,6 +77,8 @@ class TTSStream:
         self._rate = sample_rate
         self._max_pending = max_pending_chunks
         self._chunker = TextChunker(chunker or ChunkerConfig(), buffer_ms)
+        self._buffer_ms = buffer_ms
+        self._cut_lead_ms = cut_lead_ms
         self._pending: collections.deque[tuple[str, bool, int]] = collections.deque()
         # Each chunk in flight: its synthesis task, the pieces it made so far (None ends them),
         # its text, whether it starts a segment, and its index.
@@ -96,6 +100,12 @@ class TTSStream:
         """Add a text delta (any size, may end mid-word)."""
         self._check_open()
         self._enqueue(self._chunker.push(delta))
+        if self._cut_lead_ms > 0 and not self._pending and not self._flight and self._buffer_ms is not None:
+            # Nothing on its way to the listener and little left to play: a slow word (many
+            # tokens) must not hold back the words before it while the buffer runs dry.
+            buffer = self._buffer_ms()
+            if buffer is not None and buffer < self._cut_lead_ms:
+                self._enqueue(self._chunker.cut())
 
     def flush(self) -> None:
         """Speak everything pushed so far; the next text starts a new segment."""
