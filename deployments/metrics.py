@@ -72,7 +72,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                              "Silence inside one stalled answer: the caller's buffer ran dry this long "
                              "(the server's estimate, or the client's reports where larger)."),
     "voxserve_min_buffer_ms": ("histogram", (),
-                               "Least audio the caller had in hand while an answer was sent (per answer)."),
+                               "Least audio the caller had in hand when a later text chunk's audio was sent "
+                               "(per answer)."),
     "voxserve_tool_calls_total": ("counter", ("outcome",),
                                   "Tool calls by outcome: made, result, result_after_cancel (recorded, not "
                                   "spoken), cancelled, timed_out, invalid (arguments off the schema: not made), "

@@ -114,6 +114,20 @@ def test_playback_clock_counts_underruns_and_restarts_playback_after_one() -> No
     assert clock.buffer_ms() == pytest.approx(1000)
 
 
+def test_least_buffer_counts_from_the_second_chunk() -> None:
+    """The first chunk's pieces go out back to back: the second piece always finds one in hand,
+    which said nothing about the margin (every answer read 100 ms)."""
+    now = [0.0]
+    clock = PlaybackClock("estimate", clock=lambda: now[0])
+    for i in range(8):
+        clock.on_sent(100, chunk_start=i == 0)
+    assert clock.min_buffer_ms is None
+    now[0] = 0.5
+    clock.on_sent(100, chunk_start=True)  # the next chunk, with 300 ms still to play
+    clock.on_sent(100, chunk_start=False)
+    assert clock.min_buffer_ms == pytest.approx(300)
+
+
 def test_stalls_the_client_reports_count_where_the_estimate_saw_none() -> None:
     """Audio late in transit: the server sent in time, the client's player ran dry. The report
     re-anchors the estimate (which then sees no gap) and its stalls are kept."""

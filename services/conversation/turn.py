@@ -101,7 +101,8 @@ class PlaybackClock:
         self.first_wall: float | None = None
         self.underruns = 0  # chunks sent after the buffer had run dry
         self.underrun_ms = 0.0  # total estimated silence inside the answer
-        self.min_buffer_ms: float | None = None  # least audio in hand when a chunk was sent
+        self.min_buffer_ms: float | None = None  # least audio in hand when a later chunk was sent
+        self._chunks = 0  # text chunks whose audio started going out
         self.heard_underruns = 0  # stalls the client's player reported (PlaybackPosition)
         self.heard_underrun_ms = 0.0  # silence the client's player reported
         self._pauses: list[list[float]] = []  # [start, end]; end is inf while paused
@@ -109,8 +110,12 @@ class PlaybackClock:
         self._anchor: tuple[float, float] | None = None  # (position ms, wall) playback runs from
         self._anchor_stall_ms = 0.0  # dry time since the anchor
 
-    def on_sent(self, ms: float) -> None:
+    def on_sent(self, ms: float, chunk_start: bool = True) -> None:
+        """``ms`` of audio went out; ``chunk_start``: it begins a text chunk's audio. The least
+        buffer counts from the second chunk on: the first chunk's pieces go out back to back, and
+        the second of them always finds one piece in hand."""
         now = self.clock()
+        self._chunks += chunk_start
         if self.first_wall is None:
             self.first_wall = now
             self._anchor = (0.0, now)
@@ -122,7 +127,8 @@ class PlaybackClock:
                 self.underrun_ms += -ahead
                 self.underruns += 1
             ahead = max(0.0, ahead)
-            self.min_buffer_ms = ahead if self.min_buffer_ms is None else min(self.min_buffer_ms, ahead)
+            if self._chunks >= 2:
+                self.min_buffer_ms = ahead if self.min_buffer_ms is None else min(self.min_buffer_ms, ahead)
         self.sent_ms += ms
 
     def report(self, played_ms: float, underruns: int = 0, underrun_ms: float = 0.0) -> None:
@@ -366,7 +372,7 @@ class Turn:
                 self.latency.total_ms = 1000 * (self._clock() - self.user.t_end)
                 pb = self.playback  # every audio piece was sent before this event: final figures
                 self.latency.underruns, self.latency.underrun_ms = pb.stalls()
-                # one piece only (or a client that plays nothing): all of it was in hand
+                # one chunk only (or a client that plays nothing): all of it was in hand
                 self.latency.min_buffer_ms = pb.sent_ms if pb.min_buffer_ms is None else pb.min_buffer_ms
                 if self.latency.underruns:
                     self.latency.min_buffer_ms = 0.0  # the client ran dry, whatever the estimate says
@@ -389,7 +395,8 @@ class Turn:
             self.latency.first_audio_ms = 1000 * (now - self.user.t_end)
             if self.user.audio is not None:
                 self.latency.voice_to_voice_ms = 1000 * (now - self.user.t_user_stop)
-        self.playback.on_sent(1000.0 * (len(event.pcm16) // 2) / event.sample_rate)
+        # the first piece of each text chunk carries its text
+        self.playback.on_sent(1000.0 * (len(event.pcm16) // 2) / event.sample_rate, chunk_start=bool(event.text))
 
     # --- the end ---------------------------------------------------------------------------------
 
