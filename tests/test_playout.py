@@ -144,6 +144,11 @@ def test_stalls_the_client_reports_count_where_the_estimate_saw_none() -> None:
     clock.report(1000, underruns=0, underrun_ms=0)  # a later report never lowers what was heard
     assert clock.stalls() == (1, pytest.approx(600))
     assert PlaybackClock("estimate").stalls() == (0, 0.0)
+    clock.report(1000, underruns=9, underrun_ms=1e12)  # never more silence than time since the first audio
+    assert clock.stalls() == (9, pytest.approx(1600))
+    unsent = PlaybackClock("estimate")
+    unsent.report(0, underruns=3, underrun_ms=500)  # nothing sent yet: nothing could stall
+    assert unsent.stalls() == (0, 0.0)
 
 
 async def test_answer_latency_reports_its_stalls_and_the_gateway_counts_them() -> None:
@@ -183,9 +188,11 @@ async def test_a_stall_the_client_reports_reaches_the_latency_and_the_end_of_the
         await h.conv.push_text("count to twelve")
         await h.until(lambda: h.of(ev.AudioOut))
         rid = h.of(ev.AudioOut)[0].response_id
+        await asyncio.sleep(0.5)  # (no more silence is believed than time has passed)
         h.conv.playback(rid, 100, underruns=1, underrun_ms=450.0)  # heard before the last audio went out
         await h.until(lambda: h.of(ev.ResponseDone), within_s=20)
         assert h.of(ev.ResponseDone)[0].latency.underrun_ms >= 450
+        await asyncio.sleep(0.8)
         h.conv.playback(rid, 1500, underruns=2, underrun_ms=700.0)  # heard while the rest played
     # the conversation closed: the answer ended with everything the client said it heard
     assert h.played_stalls and h.played_stalls[0][0] >= 2 and h.played_stalls[0][1] >= 700

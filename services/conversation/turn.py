@@ -139,8 +139,12 @@ class PlaybackClock:
         self._report = (float(played_ms), now)
         self._anchor = (min(float(played_ms), self.sent_ms), now)
         self._anchor_stall_ms = 0.0
-        self.heard_underruns = max(self.heard_underruns, int(underruns))
-        self.heard_underrun_ms = max(self.heard_underrun_ms, float(underrun_ms))
+        if self.first_wall is None:
+            return  # nothing was sent: nothing could stall
+        # no more silence than time since the first audio (a client's word counts, within reason)
+        heard = min(float(underrun_ms), 1000 * (now - self.first_wall))
+        self.heard_underruns = max(self.heard_underruns, int(underruns) if heard > 0 else 0)
+        self.heard_underrun_ms = max(self.heard_underrun_ms, heard)
 
     def stalls(self) -> tuple[int, float]:
         """(stalls, ms of silence) inside the answer: the larger of the server's estimate and the
