@@ -374,7 +374,7 @@ class SessionHub:
                                         f"retry in {g.retry_after_s:g} s", retry_after_s=g.retry_after_s)
             self._shed_at = None
         recovering = self._shed_at is not None and now - self._shed_at < g.admission_window_s
-        if self.active and p95 is None and stalled is None and recovering and now - self._last_admit < g.retry_after_s:
+        if self.active and (p95 is None or stalled is None) and recovering and now - self._last_admit < g.retry_after_s:
             # After shedding, the slow answers age out of the window before new ones come in: the
             # window is then too thin to judge, and every caller redialling at once would get in
             # together and overload the replica again (seen in the autoscaling run). Let them in
@@ -389,7 +389,7 @@ class SessionHub:
         """Median backlog of the live sessions' audio input; None with fewer than two sessions
         (one caller's own slow network is not the replica's). The lower median: with two, both
         must lag."""
-        lags = sorted(conv.input_lag.lag_s for conv in self.live.values())
+        lags = sorted(conv.input_lag.current() for conv in self.live.values())
         return lags[(len(lags) - 1) // 2] if len(lags) >= 2 else None
 
     def stats(self) -> dict[str, Any]:

@@ -72,6 +72,12 @@ class Counter:
     def answered(self, latency: Any) -> None:
         pass
 
+    def played(self, underruns: int, underrun_ms: float) -> None:
+        pass
+
+    def tool_call(self, outcome: str, seconds: float | None = None) -> None:
+        pass
+
 
 async def ask(stages: Any, path: str, audio: np.ndarray) -> dict[str, Any]:
     """One conversation, one utterance fed at real-time pace (then silence until the answer)."""

@@ -235,8 +235,8 @@ class TextChunker:
             return []
         head = self._buf[: self._tok_start]
         words = head.split()
-        if not words or _is_abbreviation(words[-1]):
-            return []
+        if not words or _is_abbreviation(words[-1]) or (self._words == 1 and _LIST_NUMBER.match(words[-1])):
+            return []  # "Dr." waits for "Smith", and "1." for its item
         out: list[str] = []
         self._emit(head, out)
         self._buf = self._buf[self._tok_start :]

@@ -329,22 +329,23 @@ async def test_answers_that_stall_at_the_caller_shed_new_callers() -> None:
 
 def test_input_lag_is_the_backlog_of_a_real_time_stream() -> None:
     now = [0.0]
-    lag = InputLag(16000, pause_s=0.5, clock=lambda: now[0])
-    for _ in range(50):  # 20 ms messages, on time (jitter evens out)
+    lag = InputLag(pause_s=0.5, clock=lambda: now[0])
+    for _ in range(50):  # 20 ms messages, on time
         now[0] += 0.02
-        lag.push(320)
-    assert lag.lag_s == pytest.approx(0.0, abs=1e-9)
+        lag.push(0.02)
+    assert lag.current() == pytest.approx(0.0, abs=1e-9)
     for _ in range(100):  # each message takes 30 ms to come through: 1 s of wall time lags 1/3 s
         now[0] += 0.03
-        lag.push(320)
-    assert lag.lag_s == pytest.approx(1.0)
+        lag.push(0.02)
+    assert lag.current() == pytest.approx(1.0)
     for _ in range(25):  # a burst catches up
         now[0] += 0.001
-        lag.push(320)
-    assert lag.lag_s == pytest.approx(0.525)
-    now[0] += 5.0  # the client stopped sending (push-to-talk): a pause, not a backlog
-    lag.push(320)
-    assert lag.lag_s == pytest.approx(0.525)
+        lag.push(0.02)
+    assert lag.current() == pytest.approx(0.525)
+    now[0] += 0.6
+    assert lag.current() == 0.0  # the client stopped sending (mute, push-to-talk): nothing queues
+    lag.push(0.02)
+    assert lag.current() == 0.0  # and it starts again from nothing
 
 
 async def test_callers_audio_arriving_late_sheds_new_callers() -> None:

@@ -245,3 +245,9 @@ def test_cut_waits_for_the_first_chunk_and_after_an_abbreviation() -> None:
     assert ch.cut() == []  # "Dr." waits for "Smith"
     ch.push("mith now ")
     assert ch.cut() == ["Ask Dr. Smith"]
+
+
+def test_cut_keeps_a_list_number_with_its_item() -> None:
+    ch = TextChunker(ChunkerConfig(adaptive=False))
+    assert ch.push("Yes. You need them.\n1. F") == ["Yes. You need", "them."]
+    assert ch.cut() == []  # "1." alone would be read as "one"

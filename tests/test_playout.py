@@ -293,3 +293,12 @@ def test_chunks_are_small_while_the_buffer_is_thin_and_grow_when_it_is_full() ->
     assert " ".join(thin) == " ".join(full) == " ".join(fixed) == text  # the same words, cut elsewhere
     off = TextChunker(ChunkerConfig(adaptive=False), lambda: 0.0)
     assert [len(c.split()) for c in off.push(text + " ")] == [len(c.split()) for c in fixed[:-1]]
+
+
+def test_a_stall_report_with_silence_but_no_count_is_one_stall() -> None:
+    now = [0.0]
+    clock = PlaybackClock("estimate", clock=lambda: now[0])
+    clock.on_sent(1000)
+    now[0] = 2.0
+    clock.report(1000, underruns=0, underrun_ms=300)
+    assert clock.stalls() == (1, pytest.approx(300))

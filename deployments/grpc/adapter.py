@@ -10,6 +10,7 @@ methods of the same names here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -208,17 +209,22 @@ class GrpcAdapter:
         behind Serve's gRPC proxy each message is an actor round trip, and waiting for the
         conversation between round trips made streams of short messages fall behind real time.
         Ends with ``_ENDED`` (or the stream's error) in the inbox; stops after EndOfInput."""
+        end: Any = _ENDED
         try:
             async for msg in stream:
                 alive.last_message = time.monotonic()
                 await inbox.put(msg)
                 if msg.WhichOneof("message") == "end_of_input":
                     return
-            await inbox.put(_ENDED)
         except asyncio.CancelledError:
+            # the reader cancelled us (it is done), or the stream's read was: then the reader must
+            # not wait for more (with a full inbox, the liveness watchdog ends it)
+            with contextlib.suppress(asyncio.QueueFull):
+                inbox.put_nowait(_ENDED)
             raise
         except Exception as exc:
-            await inbox.put(exc)
+            end = exc
+        await inbox.put(end)
 
     async def _read(self, stream: gRPCInputStream, conv: Conversation, wire: AudioWire, alive: _Liveness) -> None:
         """Reader: validate each client message, in order, and feed the conversation. Audio
@@ -235,8 +241,8 @@ class GrpcAdapter:
             while True:
                 msg = pending if pending is not None else await inbox.get()
                 pending = None
-                if msg is _ENDED:
-                    break
+                if msg is _ENDED or stream.is_cancelled():
+                    break  # (a hung-up client's read-ahead messages start nothing)
                 if isinstance(msg, BaseException):
                     raise msg
                 kind = msg.WhichOneof("message")

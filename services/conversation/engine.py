@@ -99,7 +99,7 @@ class Conversation:
         self._paused_key: tuple[int, int] | None = None  # the pause speculation/EOT signals belong to
         self._listener = Listener(stages, settings, self._tasks, clock)
         #: how far behind real time the client's audio arrives (admission watches it)
-        self.input_lag = InputLag(settings.input_sample_rate, clock=clock)
+        self.input_lag = InputLag(clock=clock)
         # the answer before this one may be sent but not yet committed: the model sees it too
         self._answers = AnswerProducer(stages, lambda: self.settings, self.history, lambda: self._response, clock)
         self._tools = ToolCalls(lambda: self.settings, self.history, self.emit, self._tasks, self.observer,
@@ -193,7 +193,8 @@ class Conversation:
 
     async def push_audio(self, samples: np.ndarray) -> None:
         """Client audio (float32 at the session's input rate), any chunk size."""
-        self.input_lag.push(samples.size)  # as it arrives, before waiting for the engine
+        # as it arrives, before waiting for the engine; at the rate of now (session.update may change it)
+        self.input_lag.push(samples.size / self.settings.input_sample_rate)
         async with self._lock:
             self._check_open()
             events = await self._listener.push(samples)

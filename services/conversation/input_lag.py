@@ -8,7 +8,7 @@ the server's own stage timings cannot show it, since they start when the audio a
 The backlog is a queue: each message adds the time since the one before it and takes away the
 audio it carries (``lag = max(0, lag + gap - audio)``). Messages that arrive as fast as the audio
 plays keep it near zero; a catching-up burst drains it. A gap longer than ``pause_s`` is the
-client not sending (push-to-talk, typed turns, a mute), not a backlog, and adds nothing.
+client not sending (push-to-talk, typed turns, a mute), not a backlog: it starts again from zero.
 """
 
 from __future__ import annotations
@@ -18,21 +18,24 @@ from collections.abc import Callable
 
 
 class InputLag:
-    """Backlog (seconds) of one real-time audio input; ``push`` on each message as it arrives."""
+    """Backlog (seconds) of one real-time audio input; ``push`` each message's audio as it arrives."""
 
-    def __init__(self, sample_rate: int, *, pause_s: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.sample_rate = sample_rate
+    def __init__(self, *, pause_s: float = 0.5, clock: Callable[[], float] = time.monotonic) -> None:
         self.pause_s = pause_s
         self.clock = clock
         self.lag_s = 0.0
         self._last: float | None = None
 
-    def push(self, samples: int) -> None:
+    def push(self, audio_s: float) -> None:
         now = self.clock()
-        audio_s = samples / self.sample_rate
         if self._last is not None:
             gap = now - self._last
-            if gap <= self.pause_s:
-                self.lag_s = max(0.0, self.lag_s + gap - audio_s)
+            # a pause: the client was not sending, and whatever queued before it has drained
+            self.lag_s = max(0.0, self.lag_s + gap - audio_s) if gap <= self.pause_s else 0.0
         self._last = now
+
+    def current(self) -> float:
+        """The backlog now: none once the client has paused (a muted caller's last value is stale)."""
+        if self._last is not None and self.clock() - self._last > self.pause_s:
+            return 0.0
+        return self.lag_s

@@ -143,7 +143,7 @@ class PlaybackClock:
             return  # nothing was sent: nothing could stall
         # no more silence than time since the first audio (a client's word counts, within reason)
         heard = min(float(underrun_ms), 1000 * (now - self.first_wall))
-        self.heard_underruns = max(self.heard_underruns, int(underruns) if heard > 0 else 0)
+        self.heard_underruns = max(self.heard_underruns, max(1, int(underruns)) if heard > 0 else 0)
         self.heard_underrun_ms = max(self.heard_underrun_ms, heard)
 
     def stalls(self) -> tuple[int, float]:
